@@ -1,0 +1,227 @@
+"""MLA（潜在模式）：把每层的 K、V 换成一个小潜在向量的上投影。
+
+初始化：对拼接的 [W_k; W_v] 做 SVD。``whitened``（默认）先乘以该层校准输入协方差的
+Cholesky 因子 L（SVD-LLM 做法），使截断误差等于输出误差 ||ΔW·X||；``plain`` 直接对权重做 SVD，
+仅供对比。偏置留在上投影中，精确保留。秩在一个全局预算下按白化谱逐层分配。
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from patcher.locate import LayerMap, ModelMap, Projection
+from patcher.modeling import LatentAttention
+
+from . import register
+
+
+class PlanError(ValueError):
+    """配方中的秩或预算不可能实现时抛出。"""
+
+
+def _weight(layer: nn.Module, proj: Projection, rows: bool = True):
+    mod = layer.get_submodule(proj.module)
+    w = mod.weight.detach()
+    w = w.t() if proj.conv1d else w  # Conv1D stores (in, out)
+    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
+    if rows:
+        idx = torch.tensor(proj.flat_rows, dtype=torch.long)
+        w = w[idx]
+        b = b[idx] if b is not None else None
+    return w, b
+
+
+def kv_width(lm: LayerMap) -> int:
+    """Elements per token that the source caches in this layer (K plus V)."""
+    return len(lm.k.flat_rows) + len(lm.v.flat_rows)
+
+
+def whitening(cov: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor L of the input covariance (damped until it is positive definite)."""
+    cov = cov.double()
+    damp = 1e-6 * cov.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(cov + damp * eye)
+        if int(info) == 0:
+            return L
+        damp *= 10
+    raise PlanError("校准输入协方差无法分解（全零或含 NaN？）")
+
+
+def factorize(w: torch.Tensor, cov: torch.Tensor | None, init: str, g: torch.Tensor | None = None):
+    """SVD of G·W·L: L whitens the input side (init == 'whitened'), G weights the output side (or None).
+
+    Returns U, S, Vh (of the weighted matrix), L (or None); the rank-r factors are then
+    up = G⁻¹·U_r·√S_r and down = √S_r·Vh_r·L⁻¹.
+    """
+    w = w.double()
+    L = whitening(cov) if init == "whitened" else None
+    m = w @ L if L is not None else w
+    if g is not None:
+        m = g @ m
+    U, S, Vh = torch.linalg.svd(m, full_matrices=False)
+    return U, S, Vh, L
+
+
+def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective: str) -> torch.Tensor | None:
+    """Output-side weighting of the joint [W_k; W_v] rows for the SVD objective.
+
+    ``kv``：不加权（K 与 V 输出误差的平方和）。``balanced``：K 块与 V 块各自归一到单位能量，
+    使两者的相对误差同等重要。``attention``：K 的每一维按对应查询能量加权（注意力分数误差
+    q·Δk；RoPE 下同一频率对的两维取平均），V 按 W_o 加权（输出误差 W_o·Δv），再各自归一。
+    """
+    if objective == "kv":
+        return None
+    wk, _ = _weight(layer, lm.k)
+    wv, _ = _weight(layer, lm.v)
+    c = cov.double()
+    nk, nv = wk.shape[0], wv.shape[0]
+    gk = torch.ones(nk, dtype=torch.float64)
+    gv = torch.eye(nv, dtype=torch.float64)
+    if objective == "attention":
+        wq, _ = _weight(layer, lm.q)
+        q_energy = torch.einsum("ij,jk,ik->i", wq.double(), c, wq.double()).view(lm.num_heads, lm.head_dim)
+        rot = lm.rotary_dim
+        if rot:
+            half = rot // 2
+            pair = (q_energy[:, :half] + q_energy[:, half:rot]) / 2
+            q_energy = torch.cat([pair, pair, q_energy[:, rot:]], dim=1)
+        group = lm.num_heads // lm.num_kv_heads
+        gk = q_energy.view(lm.num_kv_heads, group, lm.head_dim).sum(1).clamp_min(1e-12).sqrt().reshape(-1)
+        wo, _ = _weight(layer, lm.o, rows=False)
+        vd = len(lm.v.rows[0])
+        blocks = []
+        for g_idx in range(lm.num_kv_heads):
+            m = torch.zeros(vd, vd, dtype=torch.float64)
+            for h in range(g_idx * group, (g_idx + 1) * group):
+                cols = wo[:, h * vd:(h + 1) * vd].double()
+                m += cols.T @ cols
+            evals, evecs = torch.linalg.eigh(m)
+            blocks.append(evecs @ torch.diag(evals.clamp_min(1e-12).sqrt()) @ evecs.T)
+        gv = torch.block_diag(*blocks)
+    ek = torch.einsum("ij,jk,ik->", gk[:, None] * wk.double(), c, gk[:, None] * wk.double())
+    ev = torch.einsum("ij,jk,ik->", gv @ wv.double(), c, gv @ wv.double())
+    return torch.block_diag(torch.diag(gk) / ek.sqrt(), gv / ev.sqrt())
+
+
+def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank: int, mode: str) -> list[int]:
+    """Split a total rank budget over layers.
+
+    ``uniform``：每层同秩。``global``：把各层归一化的白化能量（s²/Σs²）合在一起，取最大的
+    ``budget`` 个；谱按降序排列，所以每层得到一个前缀。每层至少 ``min_rank``。
+    """
+    n = len(spectra)
+    if budget < n * min_rank or budget > sum(caps):
+        raise PlanError(f"秩预算 {budget} 不可能：{n} 层，每层至少 {min_rank}，最多共 {sum(caps)}")
+    if mode == "uniform":
+        base = [min(budget // n, c) for c in caps]
+        extra = budget - sum(base)
+        for i in range(n):
+            if extra <= 0:
+                break
+            if base[i] < caps[i]:
+                base[i] += 1
+                extra -= 1
+        return base
+    ranks = [min(min_rank, c) for c in caps]
+    gains = []
+    for i, s in enumerate(spectra):
+        e = (s.double() ** 2) / (s.double() ** 2).sum().clamp_min(1e-30)
+        for j in range(ranks[i], caps[i]):
+            gains.append((float(e[j]), i))
+    gains.sort(key=lambda g: -g[0])
+    for _, i in gains[: budget - sum(ranks)]:
+        ranks[i] += 1
+    return ranks
+
+
+class MLAConverter:
+    section = "mla"
+
+    def enabled(self, recipe) -> bool:
+        return recipe.mla.enabled
+
+    def inputs(self, lm: LayerMap) -> list[str]:
+        lm.require("attention", "q", "k", "v", "o")
+        return [lm.k.module, lm.v.module]
+
+    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe) -> torch.Tensor:
+        """Planning pass: the (whitened) singular values of [W_k; W_v] of this layer."""
+        w = torch.cat([_weight(layer, lm.k)[0], _weight(layer, lm.v)[0]])
+        cov = stats.get(lm.k.module)
+        g = output_weights(layer, lm, cov, recipe.mla.objective)
+        return factorize(w, cov, recipe.mla.init, g)[1].float()
+
+    def plan(self, mm: ModelMap, recipe, spectra: list[torch.Tensor]) -> list[int]:
+        opts = recipe.mla
+        caps = [len(s) for s in spectra]  # min(K+V width, hidden size): the most rank a latent can use
+        if opts.kv_lora_rank is not None:
+            bad = [i for i, c in enumerate(caps) if opts.kv_lora_rank > c]
+            if opts.kv_lora_rank < 1 or bad:
+                raise PlanError(f"kv_lora_rank={opts.kv_lora_rank} 不可能：须在 1 与 {min(caps)} 之间"
+                                f"（K+V 宽度与隐藏维的较小者）")
+            return [opts.kv_lora_rank] * len(caps)
+        budget = int(round(opts.kv_keep * sum(kv_width(lm) for lm in mm.layers)))
+        return allocate(spectra, budget, caps, opts.min_rank, opts.allocation)
+
+    def convert(self, model: nn.Module, layer: nn.Module, lm: LayerMap, stats: dict, rank: int, recipe,
+                rotary: nn.Module | None) -> tuple[dict, dict]:
+        """Replace layer ``lm.index``'s attention in place; return its structure record and its errors."""
+        wk, bk = _weight(layer, lm.k)
+        wv, bv = _weight(layer, lm.v)
+        wq, bq = _weight(layer, lm.q)
+        wo, bo = _weight(layer, lm.o, rows=False)
+        w = torch.cat([wk, wv])
+        cov = stats.get(lm.k.module)
+        g = output_weights(layer, lm, cov, recipe.mla.objective)
+        U, S, Vh, L = factorize(w, cov, recipe.mla.init, g)
+        root = S[:rank].sqrt()
+        up = U[:, :rank] * root
+        if g is not None:
+            up = torch.linalg.solve(g, up)
+        down = root[:, None] * Vh[:rank]
+        if L is not None:  # undo the whitening on the input side: down · L⁻¹
+            down = torch.linalg.solve_triangular(L, down, upper=False, left=False)
+        errors = _relative_errors(w, up @ down, cov, wk.shape[0])
+        attn = layer.get_submodule(lm.attention)
+        spec = {
+            "path": lm.attention, "hidden_size": wq.shape[1], "num_heads": lm.num_heads,
+            "num_kv_heads": lm.num_kv_heads, "head_dim": lm.head_dim, "v_head_dim": len(lm.v.rows[0]),
+            "rank": rank, "scaling": lm.scaling, "rotary_dim": lm.rotary_dim,
+            "sliding_window": getattr(attn, "sliding_window", None), "out_size": wo.shape[0],
+            "q_bias": bq is not None, "k_bias": bk is not None, "v_bias": bv is not None, "o_bias": bo is not None,
+            "q_norm": lm.q_norm, "k_norm": lm.k_norm,
+        }
+        norms = {r: (attn.get_submodule(spec[r]) if spec[r] else None) for r in ("q_norm", "k_norm")}
+        new = LatentAttention(spec, model.config, getattr(attn, "layer_idx", lm.index), **norms)
+        dtype = wq.dtype
+        with torch.no_grad():
+            for lin, weight, bias in ((new.q_proj, wq, bq), (new.o_proj, wo, bo),
+                                      (new.kv_a_proj, down, None),
+                                      (new.k_b_proj, up[: wk.shape[0]], bk), (new.v_b_proj, up[wk.shape[0]:], bv)):
+                lin.weight.copy_(weight.to(dtype))
+                if bias is not None:
+                    lin.bias.copy_(bias)
+        new.to(device=wq.device, dtype=dtype)
+        new._rotary = rotary
+        layer.set_submodule(lm.attention, new)
+        return spec, errors
+
+
+def _relative_errors(w: torch.Tensor, w_hat: torch.Tensor, cov: torch.Tensor | None, k_rows: int) -> dict:
+    """Relative Frobenius error of the K and V outputs on the calibration inputs: sqrt(tr(ΔW C ΔWᵀ)/tr(W C Wᵀ))."""
+    c = cov.double() if cov is not None else torch.eye(w.shape[1], dtype=torch.float64)
+    out = {}
+    for name, sl in (("k", slice(0, k_rows)), ("v", slice(k_rows, None))):
+        d = (w - w_hat)[sl]
+        num = torch.einsum("ij,jk,ik->", d, c, d)
+        den = torch.einsum("ij,jk,ik->", w[sl].double(), c, w[sl].double()).clamp_min(1e-30)
+        out[f"{name}_rel_error"] = float((num / den).clamp_min(0).sqrt())
+    return out
+
+
+register(MLAConverter())

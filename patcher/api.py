@@ -1,0 +1,196 @@
+"""管线：recipe → locate → plan → calibrate → convert → verify → save → report。
+
+``patch_model(model, recipe, tokenizer)`` 在内存中的 transformers 模型上跑完整管线，返回
+(补丁模型, 报告)；``convert(source, recipe, out)`` 在它前后加上加载与原子写出。两者读同一个
+``Recipe``，CLI 也只是把参数填进这个 Recipe。
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import converters
+from converters.mla import kv_width
+
+from . import __version__, checkpoint, modeling
+from .calibrate import DataError, digest, read_text, stream, token_windows
+from .fidelity import cache_bytes_per_token, compare, evaluate_base, parameter_count, write_report
+from .locate import ModelMap, locate
+from .recipe import Recipe, RecipeError, parse_recipe
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class Stages:
+    """Wall time per stage, for the report."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+
+class _NullProgress:
+    def start(self, name: str, total: int):
+        pass
+
+    def step(self, layer: int, what: str):
+        pass
+
+    def advance(self):
+        pass
+
+
+def _as_recipe(recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(recipe)
+    raise RecipeError(f"recipe 须为 Recipe 或 dict，收到 {type(recipe).__name__}")
+
+
+def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name: str = "in-memory"):
+    """就地转换一个已加载的 transformers 因果语言模型，返回 (补丁模型, 报告 dict)。
+
+    补丁模型是 ``Dsopt<家族>ForCausalLM`` 的实例（与从输出目录加载得到的类相同）；
+    ``tokenizer`` 用于切分校准与评估文本。
+    """
+    recipe = _as_recipe(recipe)
+    if not recipe.techniques():
+        raise RecipeError("配方没有启用任何技术：至少给出 --mla（或在配方中设 mla.enabled: true）")
+    progress = progress or _NullProgress()
+    stages = Stages()
+    t_start = time.perf_counter()
+    model.eval()
+
+    with stages("locate"):
+        mm = locate(model)
+    layers = model.get_submodule(mm.layers_path)
+    rotary = model.get_submodule(mm.rotary_path) if mm.rotary_path else None
+    mla = converters.REGISTRY["mla"]
+    for lm in mm.layers:
+        mla.inputs(lm)  # raises, naming the layer and role, before any work is done
+
+    calib_text = read_text(recipe.calibration.data, "calibration")
+    eval_text = read_text(recipe.eval.data, "evaluation")
+    if digest(calib_text) == digest(eval_text):
+        raise DataError("评估文本与校准文本相同：保真度必须在未见过的文本上测量，请换一个 --eval-data")
+    cal = recipe.calibration
+    calib_ids = token_windows(tokenizer, calib_text, cal.tokens, cal.seq_len, cal.seed)
+    eval_ids = token_windows(tokenizer, eval_text, recipe.eval.tokens, recipe.eval.seq_len, None)
+    prompt = eval_ids[:1, :64]
+
+    with stages("evaluate_base"):
+        base_eval = evaluate_base(model, eval_ids) if recipe.eval.enabled else None
+        base_kv = cache_bytes_per_token(model, prompt)
+        base_params = parameter_count(model)
+
+    with stages("plan"):
+        spectra = [None] * len(layers)
+        progress.start("规划：白化谱", len(layers))
+
+        def analyse(i, layer, stats):
+            spectra[i] = mla.analyse(layer, mm.layers[i], stats, recipe)
+            progress.advance()
+
+        stream(model, layers, calib_ids, cal.batch_size, lambda i: mla.inputs(mm.layers[i]), analyse,
+               progress.step)
+        ranks = mla.plan(mm, recipe, spectra)
+
+    with stages("convert"):
+        specs, errors = {}, {}
+        progress.start("转换：MLA", len(layers))
+
+        def convert_layer(i, layer, stats):
+            specs[i], errors[i] = mla.convert(model, layer, mm.layers[i], stats, ranks[i], recipe, rotary)
+            progress.advance()
+
+        stream(model, layers, calib_ids, cal.batch_size, lambda i: mla.inputs(mm.layers[i]), convert_layer,
+               progress.step)
+        patched = rebuild(model, mm, specs)
+
+    with stages("verify"):
+        fidelity = compare(patched, base_eval) if base_eval is not None else None
+        patched_kv = cache_bytes_per_token(patched, prompt)
+
+    report = {
+        "dsopt_version": __version__,
+        "source": source_name,
+        "model_type": mm.model_type,
+        "techniques": recipe.techniques(),
+        "recipe_name": recipe.name,
+        "recipe": recipe.model_dump(mode="json"),
+        "fidelity": fidelity,
+        "kv_cache": {"base": base_kv, "patched": patched_kv,
+                     "ratio": patched_kv["kv_bytes_per_token"] / base_kv["kv_bytes_per_token"],
+                     "measured_with": f"generate() greedy, prompt {prompt.shape[1]} tokens + 8 new"},
+        "parameters": {"base": base_params, "patched": parameter_count(patched)},
+        "plan": {"init": recipe.mla.init, "allocation": recipe.mla.allocation, "kv_keep": recipe.mla.kv_keep,
+                 "kv_lora_rank": recipe.mla.kv_lora_rank, "total_rank": sum(ranks),
+                 "source_kv_width": sum(kv_width(lm) for lm in mm.layers)},
+        "layers": [{"layer": i, "rank": ranks[i], "kv_width": kv_width(mm.layers[i]), **errors[i]}
+                   for i in range(len(layers))],
+        "calibration": {"data": cal.data or "builtin:calibration.txt", "tokens": int(calib_ids.numel()),
+                        "seq_len": cal.seq_len, "seed": cal.seed, "sha256": digest(calib_text)},
+        "eval": {"data": recipe.eval.data or "builtin:evaluation.txt", "tokens": int(eval_ids.numel()),
+                 "sha256": digest(eval_text)},
+        "resources": {"conversion_seconds": time.perf_counter() - t_start, "peak_rss_mib": _peak_rss_mib(),
+                      "stage_seconds": stages.seconds},
+    }
+    return patched, report
+
+
+def structure_plan(mm: ModelMap, specs: dict) -> dict:
+    """What ``config.dsopt`` records: enough to rebuild the patched modules at load time without tracing."""
+    return {"version": 1, "layers_path": mm.layers_path, "rotary_path": mm.rotary_path,
+            "attention": {str(i): spec for i, spec in sorted(specs.items())}}
+
+
+def rebuild(model: nn.Module, mm: ModelMap, specs: dict) -> nn.Module:
+    """The converted model as an instance of its dsopt class, built the way loading builds it."""
+    config_cls, model_cls = modeling.register(model.config.model_type)
+    data = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "dsopt"):
+        data.pop(key, None)
+    config = config_cls(**data, dsopt=structure_plan(mm, specs))
+    config._attn_implementation = model.config._attn_implementation
+    dtype = next(model.parameters()).dtype
+    patched = model_cls(config).to(dtype)
+    patched.load_state_dict(model.state_dict(), strict=True)
+    return patched.eval()
+
+
+def convert(source: str, recipe=None, out: str | Path | None = None, progress=None) -> dict:
+    """加载来源、转换、把检查点与报告原子地写到 ``out``；返回报告。"""
+    recipe = _as_recipe(recipe or Recipe())
+    out = Path(out or f"{Path(source).name}-dsopt")
+    checkpoint.check_output(out, recipe.output.overwrite)  # before any expensive work
+    t = time.perf_counter()
+    model, tokenizer, src = checkpoint.load(source, trust_remote_code=recipe.output.trust_remote_code)
+    load_seconds = time.perf_counter() - t
+    patched, report = patch_model(model, recipe, tokenizer, progress=progress, source_name=source)
+    del model
+    report["resources"]["load_seconds"] = load_seconds
+    with checkpoint.atomic_dir(out, recipe.output.overwrite) as tmp:
+        t = time.perf_counter()
+        checkpoint.write_checkpoint(patched, tokenizer, tmp, recipe.output.max_shard_size)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        report["resources"]["save_seconds"] = time.perf_counter() - t
+        report["resources"]["peak_rss_mib"] = _peak_rss_mib()
+        write_report(tmp, report)
+        (tmp / "README.md").write_text(checkpoint.model_card(report), encoding="utf-8")
+    return report

@@ -1,0 +1,35 @@
+"""家族数据：追踪看不到的信息，每个家族一条，不写成代码分支。
+
+定位器从 FX 图的数据流找出各个角色；这里只记录图里没有的东西：
+- ``trace_kwargs``：导出时传给模型 forward 的具体参数；
+- ``notes``：报告与 ``dsopt inspect`` 中显示给用户的说明。
+新增家族只需加一条数据，并在 tests/unit/test_locate.py 中加一个小配置。
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    trace_kwargs: dict = field(default_factory=lambda: {"use_cache": False})
+    notes: str = ""
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in [
+    Family("llama"),
+    Family("mistral"),
+    Family("qwen2", notes="q/k/v 带偏置：偏置随上投影精确保留"),
+    Family("qwen3", notes="QK-norm：在上投影之后对每个头做 RMSNorm"),
+    Family("phi3", notes="融合 qkv 与 gate_up：按数据流切出各行"),
+    Family("gemma", notes="GeGLU MLP"),
+    Family("gpt2", notes="Conv1D 投影、无 RoPE（学习的位置嵌入）"),
+    Family("gpt_neox", notes="部分旋转 RoPE、按头交错的融合 qkv"),
+]}
+
+
+def family_of(model_type: str) -> Family:
+    """未列出的家族仍可尝试定位；定位失败时报错会指出缺少的角色。"""
+    return FAMILIES.get(model_type, Family(model_type, notes="未登记的家族：仅按数据流定位"))

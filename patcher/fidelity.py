@@ -1,0 +1,187 @@
+"""保真度：指标、报告（fidelity.json / fidelity.md / 图）与 ``dsopt check`` 的阈值。
+
+基座的评估在转换之前完成并保存每个 token 的 log 概率（float16），转换之后在同样的窗口上
+比较，所以不需要同时在内存中放两份模型。KV 字节数从真实 ``generate()`` 之后的缓存对象量出，
+不按公式推算。
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPORT_JSON = "fidelity.json"
+REPORT_MD = "fidelity.md"
+
+
+@dataclass
+class BaseEval:
+    windows: torch.Tensor
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # per window, (T-1, V) float16
+    nll: list[torch.Tensor] = field(default_factory=list)
+
+
+def _logprobs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def evaluate_base(model: nn.Module, windows: torch.Tensor) -> BaseEval:
+    ev = BaseEval(windows)
+    for w in windows:
+        lp = _logprobs(model, w)
+        ev.nll.append(-lp.gather(1, w[1:, None])[:, 0])
+        ev.logprobs.append(lp.half())
+    return ev
+
+
+def compare(model: nn.Module, base: BaseEval) -> dict:
+    """Perplexity of base and patched, mean KL(base‖patched) per token, top-1 agreement."""
+    nll_b, nll_p, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
+    for w, lp_b16, nb in zip(base.windows, base.logprobs, base.nll):
+        lp_p = _logprobs(model, w)
+        lp_b = lp_b16.float()
+        nll_b += float(nb.sum())
+        nll_p += float(-lp_p.gather(1, w[1:, None]).sum())
+        kl += float((lp_b.exp() * (lp_b - lp_p)).sum())
+        agree += int((lp_b.argmax(-1) == lp_p.argmax(-1)).sum())
+        n += w.numel() - 1
+    ppl_b, ppl_p = math.exp(nll_b / n), math.exp(nll_p / n)
+    return {"tokens": n, "ppl_base": ppl_b, "ppl_patched": ppl_p,
+            "ppl_increase_pct": 100.0 * (ppl_p / ppl_b - 1.0), "kl_mean": kl / n, "top1_agreement": agree / n}
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    nll, n = 0.0, 0
+    for w in windows:
+        nll += float(-_logprobs(model, w).gather(1, w[1:, None]).sum())
+        n += w.numel() - 1
+    return math.exp(nll / n)
+
+
+def cache_bytes_per_token(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 8) -> dict:
+    """Run a real greedy generate() and measure what its cache object holds, per token and layer summed."""
+    with torch.no_grad():
+        out = model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True, use_cache=True, pad_token_id=0)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    total, length = 0, 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        length = max(length, layer.keys.shape[-2])
+    tokens = prompt_ids.shape[0] * length
+    return {"kv_bytes_per_token": total / tokens, "cached_tokens": tokens, "cache_bytes": total}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ---------------------------------------------------------------- report files
+
+def write_report(folder: Path, report: dict) -> None:
+    folder = Path(folder)
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plots = _plots(folder, report)
+    (folder / REPORT_MD).write_text(render_markdown(report, plots), encoding="utf-8")
+
+
+def _plots(folder: Path, report: dict) -> list[str]:
+    layers = report.get("layers") or []
+    if not layers or "rank" not in layers[0]:
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = [l["layer"] for l in layers]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    a1.bar(idx, [l["rank"] for l in layers], color="#4477aa")
+    a1.axhline(layers[0]["kv_width"], color="gray", ls="--", lw=1, label="source K+V width")
+    a1.set_ylabel("latent rank")
+    a1.legend(loc="lower right", fontsize=8)
+    a2.plot(idx, [l["k_rel_error"] for l in layers], "o-", label="K")
+    a2.plot(idx, [l["v_rel_error"] for l in layers], "s-", label="V")
+    a2.set_ylabel("relative error")
+    a2.set_xlabel("layer")
+    a2.legend(fontsize=8)
+    fig.suptitle("MLA: per-layer rank and K/V error (calibration inputs)")
+    fig.tight_layout()
+    name = "fidelity_layers.png"
+    fig.savefig(folder / name, dpi=110)
+    plt.close(fig)
+    return [name]
+
+
+def render_markdown(report: dict, plots: list[str] | None = None) -> str:
+    f = report.get("fidelity") or {}
+    kv = report.get("kv_cache") or {}
+    lines = [f"# 保真度报告 · {report.get('source', '')}", "",
+             f"技术：{', '.join(report.get('techniques', [])) or '无'}；配方：`{report.get('recipe_name', '')}`", ""]
+    if f:
+        lines += ["| 指标 | 基座 | 转换后 |", "|---|---|---|",
+                  f"| 困惑度（{f['tokens']} 个评估 token） | {f['ppl_base']:.4f} | {f['ppl_patched']:.4f} "
+                  f"（{f['ppl_increase_pct']:+.2f} %） |",
+                  f"| 平均 KL(基座‖转换后) | — | {f['kl_mean']:.5f} |",
+                  f"| top-1 一致率 | — | {100 * f['top1_agreement']:.2f} % |"]
+    if kv:
+        lines.append(f"| 每 token KV 字节（从缓存实测） | {kv['base']['kv_bytes_per_token']:.0f} | "
+                     f"{kv['patched']['kv_bytes_per_token']:.0f}（{100 * kv['ratio']:.1f} %） |")
+    p = report.get("parameters") or {}
+    if p:
+        lines.append(f"| 参数量 | {p['base']:,} | {p['patched']:,} |")
+    r = report.get("resources") or {}
+    if r:
+        lines += ["", f"转换耗时 {r['conversion_seconds']:.1f} s，峰值常驻内存 {r['peak_rss_mib']:.0f} MiB。"]
+    layers = report.get("layers") or []
+    if layers:
+        lines += ["", "## 逐层计划与误差（校准输入上）", "",
+                  "| 层 | 潜在秩 | 源 K+V 宽度 | K 相对误差 | V 相对误差 |", "|---|---|---|---|---|"]
+        lines += [f"| {l['layer']} | {l['rank']} | {l['kv_width']} | {l['k_rel_error']:.4f} | {l['v_rel_error']:.4f} |"
+                  for l in layers]
+    for name in plots or []:
+        lines += ["", f"![逐层秩与误差]({name})"]
+    cal = report.get("calibration") or {}
+    if cal:
+        lines += ["", f"校准：{cal.get('tokens')} 个 token，来源 {cal.get('data')}；评估来源 "
+                      f"{(report.get('eval') or {}).get('data')}。"]
+    return "\n".join(lines) + "\n"
+
+
+def read_report(folder: Path) -> dict:
+    path = Path(folder) / REPORT_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} 中没有 {REPORT_JSON}：这不是 dsopt 的输出目录？")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check(report: dict, max_ppl_increase: float | None = None, min_top1: float | None = None,
+          max_kl: float | None = None, max_kv_ratio: float | None = None) -> list[str]:
+    """CI 门禁：返回未通过的阈值说明（空列表表示全部通过）。"""
+    f = report.get("fidelity")
+    failures = []
+    wants_fidelity = any(v is not None for v in (max_ppl_increase, min_top1, max_kl))
+    if wants_fidelity and not f:
+        return ["报告中没有保真度指标（转换时用了 --no-eval？）"]
+    if max_ppl_increase is not None and f["ppl_increase_pct"] > max_ppl_increase:
+        failures.append(f"困惑度上升 {f['ppl_increase_pct']:.2f} % 超过上限 {max_ppl_increase} %"
+                        f"（{f['ppl_base']:.3f} → {f['ppl_patched']:.3f}）")
+    if min_top1 is not None and f["top1_agreement"] < min_top1:
+        failures.append(f"top-1 一致率 {f['top1_agreement']:.4f} 低于下限 {min_top1}")
+    if max_kl is not None and f["kl_mean"] > max_kl:
+        failures.append(f"平均 KL {f['kl_mean']:.5f} 超过上限 {max_kl}")
+    if max_kv_ratio is not None:
+        kv = report.get("kv_cache")
+        if not kv:
+            failures.append("报告中没有 KV 缓存测量")
+        elif kv["ratio"] > max_kv_ratio:
+            failures.append(f"KV 缓存比例 {kv['ratio']:.3f} 超过上限 {max_kv_ratio}")
+    return failures

@@ -1,0 +1,134 @@
+"""配方（Recipe）：一个 pydantic 模式同时驱动 ``patch_model`` 与 CLI 的每个参数。
+
+每个字段的 ``flag`` 元数据就是它的命令行参数名；``patcher.cli`` 从这里生成参数，
+所以新增一个选项只改这一处。YAML 预设放在仓库的 ``recipes/`` 中，可按名字加载
+（``--recipe mla-kv40``）。未知键、类型错误和不可能的数值都会给出清楚的错误。
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def _flag(name: str, help: str, **kw) -> Any:
+    return Field(json_schema_extra={"flag": name}, description=help, **kw)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MLAOptions(Section):
+    enabled: bool = _flag("--mla", "把注意力转换为 MLA（潜在 KV 缓存）", default=False)
+    kv_keep: float = _flag("--kv-keep", "保留的 KV 缓存比例（全局预算，0–1）", default=0.6, gt=0.0, le=1.0)
+    kv_lora_rank: int | None = _flag("--kv-lora-rank", "所有层统一的潜在秩（给出时忽略 --kv-keep）",
+                                     default=None, ge=1)
+    init: Literal["whitened", "plain"] = _flag("--mla-init", "初始化：whitened（按校准协方差白化的 SVD）或 plain",
+                                               default="whitened")
+    objective: Literal["kv", "balanced", "attention"] = _flag(
+        "--mla-objective", "SVD 目标：kv（K、V 输出误差）、balanced（K、V 相对误差各半）、attention（按查询与 W_o 加权）",
+        default="attention")
+    allocation: Literal["global", "uniform"] = _flag("--rank-allocation", "秩分配：global（按白化谱）或 uniform",
+                                                     default="global")
+    min_rank: int = _flag("--min-rank", "每层最小秩", default=8, ge=1)
+
+
+class CalibrationOptions(Section):
+    data: str | None = _flag("--calib-data", "校准文本（.txt 或 .jsonl）；缺省用内置文本", default=None)
+    tokens: int = _flag("--calib-tokens", "校准 token 数", default=16384, ge=64)
+    seq_len: int = _flag("--calib-seq-len", "校准序列长度", default=512, ge=16)
+    batch_size: int = _flag("--calib-batch", "校准批大小", default=4, ge=1)
+    seed: int = _flag("--seed", "随机种子（决定校准片段的选取）", default=0)
+
+
+class EvalOptions(Section):
+    enabled: bool = _flag("--eval/--no-eval", "是否计算保真度指标", default=True)
+    data: str | None = _flag("--eval-data", "评估文本（不得与校准文本相同）；缺省用内置文本", default=None)
+    tokens: int = _flag("--eval-tokens", "评估 token 数", default=4096, ge=32)
+    seq_len: int = _flag("--eval-seq-len", "评估窗口长度", default=512, ge=16)
+
+
+class OutputOptions(Section):
+    overwrite: bool = _flag("--overwrite", "允许覆盖已存在的非空输出目录", default=False)
+    max_shard_size: str = _flag("--max-shard-size", "safetensors 分片大小", default="200MB")
+    trust_remote_code: bool = _flag("--trust-remote-code", "信任源检查点的远程代码（默认不信任）", default=False)
+
+
+class Recipe(Section):
+    """一次转换的完整描述；保存为输出目录中的 ``recipe.yaml``。"""
+    name: str = "custom"
+    mla: MLAOptions = MLAOptions()
+    calibration: CalibrationOptions = CalibrationOptions()
+    eval: EvalOptions = EvalOptions()
+    output: OutputOptions = OutputOptions()
+
+    def techniques(self) -> list[str]:
+        return [s for s in ("mla",) if getattr(self, s).enabled]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+class RecipeError(ValueError):
+    """配方无效：消息逐条列出出错的键与原因。"""
+
+
+def _explain(err: ValidationError, where: str) -> RecipeError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        kind = {"extra_forbidden": "未知的键"}.get(e["type"], e["msg"])
+        lines.append(f"  {loc}: {kind}")
+    return RecipeError(f"配方无效（{where}）：\n" + "\n".join(lines))
+
+
+def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data or {})
+    except ValidationError as e:
+        raise _explain(e, where) from None
+
+
+def load_recipe(name_or_path: str | Path | None) -> Recipe:
+    """按路径或预设名加载配方；None 给出默认配方。"""
+    if name_or_path is None:
+        return Recipe()
+    path = Path(name_or_path)
+    if not path.exists():
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise RecipeError(f"找不到配方 {name_or_path!r}：既不是文件也不是预设（可用预设：{names}）")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"配方 {path} 不是有效的 YAML：{e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(f"配方 {path} 的顶层必须是映射")
+    return parse_recipe(data, str(path))
+
+
+def flag_fields() -> list[tuple[str, str, Any]]:
+    """(section, field, FieldInfo) for every option that has a CLI flag, in schema order."""
+    out = []
+    for section, info in Recipe.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, Section):
+            for name, f in sub.model_fields.items():
+                if (f.json_schema_extra or {}).get("flag"):
+                    out.append((section, name, f))
+    return out
+
+
+def with_overrides(recipe: Recipe, overrides: dict[tuple[str, str], Any]) -> Recipe:
+    """Apply CLI values (only those the user gave) on top of a recipe, validating them."""
+    data = recipe.model_dump()
+    for (section, name), value in overrides.items():
+        data[section][name] = value
+    return parse_recipe(data, "命令行参数")

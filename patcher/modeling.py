@@ -98,8 +98,9 @@ class LatentAttention(nn.Module):
         return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)  # (1, 1, length, rot)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                cache=None, past_key_values=None, **kwargs):
-        cache = cache if cache is not None else past_key_values
+                cache=None, past_key_values=None, layer_past=None, **kwargs):
+        # families name the cache differently (cache / past_key_values / GPT-NeoX's layer_past)
+        cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         bsz, q_len, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim)
         if self.q_norm is not None:

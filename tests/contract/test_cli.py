@@ -1,0 +1,69 @@
+"""CLI 契约：convert / inspect / report / check 的退出码与可读的错误。"""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import byte_tokenizer, tiny_model
+from patcher.cli import app
+
+runner = CliRunner()
+SMALL = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--eval-tokens", "512", "--eval-seq-len", "128"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    f = tmp_path_factory.mktemp("cli") / "tiny-llama"
+    tiny_model("llama", seed=5).save_pretrained(f)
+    byte_tokenizer().save_pretrained(f)
+    return f
+
+
+@pytest.fixture(scope="module")
+def converted(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli-out") / "out"
+    res = runner.invoke(app, ["convert", str(folder), "--mla", "--kv-keep", "0.5", "-o", str(out), *SMALL])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_convert_writes_recipe_from_flags(converted):
+    import yaml
+
+    rec = yaml.safe_load((converted / "recipe.yaml").read_text())
+    assert rec["mla"]["enabled"] and rec["mla"]["kv_keep"] == 0.5 and rec["calibration"]["tokens"] == 1024
+
+
+def test_check_passes_and_fails_with_reasons(converted):
+    ok = runner.invoke(app, ["check", str(converted), "--max-kv-ratio", "0.55", "--max-ppl-increase", "1000"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["check", str(converted), "--max-ppl-increase", "-100", "--min-top1", "1.01"])
+    assert bad.exit_code == 1
+    assert "困惑度上升" in bad.output and "top-1" in bad.output
+
+
+def test_report_prints_the_summary(converted):
+    res = runner.invoke(app, ["report", str(converted)])
+    assert res.exit_code == 0 and "困惑度" in res.output
+    js = runner.invoke(app, ["report", str(converted), "--json"])
+    assert json.loads(js.stdout)["techniques"] == ["mla"]
+
+
+def test_inspect_lists_roles(folder):
+    res = runner.invoke(app, ["inspect", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["layers"][0]["k"].startswith("self_attn.k_proj") and data["layers"][1]["missing"] == "—"
+
+
+def test_existing_output_and_bad_values_exit_cleanly(converted, folder):
+    res = runner.invoke(app, ["convert", str(folder), "--mla", "-o", str(converted), *SMALL])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    res = runner.invoke(app, ["convert", str(folder), "--mla", "--kv-keep", "1.7", "-o", str(converted) + "x"])
+    assert res.exit_code == 2 and "mla.kv_keep" in res.output
+    res = runner.invoke(app, ["convert", str(folder), "--mla", "--kv-lora-rank", "4096", "-o", str(converted) + "y",
+                              *SMALL])
+    assert res.exit_code == 2 and "kv_lora_rank=4096" in res.output
+    res = runner.invoke(app, ["convert", str(folder), "-o", str(converted) + "z"])
+    assert res.exit_code == 2 and "--mla" in res.output

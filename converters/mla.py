@@ -109,10 +109,11 @@ def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective:
 
 
 def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank: int, mode: str) -> list[int]:
-    """Split a total rank budget over layers.
+    """Split a total rank budget over layers; spectra are each layer's (weighted, whitened) singular values.
 
-    ``uniform``：每层同秩。``global``：把各层归一化的白化能量（s²/Σs²）合在一起，取最大的
-    ``budget`` 个；谱按降序排列，所以每层得到一个前缀。每层至少 ``min_rank``。
+    ``uniform``：每层同秩。``energy``：取全模型中归一化能量 s²/Σs² 最大的 ``budget`` 个分量，即让各层
+    相对误差之和最小。``log``：让各层相对残差的对数之和最小——每加一维秩的收益是残差缩小的比例，
+    所以谱尾部仍有分量的层不会被饿死。贪心在这两个目标上都是最优的（收益随秩递减）。
     """
     n = len(spectra)
     if budget < n * min_rank or budget > sum(caps):
@@ -131,8 +132,13 @@ def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank
     gains = []
     for i, s in enumerate(spectra):
         e = (s.double() ** 2) / (s.double() ** 2).sum().clamp_min(1e-30)
+        residual = e.flip(0).cumsum(0).flip(0)  # residual[j]: energy left when rank j is kept
         for j in range(ranks[i], caps[i]):
-            gains.append((float(e[j]), i))
+            if mode == "energy":
+                gains.append((float(e[j]), i))
+            else:
+                after = float(residual[j + 1]) if j + 1 < len(residual) else 0.0
+                gains.append((math.log(float(residual[j]) + 1e-12) - math.log(after + 1e-12), i))
     gains.sort(key=lambda g: -g[0])
     for _, i in gains[: budget - sum(ranks)]:
         ranks[i] += 1
@@ -147,7 +153,7 @@ class MLAConverter:
 
     def inputs(self, lm: LayerMap) -> list[str]:
         lm.require("attention", "q", "k", "v", "o")
-        return [lm.k.module, lm.v.module]
+        return [lm.k.module]  # k and v read the same input: one covariance serves both
 
     def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe) -> torch.Tensor:
         """Planning pass: the (whitened) singular values of [W_k; W_v] of this layer."""

@@ -104,8 +104,8 @@ def input_covariances(layer: nn.Module, modules: list[str], inputs) -> dict[str,
     handles = []
     for name in dict.fromkeys(modules):
         def hook(_m, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + (x.T @ x).double()  # float32 per batch, float64 across batches
             counts[name] = counts.get(name, 0) + x.shape[0]
         handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
     try:

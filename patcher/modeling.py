@@ -92,6 +92,35 @@ class LatentAttention(nn.Module):
         self.k_norm = k_norm
         self._rotary = None  # set by the model: the family's rotary embedding, not a submodule of ours
 
+    # Decoding steps (a few new tokens over a long cache) never build V: softmax(QKᵀ)·(C·W_uvᵀ + b) equals
+    # (softmax(QKᵀ)·C)·W_uvᵀ + b, which costs heads·S·r instead of S·r·kv_heads·head_dim.
+    ABSORB_MAX_QUERY = 16
+
+    def _absorbed_value_attention(self, query, key, latent, attention_mask):
+        bsz, _, q_len, _ = query.shape
+        groups, per = self.num_kv_heads, self.num_key_value_groups
+        kv_len = latent.shape[1]
+        q = query.reshape(bsz, groups, per * q_len, self.head_dim)  # query heads g*per..g*per+per-1 share kv head g
+        scores = torch.matmul(q, key.transpose(2, 3)).float() * self.scaling
+        scores = scores.view(bsz, groups, per, q_len, kv_len)
+        if attention_mask is not None:
+            mask = attention_mask[:, :, None, :, -kv_len:]
+            if mask.dtype == torch.bool:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores = scores + mask.float()
+        elif q_len > 1:
+            causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+            scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1).to(latent.dtype).reshape(bsz, groups, per * q_len, kv_len)
+        mixed = torch.matmul(probs, latent[:, None])  # (B, G, per·q, r)
+        w = self.v_b_proj.weight.view(groups, self.v_head_dim, self.rank)
+        out = torch.einsum("bgnr,gdr->bgnd", mixed, w)
+        if self.v_b_proj.bias is not None:
+            out = out + self.v_b_proj.bias.view(groups, 1, self.v_head_dim)
+        out = out.reshape(bsz, groups * per, q_len, self.v_head_dim)
+        return out.transpose(1, 2).contiguous()
+
     def _rope_tables(self, length: int, like: torch.Tensor):
         positions = torch.arange(length, device=like.device).unsqueeze(0)
         cos, sin = self._rotary(like, positions)
@@ -116,12 +145,16 @@ class LatentAttention(nn.Module):
         if self.k_norm is not None:
             key = self.k_norm(key)
         key = key.transpose(1, 2)
-        value = self.v_b_proj(latent).view(bsz, kv_len, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
 
         if self.rotary_dim:
             cos, sin = self._rope_tables(kv_len, query)
             key = apply_rope(key, cos, sin)
             query = apply_rope(query, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])
+
+        if q_len <= self.ABSORB_MAX_QUERY and kv_len > q_len:
+            output = self._absorbed_value_attention(query, key, latent, attention_mask)
+            return self.o_proj(output.reshape(bsz, q_len, -1)), None
+        value = self.v_b_proj(latent).view(bsz, kv_len, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
 
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         attention = eager_attention

@@ -34,8 +34,9 @@ class MLAOptions(Section):
     objective: Literal["kv", "balanced", "attention"] = _flag(
         "--mla-objective", "SVD 目标：kv（K、V 输出误差）、balanced（K、V 相对误差各半）、attention（按查询与 W_o 加权）",
         default="attention")
-    allocation: Literal["global", "uniform"] = _flag("--rank-allocation", "秩分配：global（按白化谱）或 uniform",
-                                                     default="global")
+    allocation: Literal["uniform", "energy", "log"] = _flag(
+        "--rank-allocation", "秩分配：uniform（每层同秩）、energy（按白化谱能量）、log（按白化谱残差的对数）",
+        default="uniform")
     min_rank: int = _flag("--min-rank", "每层最小秩", default=8, ge=1)
 
 

@@ -75,3 +75,16 @@ def test_incremental_logits_match_full_forward(patched):
         rest = model(input_ids=ids[:, 10:], cache=first.cache if hasattr(first, "cache") else first.past_key_values,
                      use_cache=True).logits
     torch.testing.assert_close(rest, full[:, 10:], atol=1e-4, rtol=1e-4)
+
+
+def test_absorbed_value_path_matches_materialized_values(patched):
+    """The decoding path that never builds V gives the same logits as the prefill path that does."""
+    model, _ = patched
+    ids = torch.randint(4, 200, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, :6] = 0  # left padding in row 1
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        first = model(input_ids=ids[:, :17], attention_mask=mask[:, :17], use_cache=True)
+        rest = model(input_ids=ids[:, 17:], attention_mask=mask, cache=first.cache, use_cache=True).logits
+    torch.testing.assert_close(rest, full[:, 17:], atol=1e-4, rtol=1e-4)

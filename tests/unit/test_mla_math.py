@@ -12,14 +12,14 @@ def test_uniform_allocation_spends_the_budget_evenly():
 def test_global_allocation_gives_rank_where_the_spectrum_is_flat():
     steep = torch.tensor([10.0, 1e-3, 1e-3, 1e-3])
     flat = torch.ones(4)
-    ranks = allocate([steep, flat], 5, [4, 4], 1, "global")
+    ranks = allocate([steep, flat], 5, [4, 4], 1, "energy")
     assert sum(ranks) == 5 and ranks[1] == 4 and ranks[0] == 1
 
 
 @pytest.mark.parametrize("budget", [1, 100])
 def test_impossible_budget_is_refused(budget):
     with pytest.raises(PlanError):
-        allocate([torch.ones(4)] * 2, budget, [4, 4], 1, "global")
+        allocate([torch.ones(4)] * 2, budget, [4, 4], 1, "energy")
 
 
 def test_whitened_svd_beats_plain_svd_on_the_output_error():

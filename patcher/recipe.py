@@ -34,9 +34,11 @@ class MLAOptions(Section):
     objective: Literal["kv", "balanced", "attention"] = _flag(
         "--mla-objective", "SVD 目标：kv（K、V 输出误差）、balanced（K、V 相对误差各半）、attention（按查询与 W_o 加权）",
         default="attention")
-    allocation: Literal["uniform", "energy", "log"] = _flag(
-        "--rank-allocation", "秩分配：uniform（每层同秩）、energy（按白化谱能量）、log（按白化谱残差的对数）",
-        default="uniform")
+    allocation: Literal["sensitivity", "uniform", "energy", "log"] = _flag(
+        "--rank-allocation", "秩分配：sensitivity（白化谱 × 实测每层敏感度）、uniform（每层同秩）、"
+        "energy（按白化谱能量）、log（按白化谱残差的对数）", default="sensitivity")
+    probe_tokens: int = _flag("--probe-tokens", "sensitivity 分配探测每层敏感度所用的校准 token 数",
+                              default=1024, ge=16)
     min_rank: int = _flag("--min-rank", "每层最小秩", default=8, ge=1)
 
 

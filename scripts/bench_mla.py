@@ -62,11 +62,14 @@ def main():
 
     common = {"calibration": {"data": args.calib_data, "tokens": args.calib_tokens},
               "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
-    variants = [
+    variants = [  # the SVD-LLM-style baselines (objective kv), then dsopt's defaults (objective attention)
         ("plain-uniform-0.6", {"kv_keep": 0.6, "init": "plain", "allocation": "uniform", "objective": "kv"}),
         ("whitened-uniform-0.6", {"kv_keep": 0.6, "init": "whitened", "allocation": "uniform", "objective": "kv"}),
-        ("plain-global-0.6", {"kv_keep": 0.6, "init": "plain", "allocation": "global", "objective": "kv"}),
-        ("whitened-global-0.6", {"kv_keep": 0.6, "init": "whitened", "allocation": "global", "objective": "kv"}),
+        ("plain-allocated-0.6", {"kv_keep": 0.6, "init": "plain", "allocation": "sensitivity", "objective": "kv"}),
+        ("whitened-allocated-0.6", {"kv_keep": 0.6, "init": "whitened", "allocation": "sensitivity",
+                                    "objective": "kv"}),
+        ("attention-uniform-0.6", {"kv_keep": 0.6, "allocation": "uniform"}),
+        ("attention-uniform-0.5", {"kv_keep": 0.5, "allocation": "uniform"}),
         ("best-0.6", {"kv_keep": 0.6}),
         ("best-0.5", {"kv_keep": 0.5}),
     ]

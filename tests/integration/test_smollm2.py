@@ -34,7 +34,7 @@ def test_locator_on_the_real_model(smollm2):
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "smol-mla"
     cmd = [sys.executable, "-m", "patcher.cli", "convert", "smollm2-135m", "--recipe", "mla-kv40", "-o", str(out),
-           "--calib-tokens", "4096", "--eval-tokens", "2048"]
+           "--calib-tokens", "4096", "--eval-tokens", "2048", "--probe-tokens", "512"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     return out

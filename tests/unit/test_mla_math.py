@@ -38,3 +38,9 @@ def test_whitened_svd_beats_plain_svd_on_the_output_error():
         w_hat = U[:, :r] @ down
         errs[init] = float(((x.double() @ (w - w_hat).T) ** 2).sum())
     assert errs["whitened"] < 0.5 * errs["plain"]
+
+
+def test_layer_weights_steer_the_energy_allocation():
+    same = [torch.ones(4), torch.ones(4)]
+    assert allocate(same, 6, [4, 4], 1, "energy", layer_weights=[10.0, 1.0]) == [4, 2]
+    assert allocate(same, 6, [4, 4], 1, "energy", layer_weights=[1.0, 10.0]) == [2, 4]

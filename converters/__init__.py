@@ -4,11 +4,13 @@
 内存、读写与报告。一个转换器提供：
 
 - ``section``：它在配方（Recipe）中读取的小节名；
-- ``enabled(recipe)``：配方是否启用它；
-- ``inputs(layer_map)``：校准时需要其输入协方差的模块（相对解码层路径）；
-- ``plan(model_map, recipe, spectra)``：全局预算下的逐层计划（例如每层的秩）；
-- ``analyse(layer, layer_map, stats)``：规划轮中每层的谱；
-- ``convert(model, layer, layer_map, stats, plan)``：就地替换第 i 层的模块，返回该层的结构记录与误差。
+- ``structure_key``：它在 ``config.dsopt`` 中记录结构的键（attention / mlp）；
+- ``enabled(recipe)``：配方是否启用它；``check(layer_map)``：缺少角色时报错（写明层与角色）；
+- ``captures(layer_map, recipe)``：校准时需要的统计，(模块, "cov" 或 "inputs")；
+- ``needs_analysis(recipe)`` / ``analyse(...)``：规划轮（在未转换的模型上）逐层分析；
+- ``plan(model_map, recipe, analyses, probe)``：全局预算下的逐层计划；
+- ``convert(ctx, layer, layer_map, stats, plan_i, recipe)``：就地替换第 i 层的模块，返回 (结构记录, 报告信息)；
+- ``summary(...)``：写进报告的计划摘要；可选 ``verify(...)``：转换后在评估文本上的额外测量。
 """
 
 from __future__ import annotations
@@ -25,4 +27,4 @@ def enabled_converters(recipe) -> list:
     return [c for c in REGISTRY.values() if c.enabled(recipe)]
 
 
-from . import mla  # noqa: E402,F401  (registers itself)
+from . import mla, moe  # noqa: E402,F401  (each registers itself; order = order of conversion)

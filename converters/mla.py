@@ -17,22 +17,11 @@ from patcher.locate import LayerMap, ModelMap, Projection
 from patcher.modeling import LatentAttention
 
 from . import register
+from .weights import weight_of
 
 
 class PlanError(ValueError):
     """配方中的秩或预算不可能实现时抛出。"""
-
-
-def _weight(layer: nn.Module, proj: Projection, rows: bool = True):
-    mod = layer.get_submodule(proj.module)
-    w = mod.weight.detach()
-    w = w.t() if proj.conv1d else w  # Conv1D stores (in, out)
-    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
-    if rows:
-        idx = torch.tensor(proj.flat_rows, dtype=torch.long)
-        w = w[idx]
-        b = b[idx] if b is not None else None
-    return w, b
 
 
 def kv_width(lm: LayerMap) -> int:
@@ -77,14 +66,14 @@ def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective:
     """
     if objective == "kv":
         return None
-    wk, _ = _weight(layer, lm.k)
-    wv, _ = _weight(layer, lm.v)
+    wk, _ = weight_of(layer, lm.k)
+    wv, _ = weight_of(layer, lm.v)
     c = cov.double()
     nk, nv = wk.shape[0], wv.shape[0]
     gk = torch.ones(nk, dtype=torch.float64)
     gv = torch.eye(nv, dtype=torch.float64)
     if objective == "attention":
-        wq, _ = _weight(layer, lm.q)
+        wq, _ = weight_of(layer, lm.q)
         q_energy = torch.einsum("ij,jk,ik->i", wq.double(), c, wq.double()).view(lm.num_heads, lm.head_dim)
         rot = lm.rotary_dim
         if rot:
@@ -93,7 +82,7 @@ def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective:
             q_energy = torch.cat([pair, pair, q_energy[:, rot:]], dim=1)
         group = lm.num_heads // lm.num_kv_heads
         gk = q_energy.view(lm.num_kv_heads, group, lm.head_dim).sum(1).clamp_min(1e-12).sqrt().reshape(-1)
-        wo, _ = _weight(layer, lm.o, rows=False)
+        wo, _ = weight_of(layer, lm.o, rows=False)
         vd = len(lm.v.rows[0])
         blocks = []
         for g_idx in range(lm.num_kv_heads):
@@ -157,18 +146,24 @@ class Analysis:
 
 class MLAConverter:
     section = "mla"
+    structure_key = "attention"
 
     def enabled(self, recipe) -> bool:
         return recipe.mla.enabled
 
-    def inputs(self, lm: LayerMap) -> list[str]:
+    def check(self, lm: LayerMap) -> None:
         lm.require("attention", "q", "k", "v", "o")
-        return [lm.k.module]  # k and v read the same input: one covariance serves both
+
+    def captures(self, lm: LayerMap, recipe) -> list[tuple[str, str]]:
+        return [(lm.k.module, "cov")]  # k and v read the same input: one covariance serves both
+
+    def needs_analysis(self, recipe) -> bool:
+        return True
 
     def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe) -> Analysis:
         """Planning pass: the (whitened, weighted) singular values of [W_k; W_v] of this layer."""
-        w = torch.cat([_weight(layer, lm.k)[0], _weight(layer, lm.v)[0]])
-        cov = stats.get(lm.k.module)
+        w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
+        cov = stats.get((lm.k.module, "cov"))
         g = output_weights(layer, lm, cov, recipe.mla.objective)
         keep = cov.float() if recipe.mla.allocation == "sensitivity" else None
         return Analysis(factorize(w, cov, recipe.mla.init, g)[1].float(), keep)
@@ -203,10 +198,10 @@ class MLAConverter:
     def build(self, config, layer: nn.Module, lm: LayerMap, cov: torch.Tensor | None, rank: int, recipe,
               rotary: nn.Module | None):
         """The latent attention of one layer at ``rank``: (module, structure record, K/V errors)."""
-        wk, bk = _weight(layer, lm.k)
-        wv, bv = _weight(layer, lm.v)
-        wq, bq = _weight(layer, lm.q)
-        wo, bo = _weight(layer, lm.o, rows=False)
+        wk, bk = weight_of(layer, lm.k)
+        wv, bv = weight_of(layer, lm.v)
+        wq, bq = weight_of(layer, lm.q)
+        wo, bo = weight_of(layer, lm.o, rows=False)
         w = torch.cat([wk, wv])
         g = output_weights(layer, lm, cov, recipe.mla.objective)
         U, S, Vh, L = factorize(w, cov, recipe.mla.init, g)
@@ -241,12 +236,18 @@ class MLAConverter:
         new._rotary = rotary
         return new, spec, errors
 
-    def convert(self, model: nn.Module, layer: nn.Module, lm: LayerMap, stats: dict, rank: int, recipe,
-                rotary: nn.Module | None) -> tuple[dict, dict]:
+    def convert(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, rank: int, recipe) -> tuple[dict, dict]:
         """Replace layer ``lm.index``'s attention in place; return its structure record and its errors."""
-        new, spec, errors = self.build(model.config, layer, lm, stats.get(lm.k.module), rank, recipe, rotary)
+        cov = stats.get((lm.k.module, "cov"))
+        new, spec, errors = self.build(ctx.config, layer, lm, cov, rank, recipe, ctx.rotary)
         layer.set_submodule(lm.attention, new)
-        return spec, errors
+        return spec, {"rank": rank, "kv_width": kv_width(lm), **errors}
+
+    def summary(self, mm: ModelMap, recipe, ranks: list[int]) -> dict:
+        o = recipe.mla
+        return {"objective": o.objective, "init": o.init, "allocation": o.allocation, "kv_keep": o.kv_keep,
+                "kv_lora_rank": o.kv_lora_rank, "total_rank": sum(ranks),
+                "source_kv_width": sum(kv_width(lm) for lm in mm.layers)}
 
 
 def _relative_errors(w: torch.Tensor, w_hat: torch.Tensor, cov: torch.Tensor | None, k_rows: int) -> dict:

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import converters
-from converters.mla import kv_width
 
 from . import __version__, checkpoint, modeling
 from .calibrate import DataError, digest, read_text, stream, token_windows
@@ -63,6 +62,14 @@ def _as_recipe(recipe) -> Recipe:
     raise RecipeError(f"recipe 须为 Recipe 或 dict，收到 {type(recipe).__name__}")
 
 
+class Context:
+    """What a converter may use besides its layer: the model's config and its rotary embedding."""
+
+    def __init__(self, model: nn.Module, mm: ModelMap):
+        self.config = model.config
+        self.rotary = model.get_submodule(mm.rotary_path) if mm.rotary_path else None
+
+
 def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name: str = "in-memory"):
     """就地转换一个已加载的 transformers 因果语言模型，返回 (补丁模型, 报告 dict)。
 
@@ -71,7 +78,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
     """
     recipe = _as_recipe(recipe)
     if not recipe.techniques():
-        raise RecipeError("配方没有启用任何技术：至少给出 --mla（或在配方中设 mla.enabled: true）")
+        raise RecipeError("配方没有启用任何技术：至少给出 --mla 或 --moe（或在配方中启用一节）")
     progress = progress or _NullProgress()
     stages = Stages()
     t_start = time.perf_counter()
@@ -80,10 +87,11 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
     with stages("locate"):
         mm = locate(model)
     layers = model.get_submodule(mm.layers_path)
-    rotary = model.get_submodule(mm.rotary_path) if mm.rotary_path else None
-    mla = converters.REGISTRY["mla"]
+    ctx = Context(model, mm)
+    convs = converters.enabled_converters(recipe)
     for lm in mm.layers:
-        mla.inputs(lm)  # raises, naming the layer and role, before any work is done
+        for conv in convs:
+            conv.check(lm)  # raises, naming the layer and role, before any work is done
 
     calib_text = read_text(recipe.calibration.data, "calibration")
     eval_text = read_text(recipe.eval.data, "evaluation")
@@ -98,39 +106,51 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         base_eval = evaluate_base(model, eval_ids) if recipe.eval.enabled else None
         base_kv = cache_bytes_per_token(model, prompt)
         base_params = parameter_count(model)
+        base_active = active_parameters(model, mm)
+
+    def needs(i):
+        return [w for conv in convs for w in conv.captures(mm.layers[i], recipe)]
 
     with stages("plan"):
-        analyses = [None] * len(layers)
-        progress.start("规划：白化谱", len(layers))
+        analysing = [c for c in convs if c.needs_analysis(recipe)]
+        analyses = {c.section: [None] * len(layers) for c in convs}
+        if analysing:
+            progress.start("规划：逐层统计", len(layers))
 
-        def analyse(i, layer, stats):
-            analyses[i] = mla.analyse(layer, mm.layers[i], stats, recipe)
-            progress.advance()
+            def analyse(i, layer, stats):
+                for conv in analysing:
+                    analyses[conv.section][i] = conv.analyse(layer, mm.layers[i], stats, recipe)
+                progress.advance()
 
-        stream(model, layers, calib_ids, cal.batch_size, lambda i: mla.inputs(mm.layers[i]), analyse,
-               progress.step)
+            stream(model, layers, calib_ids, cal.batch_size, lambda i: [w for c in analysing
+                                                                        for w in c.captures(mm.layers[i], recipe)],
+                   analyse, progress.step)
         probe = None
-        if recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None:
+        if recipe.mla.enabled and recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None:
             progress.start("规划：逐层敏感度", len(layers))
-            probe = SensitivityProbe(model, mm, calib_ids, recipe.mla.probe_tokens, rotary, progress)
-        ranks = mla.plan(mm, recipe, analyses, probe)
+            probe = SensitivityProbe(model, mm, calib_ids, recipe.mla.probe_tokens, ctx, progress)
+        plans = {c.section: c.plan(mm, recipe, analyses[c.section], probe) for c in convs}
         del analyses, probe
 
     with stages("convert"):
-        specs, errors = {}, {}
-        progress.start("转换：MLA", len(layers))
+        specs = {c.structure_key: {} for c in convs}
+        infos = [{"layer": i} for i in range(len(layers))]
+        progress.start("转换：" + "+".join(c.section.upper() for c in convs), len(layers))
 
         def convert_layer(i, layer, stats):
-            specs[i], errors[i] = mla.convert(model, layer, mm.layers[i], stats, ranks[i], recipe, rotary)
+            for conv in convs:
+                spec, info = conv.convert(ctx, layer, mm.layers[i], stats, plans[conv.section][i], recipe)
+                specs[conv.structure_key][i] = spec
+                infos[i].update(info)
             progress.advance()
 
-        stream(model, layers, calib_ids, cal.batch_size, lambda i: mla.inputs(mm.layers[i]), convert_layer,
-               progress.step)
+        stream(model, layers, calib_ids, cal.batch_size, needs, convert_layer, progress.step)
         patched = rebuild(model, mm, specs)
 
     with stages("verify"):
         fidelity = compare(patched, base_eval) if base_eval is not None else None
         patched_kv = cache_bytes_per_token(patched, prompt)
+        extra = {c.section: c.verify(patched, mm, eval_ids, infos) for c in convs if hasattr(c, "verify")}
 
     report = {
         "dsopt_version": __version__,
@@ -143,12 +163,12 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         "kv_cache": {"base": base_kv, "patched": patched_kv,
                      "ratio": patched_kv["kv_bytes_per_token"] / base_kv["kv_bytes_per_token"],
                      "measured_with": f"generate() greedy, prompt {prompt.shape[1]} tokens + 8 new"},
-        "parameters": {"base": base_params, "patched": parameter_count(patched)},
-        "plan": {"objective": recipe.mla.objective, "init": recipe.mla.init, "allocation": recipe.mla.allocation, "kv_keep": recipe.mla.kv_keep,
-                 "kv_lora_rank": recipe.mla.kv_lora_rank, "total_rank": sum(ranks),
-                 "source_kv_width": sum(kv_width(lm) for lm in mm.layers)},
-        "layers": [{"layer": i, "rank": ranks[i], "kv_width": kv_width(mm.layers[i]), **errors[i]}
-                   for i in range(len(layers))],
+        "parameters": {"base": base_params, "patched": parameter_count(patched),
+                       "base_active_per_token": base_active,
+                       "patched_active_per_token": active_parameters(patched, mm)},
+        "plan": {c.section: c.summary(mm, recipe, plans[c.section]) for c in convs},
+        "layers": infos,
+        **extra,
         "calibration": {"data": cal.data or "builtin:calibration.txt", "tokens": int(calib_ids.numel()),
                         "seq_len": cal.seq_len, "seed": cal.seed, "sha256": digest(calib_text)},
         "eval": {"data": recipe.eval.data or "builtin:evaluation.txt", "tokens": int(eval_ids.numel()),
@@ -159,15 +179,42 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
     return patched, report
 
 
+def active_parameters(model: nn.Module, mm: ModelMap) -> dict:
+    """Parameters one token uses (MoE layers count their router, shared part and top-k experts only)."""
+    from .modeling import MoEMLP
+
+    total = parameter_count(model)
+    inactive, ffn_total, ffn_active = 0, 0, 0
+    for lm in mm.layers:
+        layer = model.get_submodule(lm.prefix)
+        mlp = layer.get_submodule(lm.mlp) if lm.mlp else None
+        if mlp is None:
+            continue
+        n = sum(p.numel() for p in mlp.parameters())
+        if isinstance(mlp, MoEMLP):
+            per_expert = sum(p[0].numel() for p in (mlp.experts_up, mlp.experts_gate, mlp.experts_down)
+                             if p is not None) + (mlp.experts_up_bias[0].numel() if mlp.experts_up_bias is not None
+                                                  else 0)
+            unused = per_expert * (mlp.num_experts - mlp.top_k)
+            inactive += unused
+            ffn_total += n
+            ffn_active += n - unused
+        else:
+            ffn_total += n
+            ffn_active += n
+    return {"total": total, "active": total - inactive, "ffn_total": ffn_total, "ffn_active": ffn_active,
+            "active_ffn_fraction": ffn_active / max(ffn_total, 1)}
+
+
 class SensitivityProbe:
     """Measures what one layer's change costs the whole model: KL(base‖model with only layer i swapped).
 
     Runs on the first calibration windows (never the evaluation text), against base log-probs taken once.
     """
 
-    def __init__(self, model, mm: ModelMap, calib_ids: torch.Tensor, tokens: int, rotary, progress):
-        self.model, self.mm, self.rotary, self.progress = model, mm, rotary, progress
-        self.config = model.config
+    def __init__(self, model, mm: ModelMap, calib_ids: torch.Tensor, tokens: int, ctx: Context, progress):
+        self.model, self.mm, self.rotary, self.progress = model, mm, ctx.rotary, progress
+        self.config = ctx.config
         seq = calib_ids.shape[1]
         windows = calib_ids[: max(1, tokens // seq)]
         self.base = evaluate_base(model, windows)
@@ -191,7 +238,7 @@ class SensitivityProbe:
 def structure_plan(mm: ModelMap, specs: dict) -> dict:
     """What ``config.dsopt`` records: enough to rebuild the patched modules at load time without tracing."""
     return {"version": 1, "layers_path": mm.layers_path, "rotary_path": mm.rotary_path,
-            "attention": {str(i): spec for i, spec in sorted(specs.items())}}
+            **{key: {str(i): spec for i, spec in sorted(per_layer.items())} for key, per_layer in specs.items()}}
 
 
 def rebuild(model: nn.Module, mm: ModelMap, specs: dict) -> nn.Module:

@@ -97,16 +97,25 @@ def _call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def input_covariances(layer: nn.Module, modules: list[str], inputs) -> dict[str, torch.Tensor]:
-    """E[x xᵀ] of the inputs each named submodule receives (float64), over all calibration tokens."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: int = 8192) -> dict:
+    """Statistics of the inputs that named submodules receive while the layer runs on all calibration batches.
+
+    ``(module, "cov")``：E[x xᵀ]（float64）；``(module, "inputs")``：输入本身（float32，最多 ``max_rows`` 行，
+    均匀抽取），供需要逐 token 数据的转换器（例如 MoE 切分的共激活聚类）使用。
+    """
+    sums: dict = {}
+    counts: dict = {}
+    rows: dict = {}
     handles = []
-    for name in dict.fromkeys(modules):
-        def hook(_m, args, name=name):
+    for name, kind in dict.fromkeys(wants):
+        def hook(_m, args, name=name, kind=kind):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x.T @ x).double()  # float32 per batch, float64 across batches
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            key = (name, kind)
+            if kind == "cov":
+                sums[key] = sums.get(key, 0) + (x.T @ x).double()  # float32 per batch, float64 across batches
+                counts[key] = counts.get(key, 0) + x.shape[0]
+            else:
+                rows.setdefault(key, []).append(x.clone())
         handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -115,18 +124,24 @@ def input_covariances(layer: nn.Module, modules: list[str], inputs) -> dict[str,
     finally:
         for h in handles:
             h.remove()
-    return {k: sums[k] / counts[k] for k in sums}
+    out = {k: sums[k] / counts[k] for k in sums}
+    for k, parts in rows.items():
+        x = torch.cat(parts)
+        if x.shape[0] > max_rows:
+            x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
+        out[k] = x
+    return out
 
 
 def stream(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int,
-           needs: Callable[[int], list[str]], on_layer: Callable[[int, nn.Module, dict], None],
+           needs: Callable[[int], list[tuple[str, str]]], on_layer: Callable[[int, nn.Module, dict], None],
            progress: Callable[[int, str], None] | None = None) -> None:
     """Sequential calibration: stats of layer i from the *converted* layers before it, then on_layer(i, ...)."""
     inputs = capture_layer_inputs(model, layers, ids, batch_size)
     for i, layer in enumerate(layers):
         if progress:
             progress(i, "统计输入协方差")
-        stats = input_covariances(layer, needs(i), inputs)
+        stats = collect(layer, needs(i), inputs)
         if progress:
             progress(i, "转换")
         on_layer(i, layer, stats)

@@ -99,12 +99,28 @@ def write_report(folder: Path, report: dict) -> None:
 
 
 def _plots(folder: Path, report: dict) -> list[str]:
-    layers = report.get("layers") or []
-    if not layers or "rank" not in layers[0]:
-        return []
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    names = []
+    balance = (report.get("moe") or {}).get("balance") or []
+    if balance:
+        grid = torch.tensor([b["tokens_per_expert"] for b in balance])
+        grid = grid / grid.sum(1, keepdim=True).clamp_min(1) * grid.shape[1]  # 1.0 = perfectly even
+        fig, ax = plt.subplots(figsize=(9, 4))
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title("MoE load on held-out text (tokens per expert / mean)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(folder / "moe_balance.png", dpi=110)
+        plt.close(fig)
+        names.append("moe_balance.png")
+    layers = report.get("layers") or []
+    if not layers or "rank" not in layers[0]:
+        return names
 
     idx = [l["layer"] for l in layers]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -119,10 +135,9 @@ def _plots(folder: Path, report: dict) -> list[str]:
     a2.legend(fontsize=8)
     fig.suptitle("MLA: per-layer rank and K/V error (calibration inputs)")
     fig.tight_layout()
-    name = "fidelity_layers.png"
-    fig.savefig(folder / name, dpi=110)
+    fig.savefig(folder / "fidelity_layers.png", dpi=110)
     plt.close(fig)
-    return [name]
+    return ["fidelity_layers.png"] + names
 
 
 def render_markdown(report: dict, plots: list[str] | None = None) -> str:
@@ -142,17 +157,26 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     p = report.get("parameters") or {}
     if p:
         lines.append(f"| 参数量 | {p['base']:,} | {p['patched']:,} |")
+        if "patched_active_per_token" in p:
+            a, b = p["base_active_per_token"], p["patched_active_per_token"]
+            lines.append(f"| 每 token 激活参数 | {a['active']:,} | {b['active']:,}（FFN 激活比例 "
+                         f"{100 * b['active_ffn_fraction']:.1f} %，总/激活 = {b['total'] / b['active']:.2f}） |")
     r = report.get("resources") or {}
     if r:
         lines += ["", f"转换耗时 {r['conversion_seconds']:.1f} s，峰值常驻内存 {r['peak_rss_mib']:.0f} MiB。"]
+    balance = (report.get("moe") or {}).get("balance") or []
+    if balance:
+        lines += ["", "## MoE 负载（留出文本上每个专家的 token 数）", "", "| 层 | 最大/平均 | 归一化熵 |",
+                  "|---|---|---|"]
+        lines += [f"| {b['layer']} | {b['max_over_mean']:.2f} | {b['entropy']:.3f} |" for b in balance]
     layers = report.get("layers") or []
-    if layers:
+    if layers and "rank" in layers[0]:
         lines += ["", "## 逐层计划与误差（校准输入上）", "",
                   "| 层 | 潜在秩 | 源 K+V 宽度 | K 相对误差 | V 相对误差 |", "|---|---|---|---|---|"]
         lines += [f"| {l['layer']} | {l['rank']} | {l['kv_width']} | {l['k_rel_error']:.4f} | {l['v_rel_error']:.4f} |"
                   for l in layers]
     for name in plots or []:
-        lines += ["", f"![逐层秩与误差]({name})"]
+        lines += ["", f"![{name}]({name})"]
     cal = report.get("calibration") or {}
     if cal:
         lines += ["", f"校准：{cal.get('tokens')} 个 token，来源 {cal.get('data')}；评估来源 "

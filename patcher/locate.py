@@ -65,6 +65,8 @@ class LayerMap:
     up: Projection | None = None
     down: Projection | None = None
     activation: str | None = None
+    mlp: str | None = None           # the MLP container (common parent of gate/up/down)
+    act_module: str | None = None    # the activation module, relative to the MLP container
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -289,6 +291,7 @@ def _locate_mlp(lm: LayerMap, mlp_linears: dict, projection, rel, prefix0) -> No
     while src.target in MOVEMENT:
         src = src.args[0]
     sides = src.all_input_nodes if src.target == aten.mul.Tensor and len(src.all_input_nodes) == 2 else [src]
+    act_path = ""
     if len(sides) == 2:
         # an activation written as a product (GELU-tanh: 0.5*x*(1+tanh(...))) reads one projection on both sides
         ends = [tuple(f) for f in (_walk_back(s, set(mlp_linears), set())[1] for s in sides)]
@@ -309,7 +312,18 @@ def _locate_mlp(lm: LayerMap, mlp_linears: dict, projection, rel, prefix0) -> No
             lm.up = proj
             if acts:
                 lm.activation = _describe_act(acts)
+        if acts:
+            act_path = rel(_module_of(acts[0]))
     lm.mlp_norm = _norm_before(lm.up, mlp_linears, rel, prefix0) if lm.up else None
+    parts = [p.module.split(".") for p in (lm.gate, lm.up, lm.down) if p is not None]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    lm.mlp = ".".join(common) or None
+    if lm.mlp and act_path.startswith(lm.mlp + ".") and act_path != lm.mlp:
+        lm.act_module = act_path[len(lm.mlp) + 1:]
 
 
 def _describe_act(acts) -> str:

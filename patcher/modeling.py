@@ -167,6 +167,98 @@ class LatentAttention(nn.Module):
         return self.o_proj(output), weights
 
 
+class MoEMLP(nn.Module):
+    """混合专家 MLP：路由专家 + 可选的共享专家（始终激活）。
+
+    专家权重以 3D 张量存放（``experts_gate/up``: E×m×d，``experts_down``: E×d×m）。路由：
+    ``softmax``（top-k 后归一化）或 DeepSeek-V3 的 ``sigmoid``（``e_score_correction_bias`` 只用于
+    选择，即无辅助损失的负载均衡；可按组限制）。``weights == "one"`` 时被选中的专家权重为 1——
+    切分模式下它们本就是稠密 MLP 的一部分，无需缩放。
+    """
+
+    def __init__(self, spec: dict, config, act: nn.Module):
+        super().__init__()
+        d, e, m = spec["hidden_size"], spec["num_experts"], spec["expert_size"]
+        self.num_experts, self.top_k, self.gated = e, spec["top_k"], spec["gated"]
+        self.routing, self.weights = spec["routing"], spec["weights"]
+        self.n_group, self.topk_group = spec.get("n_group", 1), spec.get("topk_group", 1)
+        self.act = act
+        self.router = spec.get("router", "linear")
+        self.gate = nn.Linear(d, e, bias=False) if self.router == "linear" else None  # DeepSeek's name
+        if self.router == "lowrank":
+            # reads a low-rank copy of the MLP's own gate projection: scores = Σ_expert |act(x·A·B)|·c
+            r = spec["router_rank"]
+            self.router_down = nn.Linear(d, r, bias=False)
+            self.router_up = nn.Linear(r, e * m, bias=spec.get("router_bias", False))
+            self.router_scale = nn.Parameter(torch.zeros(e * m))
+        self.register_buffer("e_score_correction_bias", torch.zeros(e))
+        self.experts_up = nn.Parameter(torch.zeros(e, m, d))
+        self.experts_gate = nn.Parameter(torch.zeros(e, m, d)) if self.gated else None
+        self.experts_down = nn.Parameter(torch.zeros(e, d, m))
+        self.experts_up_bias = nn.Parameter(torch.zeros(e, m)) if spec["up_bias"] else None
+        self.down_bias = nn.Parameter(torch.zeros(d)) if spec["down_bias"] else None
+        s = spec.get("shared_size", 0)
+        self.shared_up = nn.Linear(d, s, bias=spec["up_bias"]) if s else None
+        self.shared_gate = nn.Linear(d, s, bias=False) if s and self.gated else None
+        self.shared_down = nn.Linear(s, d, bias=False) if s else None
+        self.last_routing = None  # (tokens, top_k) expert ids of the last forward, for balance statistics
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.gate(x).float()
+        h = self.act(self.router_up(self.router_down(x))).abs() * self.router_scale
+        return h.float().view(x.shape[0], self.num_experts, -1).sum(-1)
+
+    def route(self, x: torch.Tensor):
+        logits = self.router_logits(x)
+        if self.gate is None:  # scores of the low-rank reader are already magnitudes: rank them as they are
+            scores = logits
+            choice = scores + self.e_score_correction_bias
+        elif self.routing == "softmax":
+            scores = logits.softmax(-1)
+            choice = scores
+        else:
+            scores = logits.sigmoid()
+            choice = scores + self.e_score_correction_bias
+        if self.n_group > 1:  # group-limited routing: only experts of the best topk_group groups compete
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            best = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(-1)
+            keep = torch.zeros_like(best).scatter_(1, best.topk(self.topk_group, dim=-1)[1], 1.0)
+            choice = choice.masked_fill(~keep.bool().repeat_interleave(self.num_experts // self.n_group, 1),
+                                        float("-inf"))
+        idx = choice.topk(self.top_k, dim=-1)[1]
+        if self.weights == "one":
+            w = torch.ones_like(idx, dtype=x.dtype)
+        else:
+            w = scores.gather(1, idx)
+            w = (w / w.sum(-1, keepdim=True).clamp_min(1e-20)).to(x.dtype)
+        return idx, w
+
+    def _expert(self, x, e):
+        h = x @ self.experts_up[e].T
+        if self.experts_up_bias is not None:
+            h = h + self.experts_up_bias[e]
+        h = self.act(x @ self.experts_gate[e].T) * h if self.gated else self.act(h)
+        return h @ self.experts_down[e].T
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        idx, w = self.route(x)
+        self.last_routing = idx.detach()
+        out = torch.zeros_like(x)
+        for e in idx.unique().tolist():
+            rows, slot = (idx == e).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self._expert(x[rows], e) * w[rows, slot, None])
+        if self.shared_up is not None:
+            h = self.shared_up(x)
+            h = self.act(self.shared_gate(x)) * h if self.gated else self.act(h)
+            out = out + self.shared_down(h)
+        if self.down_bias is not None:
+            out = out + self.down_bias
+        return out.view(shape)
+
+
 class DsoptPatchedMixin:
     """在源家族模型类构造完成后，按 ``config.dsopt`` 换入 dsopt 模块。"""
 
@@ -190,6 +282,16 @@ def apply_structure(model: nn.Module, config) -> None:
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)
         new._rotary = rotary
+        model.set_submodule(path, new)
+    for idx, spec in sorted((plan.get("mlp") or {}).items(), key=lambda kv: int(kv[0])):
+        path = f"{plan['layers_path']}.{idx}.{spec['path']}"
+        old = model.get_submodule(path)
+        if isinstance(old, MoEMLP):
+            continue
+        new = MoEMLP(spec, config, old.get_submodule(spec["act"]))
+        ref = next(iter(old.parameters()), None)
+        if ref is not None:
+            new.to(device=ref.device, dtype=ref.dtype)
         model.set_submodule(path, new)
 
 

@@ -42,6 +42,32 @@ class MLAOptions(Section):
     min_rank: int = _flag("--min-rank", "每层最小秩", default=8, ge=1)
 
 
+class MoEOptions(Section):
+    enabled: bool = _flag("--moe", "把 MLP 转换为混合专家（MoE）", default=False)
+    mode: Literal["split", "copy"] = _flag(
+        "--moe-mode", "split（把 MLP 的神经元切成细粒度专家 + 共享专家）或 copy（每个专家是 MLP 的完整副本）",
+        default="split")
+    experts: int | None = _flag("--moe-experts", "路由专家数（缺省：split 64，copy 8）", default=None, ge=1)
+    top_k: int | None = _flag("--moe-top-k", "每个 token 激活的路由专家数（缺省：copy 2，split 由 --moe-active 推出）",
+                              default=None, ge=1)
+    active: float = _flag("--moe-active", "split：每个 token 使用的 FFN 参数比例", default=0.5, gt=0.0, le=1.0)
+    shared: float | None = _flag("--moe-shared", "split：共享专家占中间维的比例（缺省 active/2）", default=None,
+                                 ge=0.0, lt=1.0)
+    partition: Literal["coactivation", "random"] = _flag(
+        "--moe-partition", "split：神经元划分，coactivation（共激活聚类）或 random（基线）", default="coactivation")
+    router: Literal["lowrank", "linear"] = _flag(
+        "--moe-router", "split 的路由器：lowrank（读 gate 投影的低秩近似）或 linear（最小二乘线性，DeepSeek 格式）",
+        default="lowrank")
+    router_rank: int = _flag("--moe-router-rank", "lowrank 路由器的秩", default=64, ge=1)
+    routing: Literal["sigmoid", "softmax"] = _flag(
+        "--moe-routing", "打分：sigmoid（DeepSeek-V3，带只用于选择的偏置）或 softmax", default="sigmoid")
+    n_group: int = _flag("--moe-groups", "sigmoid 路由的专家组数（组限制路由）", default=1, ge=1)
+    topk_group: int = _flag("--moe-topk-groups", "每个 token 可选的组数", default=1, ge=1)
+    balance: bool = _flag("--moe-balance", "在校准数据上调节 e_score_correction_bias 使负载均衡（无辅助损失）",
+                          default=False)
+    noise: float = _flag("--moe-noise", "copy：专家权重的相对噪声（0 时与稠密模型完全一致）", default=0.0, ge=0.0)
+
+
 class CalibrationOptions(Section):
     data: str | None = _flag("--calib-data", "校准文本（.txt 或 .jsonl）；缺省用内置文本", default=None)
     tokens: int = _flag("--calib-tokens", "校准 token 数", default=16384, ge=64)
@@ -67,12 +93,13 @@ class Recipe(Section):
     """一次转换的完整描述；保存为输出目录中的 ``recipe.yaml``。"""
     name: str = "custom"
     mla: MLAOptions = MLAOptions()
+    moe: MoEOptions = MoEOptions()
     calibration: CalibrationOptions = CalibrationOptions()
     eval: EvalOptions = EvalOptions()
     output: OutputOptions = OutputOptions()
 
     def techniques(self) -> list[str]:
-        return [s for s in ("mla",) if getattr(self, s).enabled]
+        return [s for s in ("mla", "moe") if getattr(self, s).enabled]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -124,7 +124,8 @@ class MoEConverter:
             _fill_copy(new, wu, bu, wg, wd, bd, o.noise, seed)
             info = {}
         else:
-            spec.update(router=o.router, weights="one", router_rank=min(o.router_rank, wu.shape[1]),
+            spec.update(router=o.router, weights="one",
+                        router_rank=min(o.router_rank, wu.shape[1], sizing["experts"] * sizing["expert_size"]),
                         router_bias=(wg is None and bu is not None))
             new = MoEMLP(spec, ctx.config, mlp.get_submodule(lm.act_module))
             x = stats[(lm.up.module, "inputs")]

@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from converters.mla import PlanError
+from converters.moe import MoEConverter, balanced_kmeans
+from patcher.modeling import MoEMLP
+from patcher.recipe import parse_recipe
+
+from conftest import tiny_model
+from patcher.locate import locate
+
+
+def test_balanced_kmeans_gives_equal_groups_and_finds_structure():
+    torch.manual_seed(0)
+    base = torch.randn(200, 4).abs()
+    feats = torch.cat([base[:, [i]] + 0.01 * torch.rand(200, 6) for i in range(4)], 1)  # 4 blocks of 6 columns
+    groups = balanced_kmeans(feats, 4, 6, seed=0)
+    assert sorted(len(g) for g in groups) == [6] * 4
+    assert sorted(sum(groups, [])) == list(range(24))
+    assert sorted(sorted(g) for g in groups) == [list(range(i * 6, i * 6 + 6)) for i in range(4)]
+
+
+def _spec(**kw):
+    spec = {"hidden_size": 8, "num_experts": 8, "top_k": 2, "expert_size": 4, "shared_size": 0, "gated": True,
+            "up_bias": False, "down_bias": False, "routing": "sigmoid", "weights": "prob", "router": "linear"}
+    spec.update(kw)
+    return spec
+
+
+def test_selection_bias_changes_choice_not_weights():
+    moe = MoEMLP(_spec(), None, torch.nn.SiLU())
+    torch.nn.init.normal_(moe.gate.weight)
+    x = torch.randn(16, 8)
+    idx, w = moe.route(x)
+    moe.e_score_correction_bias[5] = 100.0
+    idx2, w2 = moe.route(x)
+    assert (idx2 == 5).any(1).all() and not (idx == 5).any(1).all()
+    assert torch.allclose(w2.sum(-1), torch.ones(16))
+
+
+def test_group_limited_routing_stays_in_the_chosen_groups():
+    moe = MoEMLP(_spec(n_group=4, topk_group=1), None, torch.nn.SiLU())
+    torch.nn.init.normal_(moe.gate.weight)
+    idx, _ = moe.route(torch.randn(32, 8))
+    assert ((idx // 2)[:, 0] == (idx // 2)[:, 1]).all()  # both experts from the same group of two
+
+
+def test_softmax_weights_are_normalised():
+    moe = MoEMLP(_spec(routing="softmax"), None, torch.nn.SiLU())
+    torch.nn.init.normal_(moe.gate.weight)
+    _, w = moe.route(torch.randn(10, 8))
+    assert torch.allclose(w.sum(-1), torch.ones(10))
+
+
+@pytest.mark.parametrize("moe, needle", [
+    ({"mode": "copy", "experts": 2, "top_k": 3}, "大于专家数"),
+    ({"mode": "split", "experts": 512}, "不够分给"),
+    ({"mode": "split", "experts": 8, "active": 0.1, "shared": 0.5}, "不相容"),
+])
+def test_impossible_expert_plans_are_refused(moe, needle):
+    recipe = parse_recipe({"moe": {"enabled": True, **moe}})
+    with pytest.raises(PlanError, match=needle):
+        MoEConverter().plan(locate(tiny_model("llama")), recipe, None)

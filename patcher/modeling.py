@@ -234,6 +234,17 @@ class MoEMLP(nn.Module):
             w = (w / w.sum(-1, keepdim=True).clamp_min(1e-20)).to(x.dtype)
         return idx, w
 
+    # Few tokens (decoding): gather the chosen experts' weights and run them as one batched product, instead of
+    # a Python loop over experts whose per-call overhead dominates on CPU.
+    GATHER_MAX_TOKENS = 32
+
+    def _gathered(self, x, idx, w):
+        h = torch.einsum("td,tkmd->tkm", x, self.experts_up[idx])
+        if self.experts_up_bias is not None:
+            h = h + self.experts_up_bias[idx]
+        h = self.act(torch.einsum("td,tkmd->tkm", x, self.experts_gate[idx])) * h if self.gated else self.act(h)
+        return torch.einsum("tkm,tkdm->td", h * w[..., None], self.experts_down[idx])
+
     def _expert(self, x, e):
         h = x @ self.experts_up[e].T
         if self.experts_up_bias is not None:
@@ -246,10 +257,13 @@ class MoEMLP(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         idx, w = self.route(x)
         self.last_routing = idx.detach()
-        out = torch.zeros_like(x)
-        for e in idx.unique().tolist():
-            rows, slot = (idx == e).nonzero(as_tuple=True)
-            out.index_add_(0, rows, self._expert(x[rows], e) * w[rows, slot, None])
+        if x.shape[0] <= self.GATHER_MAX_TOKENS:
+            out = self._gathered(x, idx, w)
+        else:
+            out = torch.zeros_like(x)
+            for e in idx.unique().tolist():
+                rows, slot = (idx == e).nonzero(as_tuple=True)
+                out.index_add_(0, rows, self._expert(x[rows], e) * w[rows, slot, None])
         if self.shared_up is not None:
             h = self.shared_up(x)
             h = self.act(self.shared_gate(x)) * h if self.gated else self.act(h)

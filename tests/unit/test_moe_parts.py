@@ -61,3 +61,14 @@ def test_impossible_expert_plans_are_refused(moe, needle):
     recipe = parse_recipe({"moe": {"enabled": True, **moe}})
     with pytest.raises(PlanError, match=needle):
         MoEConverter().plan(locate(tiny_model("llama")), recipe, None)
+
+
+def test_gathered_and_looped_expert_paths_agree():
+    torch.manual_seed(0)
+    moe = MoEMLP(_spec(up_bias=True), None, torch.nn.SiLU())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(40, 8)
+    looped = moe(x)  # 40 tokens: the per-expert loop
+    gathered = torch.cat([moe(x[:20]), moe(x[20:])])  # 20 tokens each: the gathered path
+    torch.testing.assert_close(looped, gathered, atol=1e-4, rtol=1e-4)

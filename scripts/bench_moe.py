@@ -1,0 +1,117 @@
+"""MoE 基准（SmolLM2-135M）：写出 JSON。
+
+- copy 模式：真实文本上 max|Δlogit|（噪声 0）与总参数/激活参数；
+- split 模式（不训练）：激活 FFN 比例 0.75 / 0.5 / 0.25 下，最佳方法（共激活聚类 + lowrank 路由）与
+  随机划分基线（同一路由器）的困惑度上升，并排；
+- CPU 上每 token 的前向时间：split MoE 对稠密模型，批大小 1 与 16，同一次运行中交替测量。
+
+校准用《傲慢与偏见》，评估用莎士比亚（../shared/data；没有时用内置文本）。
+用法：python scripts/bench_moe.py --out bench-out/moe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+
+from patcher import checkpoint, patch_model  # noqa: E402
+from patcher.calibrate import read_text, token_windows  # noqa: E402
+
+
+def forward_ms_per_token(model, ids: torch.Tensor, repeats: int) -> list[float]:
+    out = []
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            out.append(1000 * (time.perf_counter() - t) / ids.numel())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench-out/moe.json")
+    ap.add_argument("--calib-data", default=str(SHARED / "pride-and-prejudice.txt") if SHARED.exists() else None)
+    ap.add_argument("--eval-data", default=str(SHARED / "tinyshakespeare.txt") if SHARED.exists() else None)
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--actives", default="0.75,0.5,0.25")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    common = {"calibration": {"data": args.calib_data, "tokens": args.calib_tokens},
+              "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
+    res = {"calib_data": args.calib_data or "builtin", "eval_data": args.eval_data or "builtin"}
+
+    base, tok, _ = checkpoint.load("smollm2-135m")
+    text = read_text(args.eval_data, "evaluation")
+    ids = token_windows(tok, text, 512, 512, None)
+
+    model, _, _ = checkpoint.load("smollm2-135m")
+    copy_model, rep = patch_model(model, {**common, "moe": {"enabled": True, "mode": "copy", "experts": 8,
+                                                            "top_k": 2}}, tok)
+    with torch.no_grad():
+        diff = float((copy_model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max())
+    p = rep["parameters"]["patched_active_per_token"]
+    res["copy"] = {"experts": 8, "top_k": 2, "max_abs_logit_diff": diff, "total": p["total"], "active": p["active"],
+                   "total_over_active": p["total"] / p["active"], "ppl_increase_pct": rep["fidelity"]["ppl_increase_pct"]}
+    print(f"copy: max|Δlogit| {diff:.2e}, total/active {p['total'] / p['active']:.2f}", flush=True)
+    del copy_model, model
+
+    res["split"] = {}
+    split_models = {}
+    for active in [float(a) for a in args.actives.split(",")]:
+        for partition in ("coactivation", "random"):
+            model, _, _ = checkpoint.load("smollm2-135m")
+            t = time.perf_counter()
+            patched, rep = patch_model(model, {**common, "moe": {"enabled": True, "mode": "split", "active": active,
+                                                                 "partition": partition}}, tok)
+            f, layers = rep["fidelity"], rep["layers"]
+            key = f"{partition}-{active}"
+            res["split"][key] = {
+                "active_target": active, "partition": partition, "plan": rep["plan"]["moe"],
+                "active_ffn_fraction": rep["parameters"]["patched_active_per_token"]["active_ffn_fraction"],
+                "ppl_base": f["ppl_base"], "ppl_patched": f["ppl_patched"], "ppl_increase_pct": f["ppl_increase_pct"],
+                "kl_mean": f["kl_mean"], "top1_agreement": f["top1_agreement"],
+                "router_recall": statistics.mean(l["moe_router_recall"] for l in layers),
+                "energy_kept": statistics.mean(l["moe_energy_kept"] for l in layers),
+                "energy_kept_oracle": statistics.mean(l["moe_energy_kept_oracle"] for l in layers),
+                "balance_max_over_mean": statistics.mean(b["max_over_mean"] for b in rep["moe"]["balance"]),
+                "balance_entropy": statistics.mean(b["entropy"] for b in rep["moe"]["balance"]),
+                "seconds": time.perf_counter() - t}
+            print(f"split {key}: ppl {f['ppl_increase_pct']:+.2f} %  active "
+                  f"{res['split'][key]['active_ffn_fraction']:.3f}", flush=True)
+            if partition == "coactivation" and active == 0.5:
+                split_models["split-0.5"] = patched
+            del model
+
+    timing = {}
+    models = {"dense": base, **split_models}
+    for batch in (1, 16):
+        x = ids[:, :64].repeat(batch, 1) if batch > 1 else ids[:, :64]
+        runs = {k: [] for k in models}
+        for _ in range(args.repeats):  # interleaved so both see the same machine noise
+            for k, m in models.items():
+                runs[k].extend(forward_ms_per_token(m, x, 1))
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        timing[str(batch)] = {"ms_per_token": med, "runs": runs,
+                              "ratio_split_vs_dense": {k: med[k] / med["dense"] for k in med if k != "dense"}}
+        print(f"batch {batch}: " + ", ".join(f"{k} {v:.3f} ms/token" for k, v in med.items()), flush=True)
+    res["forward_time"] = {"note": "full forward of 64-token sequences, no cache; ms per token", **timing}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

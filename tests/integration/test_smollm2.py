@@ -62,3 +62,23 @@ def test_converted_real_model_loads_and_answers(converted, smollm2):
     base, base_tok = smollm2
     assert "Paris" in _ask(base, base_tok, "What is the capital of France?")
     assert "Paris" in _ask(model, tok, "What is the capital of France?")
+
+
+def test_copy_upcycling_is_exact_on_real_text(smollm2):
+    """MoE copy mode on the real model: logits equal the dense model's on real text; total/active ≥ 2."""
+    import copy
+
+    from patcher import patch_model
+    from patcher.calibrate import read_text, token_windows
+
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    recipe = {"moe": {"enabled": True, "mode": "copy", "experts": 8, "top_k": 2},
+              "calibration": {"tokens": 512, "seq_len": 256}, "eval": {"tokens": 512, "seq_len": 256}}
+    patched, report = patch_model(model, recipe, tok)
+    ids = token_windows(tok, read_text(None, "evaluation"), 256, 256, None)
+    with torch.no_grad():
+        diff = (patched(input_ids=ids).logits - base(input_ids=ids).logits).abs().max()
+    assert diff <= 1e-4
+    p = report["parameters"]["patched_active_per_token"]
+    assert p["total"] / p["active"] >= 2

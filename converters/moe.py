@@ -83,9 +83,11 @@ class MoEConverter:
                     raise PlanError(f"--moe-top-k {k} 大于专家数 {e}")
                 out.append({"experts": e, "top_k": k, "expert_size": inter, "shared_size": 0})
                 continue
-            e = o.experts or 64
             sigma = o.shared if o.shared is not None else o.active / 2
             shared = int(round(sigma * inter))
+            # default: experts of two neurons — the finest grain measured best, and the low-rank router
+            # scores neurons anyway, so granularity costs no router capacity
+            e = o.experts or max(1, (inter - shared) // 2)
             size = (inter - shared) // e
             if size < 1:
                 raise PlanError(f"中间维 {inter} 去掉共享部分 {shared} 后不够分给 {e} 个专家")

@@ -47,7 +47,7 @@ class MoEOptions(Section):
     mode: Literal["split", "copy"] = _flag(
         "--moe-mode", "split（把 MLP 的神经元切成细粒度专家 + 共享专家）或 copy（每个专家是 MLP 的完整副本）",
         default="split")
-    experts: int | None = _flag("--moe-experts", "路由专家数（缺省：split 64，copy 8）", default=None, ge=1)
+    experts: int | None = _flag("--moe-experts", "路由专家数（缺省：split 每个专家 2 个神经元，copy 8）", default=None, ge=1)
     top_k: int | None = _flag("--moe-top-k", "每个 token 激活的路由专家数（缺省：copy 2，split 由 --moe-active 推出）",
                               default=None, ge=1)
     active: float = _flag("--moe-active", "split：每个 token 使用的 FFN 参数比例", default=0.5, gt=0.0, le=1.0)
@@ -58,7 +58,7 @@ class MoEOptions(Section):
     router: Literal["lowrank", "linear"] = _flag(
         "--moe-router", "split 的路由器：lowrank（读 gate 投影的低秩近似）或 linear（最小二乘线性，DeepSeek 格式）",
         default="lowrank")
-    router_rank: int = _flag("--moe-router-rank", "lowrank 路由器的秩", default=64, ge=1)
+    router_rank: int = _flag("--moe-router-rank", "lowrank 路由器的秩", default=128, ge=1)
     routing: Literal["sigmoid", "softmax"] = _flag(
         "--moe-routing", "打分：sigmoid（DeepSeek-V3，带只用于选择的偏置）或 softmax", default="sigmoid")
     n_group: int = _flag("--moe-groups", "sigmoid 路由的专家组数（组限制路由）", default=1, ge=1)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from patcher.locate import LayerMap, ModelMap, Projection
+from patcher.locate import LayerMap, ModelMap
 from patcher.modeling import LatentAttention
 
 from . import register

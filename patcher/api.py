@@ -108,8 +108,8 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         base_params = parameter_count(model)
         base_active = active_parameters(model, mm)
 
-    def needs(i):
-        return [w for conv in convs for w in conv.captures(mm.layers[i], recipe)]
+    def captures_of(subset):
+        return lambda i: [w for c in subset for w in c.captures(mm.layers[i], recipe)]
 
     with stages("plan"):
         analysing = [c for c in convs if c.needs_analysis(recipe)]
@@ -122,15 +122,14 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
                     analyses[conv.section][i] = conv.analyse(layer, mm.layers[i], stats, recipe)
                 progress.advance()
 
-            stream(model, layers, calib_ids, cal.batch_size, lambda i: [w for c in analysing
-                                                                        for w in c.captures(mm.layers[i], recipe)],
-                   analyse, progress.step)
+            stream(model, layers, calib_ids, cal.batch_size, captures_of(analysing), analyse, progress.step)
         probe = None
         if recipe.mla.enabled and recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None:
             progress.start("规划：逐层敏感度", len(layers))
             probe = SensitivityProbe(model, mm, calib_ids, recipe.mla.probe_tokens, ctx, progress)
         plans = {c.section: c.plan(mm, recipe, analyses[c.section], probe) for c in convs}
-        del analyses, probe
+        analyses.clear()  # spectra and covariances are not needed past planning
+        probe = None
 
     with stages("convert"):
         specs = {c.structure_key: {} for c in convs}
@@ -144,7 +143,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
                 infos[i].update(info)
             progress.advance()
 
-        stream(model, layers, calib_ids, cal.batch_size, needs, convert_layer, progress.step)
+        stream(model, layers, calib_ids, cal.batch_size, captures_of(convs), convert_layer, progress.step)
         patched = rebuild(model, mm, specs)
 
     with stages("verify"):

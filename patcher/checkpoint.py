@@ -83,9 +83,10 @@ def _offline() -> bool:
 
 
 def load(name: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
-    """加载来源，返回 (model, tokenizer, source)；模型为普通（非量化）transformers 模型，eval 模式。"""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """加载来源，返回 (model, tokenizer, source)；模型为普通（非量化）transformers 模型，eval 模式。
 
+    .bin 权重由 transformers 以 ``weights_only=True`` 读取；safetensors 优先。
+    """
     src = resolve(name)
     if src.kind == "gguf":
         folder = _dequantized_cache(src)
@@ -113,8 +114,6 @@ def _load_folder(folder: Path, trust_remote_code: bool, dtype, src: Source):
         if "trust_remote_code" in str(e):
             raise SourceError(f"{folder} 需要远程代码；确认可信后加 --trust-remote-code") from None
         raise SourceError(f"{folder}/config.json 无法解析：{e}") from None
-    if not list(folder.glob("*.safetensors")) and list(folder.glob("*.bin")):
-        pass  # .bin weights are read by transformers with weights_only=True
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code,
                                                      dtype=dtype or "auto")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 import typing
 from pathlib import Path
 from typing import Optional

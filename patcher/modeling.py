@@ -236,6 +236,14 @@ class MoEMLP(nn.Module):
     # Few tokens (decoding): gather the chosen experts' weights and run them as one batched product, instead of
     # a Python loop over experts whose per-call overhead dominates on CPU.
     GATHER_MAX_TOKENS = 32
+    LOOP_MIN_EXPERT_SIZE = 64
+
+    def _expert(self, x, e):
+        h = x @ self.experts_up[e].T
+        if self.experts_up_bias is not None:
+            h = h + self.experts_up_bias[e]
+        h = self.act(x @ self.experts_gate[e].T) * h if self.gated else self.act(h)
+        return h @ self.experts_down[e].T
 
     def _gathered(self, x, idx, w):
         h = torch.einsum("td,tkmd->tkm", x, self.experts_up[idx])
@@ -266,8 +274,13 @@ class MoEMLP(nn.Module):
         self.last_routing = idx.detach()
         if x.shape[0] <= self.GATHER_MAX_TOKENS:
             out = self._gathered(x, idx, w)
-        else:
+        elif self.experts_up.shape[1] < self.LOOP_MIN_EXPERT_SIZE:
             out = self._masked_dense(x, idx, w)
+        else:  # large experts (copy upcycling): run each chosen expert on its own tokens
+            out = torch.zeros_like(x)
+            for e in idx.unique().tolist():
+                rows, slot = (idx == e).nonzero(as_tuple=True)
+                out.index_add_(0, rows, self._expert(x[rows], e) * w[rows, slot, None])
         if self.shared_up is not None:
             h = self.shared_up(x)
             h = self.act(self.shared_gate(x)) * h if self.gated else self.act(h)

@@ -69,6 +69,8 @@ def test_gathered_and_looped_expert_paths_agree():
     for p in moe.parameters():
         torch.nn.init.normal_(p)
     x = torch.randn(40, 8)
-    looped = moe(x)  # 40 tokens: the per-expert loop
+    masked = moe(x)  # 40 tokens of small experts: the masked dense product
     gathered = torch.cat([moe(x[:20]), moe(x[20:])])  # 20 tokens each: the gathered path
-    torch.testing.assert_close(looped, gathered, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(masked, gathered, atol=1e-4, rtol=1e-4)
+    moe.LOOP_MIN_EXPERT_SIZE = 1  # force the per-expert loop
+    torch.testing.assert_close(moe(x), gathered, atol=1e-4, rtol=1e-4)

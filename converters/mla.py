@@ -57,6 +57,20 @@ def factorize(w: torch.Tensor, cov: torch.Tensor | None, init: str, g: torch.Ten
     return U, S, Vh, L
 
 
+def low_rank(w: torch.Tensor, cov: torch.Tensor | None, rank: int, init: str = "whitened",
+             g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-``rank`` factors (up, down) with W ≈ up·down, minimising the (G-weighted, input-whitened) error."""
+    U, S, Vh, L = factorize(w, cov, init, g)
+    root = S[:rank].sqrt()
+    up = U[:, :rank] * root
+    if g is not None:
+        up = torch.linalg.solve(g, up)
+    down = root[:, None] * Vh[:rank]
+    if L is not None:  # undo the whitening on the input side: down · L⁻¹
+        down = torch.linalg.solve_triangular(L, down, upper=False, left=False)
+    return up, down
+
+
 def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective: str) -> torch.Tensor | None:
     """Output-side weighting of the joint [W_k; W_v] rows for the SVD objective.
 
@@ -204,14 +218,7 @@ class MLAConverter:
         wo, bo = weight_of(layer, lm.o, rows=False)
         w = torch.cat([wk, wv])
         g = output_weights(layer, lm, cov, recipe.mla.objective)
-        U, S, Vh, L = factorize(w, cov, recipe.mla.init, g)
-        root = S[:rank].sqrt()
-        up = U[:, :rank] * root
-        if g is not None:
-            up = torch.linalg.solve(g, up)
-        down = root[:, None] * Vh[:rank]
-        if L is not None:  # undo the whitening on the input side: down · L⁻¹
-            down = torch.linalg.solve_triangular(L, down, upper=False, left=False)
+        up, down = low_rank(w, cov, rank, recipe.mla.init, g)
         errors = _relative_errors(w, up @ down, cov, wk.shape[0])
         attn = layer.get_submodule(lm.attention)
         spec = {

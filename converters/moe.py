@@ -21,7 +21,7 @@ from patcher.locate import LayerMap, LocateError, ModelMap
 from patcher.modeling import MoEMLP
 
 from . import register
-from .mla import PlanError, whitening
+from .mla import PlanError, low_rank
 from .weights import weight_of
 
 
@@ -227,13 +227,9 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, x, h, sizing, o, seed) -> dict:
             new.gate.weight.copy_(r.T)
         else:
             reader = (wg if wg is not None else wu)[order].double()  # the pre-activation that decides firing
-            L = whitening(cov)
-            U, S, Vh = torch.linalg.svd(reader @ L, full_matrices=False)
-            rank = new.router_down.weight.shape[0]
-            root = S[:rank].sqrt()
-            new.router_down.weight.copy_(torch.linalg.solve_triangular(L, root[:, None] * Vh[:rank], upper=False,
-                                                                       left=False))
-            new.router_up.weight.copy_(U[:, :rank] * root)
+            up, down = low_rank(reader, cov, new.router_down.weight.shape[0])
+            new.router_down.weight.copy_(down)
+            new.router_up.weight.copy_(up)
             if new.router_up.bias is not None:
                 new.router_up.bias.copy_(bu[order])
             up_mag = (x.float() @ wu[order].float().T).abs().mean(0) if wg is not None else torch.ones(len(order))

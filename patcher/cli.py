@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="dsopt：把稠密 LLM 检查点转换为 DeepSeek 风格（MLA 潜在注意力），并给出保真度报告。")
+                  help="dsopt：把稠密 LLM 检查点转换为 DeepSeek 风格（MLA 潜在注意力、MoE 混合专家），并给出保真度报告。")
 console = Console(stderr=True)
 
 

@@ -59,14 +59,6 @@ def compare(model: nn.Module, base: BaseEval) -> dict:
             "ppl_increase_pct": 100.0 * (ppl_p / ppl_b - 1.0), "kl_mean": kl / n, "top1_agreement": agree / n}
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor) -> float:
-    nll, n = 0.0, 0
-    for w in windows:
-        nll += float(-_logprobs(model, w).gather(1, w[1:, None]).sum())
-        n += w.numel() - 1
-    return math.exp(nll / n)
-
-
 def cache_bytes_per_token(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 8) -> dict:
     """Run a real greedy generate() and measure what its cache object holds, per token and layer summed."""
     with torch.no_grad():

@@ -262,15 +262,11 @@ def _norm_before(proj: Projection, layer_linears, rel, prefix0) -> str | None:
     for node, (module, _) in layer_linears.items():
         if rel(module) == proj.module:
             src = node.args[0] if node.target == aten.linear.default else node.args[1]
-            _, found = _walk_back(src, {n for n in _all_nodes(node) if n.target in NORM_OPS}, set())
+            _, found = _walk_back(src, {n for n in node.graph.nodes if n.target in NORM_OPS}, set())
             order = {n: i for i, n in enumerate(node.graph.nodes)}
             mods = [_module_of(n) for n in sorted(found, key=order.get) if _module_of(n).startswith(prefix0 + ".")]
             return rel(mods[-1]) if mods else None  # the nearest norm upstream
     return None
-
-
-def _all_nodes(node):
-    return node.graph.nodes
 
 
 def _locate_mlp(lm: LayerMap, mlp_linears: dict, projection, rel, prefix0) -> None:

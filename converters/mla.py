@@ -153,9 +153,10 @@ def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank
 
 @dataclass
 class Analysis:
-    """规划轮中一层的结果：白化（加权）谱；按敏感度分配时还留着协方差，用来构造探测用的截断层。"""
+    """规划轮中一层的结果：白化（加权）谱；按敏感度分配时还有实测的 KL 与探测所用的秩。"""
     spectrum: torch.Tensor
-    cov: torch.Tensor | None = None
+    kl: float | None = None
+    probe_rank: int | None = None
 
 
 class MLAConverter:
@@ -174,16 +175,24 @@ class MLAConverter:
     def needs_analysis(self, recipe) -> bool:
         return True
 
-    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe) -> Analysis:
-        """Planning pass: the (whitened, weighted) singular values of [W_k; W_v] of this layer."""
+    def needs_probe(self, recipe) -> bool:
+        return recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None
+
+    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
+        """Planning pass: the (whitened, weighted) singular values of [W_k; W_v] of this layer, and, for
+        sensitivity allocation, the KL the model pays when only this layer runs at the uniform rank."""
         w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
         cov = stats.get((lm.k.module, "cov"))
         g = output_weights(layer, lm, cov, recipe.mla.objective)
-        keep = cov.float() if recipe.mla.allocation == "sensitivity" else None
-        return Analysis(factorize(w, cov, recipe.mla.init, g)[1].float(), keep)
+        out = Analysis(factorize(w, cov, recipe.mla.init, g)[1].float())
+        if probe is not None and self.needs_probe(recipe):
+            out.probe_rank = max(recipe.mla.min_rank, min(len(out.spectrum), round(recipe.mla.kv_keep * kv_width(lm))))
+            module, _, _ = self.build(probe.config, layer, lm, cov, out.probe_rank, recipe, probe.rotary)
+            out.kl = probe(lm.index, lm.attention, module)
+        return out
 
-    def plan(self, mm: ModelMap, recipe, analyses: list[Analysis], probe=None) -> list[int]:
-        """Per-layer ranks. ``probe(i, module) -> KL`` measures the model with layer i's attention swapped."""
+    def plan(self, mm: ModelMap, recipe, analyses: list[Analysis]) -> list[int]:
+        """Per-layer ranks under the global KV budget."""
         opts = recipe.mla
         spectra = [a.spectrum for a in analyses]
         caps = [len(s) for s in spectra]  # min(K+V width, hidden size): the most rank a latent can use
@@ -196,17 +205,11 @@ class MLAConverter:
         budget = int(round(opts.kv_keep * sum(kv_width(lm) for lm in mm.layers)))
         if opts.allocation != "sensitivity":
             return allocate(spectra, budget, caps, opts.min_rank, opts.allocation)
-        if probe is None:
-            raise PlanError("sensitivity 分配需要引擎提供探测（probe）")
-        uniform = allocate(spectra, budget, caps, opts.min_rank, "uniform")
         weights = []
-        for i, (lm, a) in enumerate(zip(mm.layers, analyses)):
-            layer = probe.layer(i)
-            module, _, _ = self.build(probe.config, layer, lm, a.cov, uniform[i], recipe, probe.rotary)
-            kl = probe(i, module)
+        for a in analyses:  # cost of a layer's residual energy = measured KL per unit of residual at the probe rank
             e = a.spectrum.double() ** 2
-            residual = float(e[uniform[i]:].sum() / e.sum().clamp_min(1e-30))
-            weights.append(max(kl, 1e-12) / max(residual, 1e-12))
+            residual = float(e[a.probe_rank:].sum() / e.sum().clamp_min(1e-30))
+            weights.append(max(a.kl, 1e-12) / max(residual, 1e-12))
         return allocate(spectra, budget, caps, opts.min_rank, "energy", layer_weights=weights)
 
     def build(self, config, layer: nn.Module, lm: LayerMap, cov: torch.Tensor | None, rank: int, recipe,

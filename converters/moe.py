@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -34,26 +36,67 @@ def balanced_kmeans(features: torch.Tensor, clusters: int, size: int, seed: int,
     for _ in range(iters):
         sim = f.T @ centroids  # (n, clusters)
         order = sim.max(1).values.argsort(descending=True)
-        room = [size] * clusters
-        assign = [-1] * n
-        prefs = sim.argsort(1, descending=True)
+        room = torch.full((clusters,), size)
+        assign = torch.empty(n, dtype=torch.long)
         for j in order.tolist():  # most confident neurons choose first; full clusters are skipped
-            for c in prefs[j].tolist():
-                if room[c]:
-                    assign[j] = c
-                    room[c] -= 1
-                    break
-        groups = [[] for _ in range(clusters)]
-        for j, c in enumerate(assign):
-            groups[c].append(j)
-        centroids = torch.stack([f[:, grp].mean(1) for grp in groups], 1)
+            c = int(sim[j].masked_fill(room == 0, float("-inf")).argmax())
+            assign[j] = c
+            room[c] -= 1
+        centroids = torch.zeros(f.shape[0], clusters, dtype=f.dtype).index_add_(1, assign, f) / size
         centroids = centroids / centroids.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    groups = [[] for _ in range(clusters)]
+    for j, c in enumerate(assign.tolist()):
+        groups[c].append(j)
     return groups
+
+
+# Routed-neuron fractions a split layer may take under sensitivity allocation (besides staying dense).
+GRID = tuple(round(0.05 * i, 2) for i in range(2, 20))
+
+
+@dataclass
+class Analysis:
+    """规划轮中一层的结果：该层各候选激活比例下（神经元级路由）的相对输出误差，及均匀比例下实测的 KL。"""
+    ffn_params: int
+    options: dict  # neuron fraction -> {"sizing", "params" (active, router included), "error"}
+    probe_fraction: float | None = None
+    kl: float | None = None
+
+
+def _router_params(d: int, sizing: dict, o) -> int:
+    routed = sizing["experts"] * sizing["expert_size"]
+    if o.router == "linear":
+        return d * sizing["experts"]
+    r = min(o.router_rank, d, routed)
+    return d * r + routed * r + routed  # down, up, per-neuron scale
+
+
+def _neuron_params(lm: LayerMap, d: int) -> int:
+    return d * (3 if lm.gate is not None else 2)  # gate, up and down rows of one intermediate neuron
+
+
+def split_sizing(inter: int, frac: float, o) -> dict:
+    """Experts, top-k and shared size for a layer that should run ``frac`` of its neurons per token."""
+    sigma = o.shared if o.shared is not None else frac / 2
+    shared = int(round(sigma * inter))
+    # default: experts of two neurons — the finest grain measured best, and the low-rank router
+    # scores neurons anyway, so granularity costs no router capacity
+    e = o.experts or max(1, (inter - shared) // 2)
+    size = (inter - shared) // e
+    if size < 1:
+        raise PlanError(f"中间维 {inter} 去掉共享部分 {shared} 后不够分给 {e} 个专家")
+    shared = inter - size * e
+    k = o.top_k or int(round((frac * inter - shared) / size))
+    if not 1 <= k <= e:
+        raise PlanError(f"--moe-active {o.active} 与共享比例 {sigma:.3f} 不相容：该层应激活 {frac:.3f} 的神经元，"
+                        f"推出的 top-k={k}（须在 1 与 {e} 之间）")
+    return {"experts": e, "top_k": k, "expert_size": size, "shared_size": shared}
 
 
 class MoEConverter:
     section = "moe"
     structure_key = "mlp"
+    SPREAD = 0.2  # how far below the uniform fraction sensitivity allocation may take a layer
 
     def enabled(self, recipe) -> bool:
         return recipe.moe.enabled
@@ -70,45 +113,129 @@ class MoEConverter:
         return [(lm.up.module, "inputs"), (lm.down.module, "inputs")]
 
     def needs_analysis(self, recipe) -> bool:
-        return False
+        return recipe.moe.mode == "split" and recipe.moe.allocation == "sensitivity"
 
-    def plan(self, mm: ModelMap, recipe, analyses, probe=None) -> list[dict]:
+    def needs_probe(self, recipe) -> bool:
+        return self.needs_analysis(recipe)
+
+    def uniform(self, lm: LayerMap, d: int, o) -> dict:
+        """The split of a layer that, router included, uses ``--moe-active`` of its FFN parameters."""
+        inter = len(lm.up.flat_rows)
+        frac, router = o.active, 0.0
+        for _ in range(3):  # the router's size depends (weakly) on the split: settle it by fixed point
+            try:
+                sizing = split_sizing(inter, frac, o)
+            except PlanError as err:
+                if not router:
+                    raise
+                raise PlanError(f"{err}；路由器本身占该层 FFN 参数的 {router:.3f}"
+                                f"（减小 --moe-router-rank 或增大 --moe-active）") from None
+            router = _router_params(d, sizing, o) / (inter * _neuron_params(lm, d))
+            frac = o.active - router
+        return sizing
+
+    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
+        """Planning pass: this layer's output error at each candidate fraction, and the KL the whole model pays
+        when only this layer is split uniformly (the layer's sensitivity)."""
+        o = recipe.moe
+        mlp = layer.get_submodule(lm.mlp)
+        wu, _ = weight_of(layer, lm.up)
+        wd, _ = weight_of(layer, lm.down, rows=False)
+        inter, d = wu.shape[0], wu.shape[1]
+        ffn = sum(p.numel() for p in mlp.parameters())
+        per_neuron = _neuron_params(lm, d)
+        ls = LayerStats.of(lm, stats)
+        wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
+        reader = Reader.fit(ls, *weight_of(layer, lm.up), wg, wd, mlp.get_submodule(lm.act_module),
+                            min(o.router_rank, d))
+        uniform = self.uniform(lm, d, o)
+        fracs = {f: None for f in GRID}
+        fracs[(uniform["shared_size"] + uniform["top_k"] * uniform["expert_size"]) / inter] = uniform
+        options = {}
+        for f, sizing in fracs.items():
+            try:
+                sizing = sizing or split_sizing(inter, f, o)
+            except PlanError:
+                continue
+            n_active = sizing["shared_size"] + sizing["top_k"] * sizing["expert_size"]
+            options[f] = {"sizing": sizing, "params": n_active * per_neuron + _router_params(d, sizing, o),
+                          "error": ls.masked_error(sizing, reader, wd)}
+        out = Analysis(ffn, options)
+        if probe is not None:
+            out.probe_fraction = next(f for f, s in fracs.items() if s is uniform)
+            # the probe measures the layer, not the partition: a random one is as telling and much quicker
+            module, _, _ = self.build(probe.config, layer, lm, ls, uniform, recipe, partition="random")
+            out.kl = probe(lm.index, lm.mlp, module)
+        return out
+
+    def plan(self, mm: ModelMap, recipe, analyses) -> list[dict]:
+        """Per-layer sizing. Sensitivity: each layer's cost = measured KL per unit of output error at the uniform
+        split × its error at a candidate split; pick per layer (dense included) to minimise the total cost
+        within the parameter budget (Lagrangian search over the price of a parameter)."""
         o = recipe.moe
         out = []
         for lm in mm.layers:
-            inter = len(lm.up.flat_rows)
+            inter, d = len(lm.up.flat_rows), mm.hidden_size
             if o.mode == "copy":
                 e, k = o.experts or 8, o.top_k or 2
                 if k > e:
                     raise PlanError(f"--moe-top-k {k} 大于专家数 {e}")
                 out.append({"experts": e, "top_k": k, "expert_size": inter, "shared_size": 0})
-                continue
-            sigma = o.shared if o.shared is not None else o.active / 2
-            shared = int(round(sigma * inter))
-            # default: experts of two neurons — the finest grain measured best, and the low-rank router
-            # scores neurons anyway, so granularity costs no router capacity
-            e = o.experts or max(1, (inter - shared) // 2)
-            size = (inter - shared) // e
-            if size < 1:
-                raise PlanError(f"中间维 {inter} 去掉共享部分 {shared} 后不够分给 {e} 个专家")
-            shared = inter - size * e
-            k = o.top_k or int(round((o.active * inter - shared) / size))
-            if not 1 <= k <= e:
-                raise PlanError(f"--moe-active {o.active} 与共享比例 {sigma:.3f} 不相容：推出的 top-k={k}"
-                                f"（须在 1 与 {e} 之间）")
-            out.append({"experts": e, "top_k": k, "expert_size": size, "shared_size": shared})
-        return out
+            else:
+                out.append(self.uniform(lm, d, o))  # also validates the recipe before any allocation
+        if o.mode == "copy" or o.allocation == "uniform":
+            return out
+        costs = []
+        for a in analyses:
+            weight = max(a.kl, 1e-12) / max(a.options[a.probe_fraction]["error"], 1e-12)
+            # "KL ∝ output error" holds near the measured point only: a layer may move at most SPREAD below the
+            # uniform fraction (error compounds through the later layers far from it), or become dense
+            floor = a.probe_fraction - self.SPREAD
+            opts = [({"dense": True}, a.ffn_params, 0.0)]
+            opts += [(v["sizing"], v["params"], weight * v["error"]) for f, v in a.options.items() if f >= floor]
+            costs.append(sorted(opts, key=lambda t: t[1]))
+        budget = o.active * sum(a.ffn_params for a in analyses)
+
+        def pick(price):
+            return [min(opts, key=lambda t: t[2] + price * t[1]) for opts in costs]
+
+        lo, hi = 0.0, 1.0
+        while sum(t[1] for t in pick(hi)) > budget and hi < 1e12:
+            hi *= 4
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if sum(t[1] for t in pick(mid)) <= budget else (mid, hi)
+        chosen = pick(hi)
+        # the Lagrangian solution can leave budget unspent (options are discrete): spend it on the upgrades
+        # that remove the most cost per parameter
+        while True:
+            left = budget - sum(t[1] for t in chosen)
+            moves = [((c[2] - u[2]) / (u[1] - c[1]), i, u) for i, (c, opts) in enumerate(zip(chosen, costs))
+                     for u in opts if c[1] < u[1] <= c[1] + left and u[2] < c[2]]
+            if not moves:
+                return [t[0] for t in chosen]
+            _, i, u = max(moves, key=lambda m: m[0])
+            chosen[i] = u
 
     def summary(self, mm: ModelMap, recipe, plans: list[dict]) -> dict:
-        o, p = recipe.moe, plans[0]
-        inter = p["shared_size"] + (p["expert_size"] * p["experts"] if o.mode == "split" else p["expert_size"])
-        frac = (p["shared_size"] + p["top_k"] * p["expert_size"]) / inter if o.mode == "split" else None
-        return {"mode": o.mode, "routing": o.routing, "router": o.router if o.mode == "split" else "linear",
-                "partition": o.partition if o.mode == "split" else None, **p,
-                "active_ffn_fraction_nominal": frac}
-
-    def convert(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, sizing: dict, recipe):
         o = recipe.moe
+        layers = []
+        for lm, p in zip(mm.layers, plans):
+            if p.get("dense"):
+                layers.append({"layer": lm.index, "dense": True, "active_ffn_fraction_nominal": 1.0})
+                continue
+            inter = p["shared_size"] + (p["expert_size"] * p["experts"] if o.mode == "split" else p["expert_size"])
+            frac = (p["shared_size"] + p["top_k"] * p["expert_size"]) / inter if o.mode == "split" else None
+            layers.append({"layer": lm.index, **p, "active_ffn_fraction_nominal": frac})
+        return {"mode": o.mode, "routing": o.routing, "router": o.router if o.mode == "split" else "linear",
+                "partition": o.partition if o.mode == "split" else None,
+                "allocation": o.allocation if o.mode == "split" else None,
+                "dense_layers": [l["layer"] for l in layers if l.get("dense")], "layers": layers}
+
+    def build(self, config, layer: nn.Module, lm: LayerMap, ls: "LayerStats | None", sizing: dict, recipe,
+              partition: str | None = None):
+        """The MoE MLP of one layer at ``sizing``: (module, structure record, router statistics)."""
+        o = recipe.moe if partition is None else recipe.moe.model_copy(update={"partition": partition})
         mlp = layer.get_submodule(lm.mlp)
         wu, bu = weight_of(layer, lm.up)
         wg, bg = weight_of(layer, lm.gate) if lm.gate is not None else (None, None)
@@ -122,18 +249,24 @@ class MoEConverter:
         seed = recipe.calibration.seed * 1000 + lm.index
         if o.mode == "copy":
             spec.update(router="linear", weights="prob")
-            new = MoEMLP(spec, ctx.config, mlp.get_submodule(lm.act_module))
+            new = MoEMLP(spec, config, mlp.get_submodule(lm.act_module))
             _fill_copy(new, wu, bu, wg, wd, bd, o.noise, seed)
             info = {}
         else:
             spec.update(router=o.router, weights="one",
                         router_rank=min(o.router_rank, wu.shape[1], sizing["experts"] * sizing["expert_size"]),
                         router_bias=(wg is None and bu is not None))
-            new = MoEMLP(spec, ctx.config, mlp.get_submodule(lm.act_module))
-            x = stats[(lm.up.module, "inputs")]
-            h = stats[(lm.down.module, "inputs")]
-            info = _fill_split(new, wu, bu, wg, wd, bd, x, h, sizing, o, seed)
+            new = MoEMLP(spec, config, mlp.get_submodule(lm.act_module))
+            info = _fill_split(new, wu, bu, wg, wd, bd, ls, sizing, o, seed)
         new.to(device=wu.device, dtype=wu.dtype)
+        return new, spec, info
+
+    def convert(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, sizing: dict, recipe):
+        """Replace layer ``lm.index``'s MLP in place (unless the plan keeps it dense)."""
+        if sizing.get("dense"):
+            return None, {"moe_dense": True}
+        ls = LayerStats.of(lm, stats) if recipe.moe.mode == "split" else None
+        new, spec, info = self.build(ctx.config, layer, lm, ls, sizing, recipe)
         layer.set_submodule(lm.mlp, new)
         return spec, {f"moe_{k}": v for k, v in info.items()}
 
@@ -186,11 +319,67 @@ def _fill_copy(new: MoEMLP, wu, bu, wg, wd, bd, noise: float, seed: int) -> None
         new.gate.weight.copy_(torch.randn(new.gate.weight.shape, generator=g) * 0.02)
 
 
-def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, x, h, sizing, o, seed) -> dict:
+@dataclass
+class LayerStats:
+    """Calibration rows of one MLP: its input ``x`` and the activations ``h`` that enter the down projection."""
+    x: torch.Tensor
+    h: torch.Tensor
+
+    @classmethod
+    def of(cls, lm: LayerMap, stats: dict) -> "LayerStats":
+        return cls(stats[(lm.up.module, "inputs")].float(), stats[(lm.down.module, "inputs")].float())
+
+    @cached_property
+    def cov(self) -> torch.Tensor:
+        return (self.x.double().T @ self.x.double()) / self.x.shape[0]
+
+    def importance(self, wd: torch.Tensor) -> torch.Tensor:
+        """Each neuron's mean output energy on the calibration text: E[h_j²]·‖W_down[:, j]‖²."""
+        return (self.h ** 2).mean(0) * wd.float().norm(dim=0) ** 2
+
+    def masked_error(self, sizing: dict, reader: "Reader", wd: torch.Tensor, rows: int = 4096) -> float:
+        """Relative output error of the layer when each token keeps the shared neurons plus the routed neurons
+        the low-rank reader scores highest (neuron-level, so it ignores how neurons are grouped into experts)."""
+        x, h = self.x[:rows], self.h[:rows]
+        s = sizing["shared_size"]
+        score = reader.scores(x)
+        shared = self.importance(wd).argsort(descending=True)[:s]
+        score[:, shared] = float("inf")
+        keep = torch.zeros_like(h).scatter_(1, score.topk(s + sizing["top_k"] * sizing["expert_size"], dim=1)[1], 1.0)
+        full = h @ wd.float().T
+        return float(((h * (1 - keep)) @ wd.float().T).pow(2).sum() / full.pow(2).sum().clamp_min(1e-30))
+
+
+@dataclass
+class Reader:
+    """Low-rank router reading the MLP's own pre-activation: score_j = |act(x·Dᵀ·Uᵀ + b)_j|·scale_j."""
+    down: torch.Tensor
+    up: torch.Tensor
+    bias: torch.Tensor | None
+    scale: torch.Tensor
+    act: nn.Module
+
+    @classmethod
+    def fit(cls, ls: LayerStats, wu, bu, wg, wd, act: nn.Module, rank: int, rows=None) -> "Reader":
+        rows = slice(None) if rows is None else rows
+        reader = (wg if wg is not None else wu)[rows].double()  # the pre-activation that decides firing
+        up, down = low_rank(reader, ls.cov, rank)
+        col = wd.float().norm(dim=0)[rows]  # ‖W_down[:, j]‖: how much neuron j can move the output
+        up_mag = (ls.x @ wu[rows].float().T).abs().mean(0) if wg is not None else torch.ones_like(col)
+        bias = bu[rows].float() if wg is None and bu is not None else None
+        return cls(down.float(), up.float(), bias, col * up_mag, act)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = (x @ self.down.T) @ self.up.T
+            return self.act(z if self.bias is None else z + self.bias).abs() * self.scale
+
+
+def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed) -> dict:
     e, m, s = sizing["experts"], sizing["expert_size"], sizing["shared_size"]
-    col = wd.float().norm(dim=0)                      # ‖W_down[:, j]‖: how much neuron j can move the output
-    importance = (h.float() ** 2).mean(0) * col ** 2  # its mean output energy on the calibration text
-    shared = importance.argsort(descending=True)[:s]
+    x, h = ls.x, ls.h
+    col = wd.float().norm(dim=0)
+    shared = ls.importance(wd).argsort(descending=True)[:s]
     mask = torch.ones(len(col), dtype=torch.bool)
     mask[shared] = False
     rest = mask.nonzero()[:, 0]
@@ -219,21 +408,19 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, x, h, sizing, o, seed) -> dict:
             new.down_bias.copy_(bd)
         # each expert's true output energy on the calibration tokens: what the router should rank by
         target = torch.stack([(h[:, grp].float() @ wd[:, grp].float().T).norm(dim=1) for grp in groups], 1)
-        cov = (x.double().T @ x.double()) / x.shape[0]
         if o.router == "linear":
+            cov = ls.cov
             ridge = 1e-3 * cov.diagonal().mean()
             r = torch.linalg.solve(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype),
                                    x.double().T @ target.double() / x.shape[0])
             new.gate.weight.copy_(r.T)
         else:
-            reader = (wg if wg is not None else wu)[order].double()  # the pre-activation that decides firing
-            up, down = low_rank(reader, cov, new.router_down.weight.shape[0])
-            new.router_down.weight.copy_(down)
-            new.router_up.weight.copy_(up)
+            rd = Reader.fit(ls, wu, bu, wg, wd, new.act, new.router_down.weight.shape[0], order)
+            new.router_down.weight.copy_(rd.down)
+            new.router_up.weight.copy_(rd.up)
             if new.router_up.bias is not None:
-                new.router_up.bias.copy_(bu[order])
-            up_mag = (x.float() @ wu[order].float().T).abs().mean(0) if wg is not None else torch.ones(len(order))
-            new.router_scale.copy_(col[order] * up_mag)
+                new.router_up.bias.copy_(rd.bias)
+            new.router_scale.copy_(rd.scale)
         chosen = _choose(new, x)
         hit = torch.zeros_like(target, dtype=torch.bool).scatter_(1, chosen, True)
         oracle = target.topk(new.top_k, dim=1)[1]

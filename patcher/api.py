@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +17,14 @@ import torch
 from torch import nn
 
 import converters
+from converters import mtp as mtp_converter
 
 from . import __version__, checkpoint, modeling
 from .calibrate import DataError, digest, read_text, stream, token_windows
 from .fidelity import cache_bytes_per_token, compare, evaluate_base, parameter_count, write_report
 from .locate import ModelMap, locate
+from . import mtp_train
+from .mtp_train import expected_tokens_per_step, mtp_acceptance, train_mtp
 from .recipe import Recipe, RecipeError, parse_recipe
 
 
@@ -44,7 +48,10 @@ class Stages:
 
 
 class _NullProgress:
-    def start(self, name: str, total: int):
+    def start(self, name: str, total: int, completed: int = 0):
+        pass
+
+    def update(self, step: int, loss: float, accuracy: list[float]):
         pass
 
     def step(self, layer: int, what: str):
@@ -78,7 +85,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
     """
     recipe = _as_recipe(recipe)
     if not recipe.techniques():
-        raise RecipeError("配方没有启用任何技术：至少给出 --mla 或 --moe（或在配方中启用一节）")
+        raise RecipeError("配方没有启用任何技术：至少给出 --mla、--moe 或 --mtp（或在配方中启用一节）")
     progress = progress or _NullProgress()
     stages = Stages()
     t_start = time.perf_counter()
@@ -112,6 +119,9 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         return lambda i: [w for c in subset for w in c.captures(mm.layers[i], recipe)]
 
     with stages("plan"):
+        probe = None
+        if any(c.needs_probe(recipe) for c in convs):
+            probe = SensitivityProbe(model, mm, calib_ids, cal.probe_tokens, ctx, progress)
         analysing = [c for c in convs if c.needs_analysis(recipe)]
         analyses = {c.section: [None] * len(layers) for c in convs}
         if analysing:
@@ -119,37 +129,44 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
 
             def analyse(i, layer, stats):
                 for conv in analysing:
-                    analyses[conv.section][i] = conv.analyse(layer, mm.layers[i], stats, recipe)
+                    analyses[conv.section][i] = conv.analyse(layer, mm.layers[i], stats, recipe, probe)
                 progress.advance()
 
             stream(model, layers, calib_ids, cal.batch_size, captures_of(analysing), analyse, progress.step)
-        probe = None
-        if recipe.mla.enabled and recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None:
-            progress.start("规划：逐层敏感度", len(layers))
-            probe = SensitivityProbe(model, mm, calib_ids, recipe.mla.probe_tokens, ctx, progress)
-        plans = {c.section: c.plan(mm, recipe, analyses[c.section], probe) for c in convs}
-        analyses.clear()  # spectra and covariances are not needed past planning
+        plans = {c.section: c.plan(mm, recipe, analyses[c.section]) for c in convs}
+        analyses.clear()  # spectra are not needed past planning
         probe = None
 
     with stages("convert"):
         specs = {c.structure_key: {} for c in convs}
         infos = [{"layer": i} for i in range(len(layers))]
-        progress.start("转换：" + "+".join(c.section.upper() for c in convs), len(layers))
+        if convs:
+            progress.start("转换：" + "+".join(c.section.upper() for c in convs), len(layers))
 
         def convert_layer(i, layer, stats):
             for conv in convs:
                 spec, info = conv.convert(ctx, layer, mm.layers[i], stats, plans[conv.section][i], recipe)
-                specs[conv.structure_key][i] = spec
+                if spec is not None:  # None: the plan keeps this layer's module as it is
+                    specs[conv.structure_key][i] = spec
                 infos[i].update(info)
             progress.advance()
 
-        stream(model, layers, calib_ids, cal.batch_size, captures_of(convs), convert_layer, progress.step)
+        if convs:
+            stream(model, layers, calib_ids, cal.batch_size, captures_of(convs), convert_layer, progress.step)
         patched = rebuild(model, mm, specs)
+        mtp_record = mtp_converter.attach(patched, mm, recipe.mtp, calib_ids) if recipe.mtp.enabled else None
+
+    mtp_training = None
+    if recipe.mtp.enabled and recipe.mtp.train_tokens:
+        with stages("train_mtp"):
+            mtp_training = train_mtp(patched, mtp_windows(tokenizer, recipe), recipe.mtp, None, progress=progress)
 
     with stages("verify"):
         fidelity = compare(patched, base_eval) if base_eval is not None else None
         patched_kv = cache_bytes_per_token(patched, prompt)
         extra = {c.section: c.verify(patched, mm, eval_ids, infos) for c in convs if hasattr(c, "verify")}
+        if mtp_record is not None:
+            extra["mtp"] = {**mtp_record, "training": mtp_training, **measure_mtp(patched, eval_ids)}
 
     report = {
         "dsopt_version": __version__,
@@ -205,8 +222,64 @@ def active_parameters(model: nn.Module, mm: ModelMap) -> dict:
             "active_ffn_fraction": ffn_active / max(ffn_total, 1)}
 
 
+def train_mtp_checkpoint(out: str | Path, opts, resume: bool = False, progress=None) -> dict:
+    """训练输出目录 ``out`` 中模型的 MTP 模块（基座冻结），把权重与报告原子地写回 ``out``；返回 MTP 报告。
+
+    可续训的状态在 ``out/mtp-train/``；``resume`` 从那里接着训。
+    """
+    from .fidelity import read_report
+
+    out = Path(out)
+    model, tokenizer, _ = checkpoint.load(str(out))
+    if getattr(model, "mtp", None) is None:
+        raise RecipeError(f"{out} 没有 MTP 模块：先用 dsopt convert ... --mtp N 追加")
+    report = read_report(out)
+    recipe = parse_recipe(report["recipe"])
+    recipe = recipe.model_copy(update={"mtp": opts})
+    windows = mtp_windows(tokenizer, recipe)
+    eval_ids = token_windows(tokenizer, read_text(recipe.eval.data, "evaluation"), recipe.eval.tokens,
+                             recipe.eval.seq_len, None)
+    training = train_mtp(model, windows, opts, out / mtp_train.STATE_DIR, resume, progress or _NullProgress())
+    report["mtp"] = {**(report.get("mtp") or {}), "training": training, **measure_mtp(model, eval_ids)}
+    report["recipe"]["mtp"] = opts.model_dump(mode="json")
+    with checkpoint.atomic_dir(out, overwrite=True) as tmp:
+        checkpoint.write_checkpoint(model, tokenizer, tmp, recipe.output.max_shard_size)
+        for item in out.iterdir():  # everything else the folder held: recipe, model card, training state, report
+            if not (tmp / item.name).exists():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        write_report(tmp, report)
+    return report["mtp"]
+
+
+def mtp_windows(tokenizer, recipe: Recipe) -> torch.Tensor:
+    """MTP training windows: ``--mtp-data`` (default: the calibration text), ``--mtp-train-tokens`` of them."""
+    o = recipe.mtp
+    text = read_text(o.data or recipe.calibration.data, "calibration")
+    return token_windows(tokenizer, text, o.train_tokens, o.seq_len, recipe.calibration.seed)
+
+
+def measure_mtp(model: nn.Module, eval_ids: torch.Tensor, new_tokens: int = 48) -> dict:
+    """Per-head acceptance on held-out text, and one greedy generation with and without MTP, timed side by side."""
+    acceptance = mtp_acceptance(model, eval_ids[:2])
+    prompt = eval_ids[:1, :64]
+    with torch.no_grad():
+        t = time.perf_counter()
+        plain = model.generate(prompt, use_mtp=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False)
+        plain_s = time.perf_counter() - t
+        spec = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+    stats = model.last_mtp_stats
+    n = min(plain.shape[1], spec.shape[1])
+    return {"head_acceptance_teacher_forced": acceptance,
+            "expected_tokens_per_step": expected_tokens_per_step(acceptance),
+            "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"],
+            "tokens_per_s_mtp": stats["tokens_per_s"], "tokens_per_s_plain": (plain.shape[1] - 64) / plain_s,
+            "greedy_identical": bool((plain[:, :n] == spec[:, :n]).all()),
+            "measured_with": f"eval prompt of 64 tokens, {new_tokens} new tokens, greedy, batch 1"}
+
+
 class SensitivityProbe:
-    """Measures what one layer's change costs the whole model: KL(base‖model with only layer i swapped).
+    """Measures what one layer's change costs the whole model: KL(base‖model with one module of layer i swapped).
 
     Runs on the first calibration windows (never the evaluation text), against base log-probs taken once.
     """
@@ -221,17 +294,16 @@ class SensitivityProbe:
     def layer(self, i: int) -> nn.Module:
         return self.model.get_submodule(self.mm.layers[i].prefix)
 
-    def __call__(self, i: int, module: nn.Module) -> float:
-        lm = self.mm.layers[i]
+    def __call__(self, i: int, path: str, module: nn.Module) -> float:
+        """KL with ``path`` (relative to layer i, e.g. its attention or MLP) replaced by ``module``."""
         self.progress.step(i, "探测敏感度")
         layer = self.layer(i)
-        old = layer.get_submodule(lm.attention)
-        layer.set_submodule(lm.attention, module)
+        old = layer.get_submodule(path)
+        layer.set_submodule(path, module)
         try:
             return compare(self.model, self.base)["kl_mean"]
         finally:
-            layer.set_submodule(lm.attention, old)
-            self.progress.advance()
+            layer.set_submodule(path, old)
 
 
 def structure_plan(mm: ModelMap, specs: dict) -> dict:

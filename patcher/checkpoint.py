@@ -211,6 +211,7 @@ def write_checkpoint(model: nn.Module, tokenizer, tmp: Path, max_shard_size: str
                        "AutoModelForCausalLM": f"{stem}.{type(model).__name__}"}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
+    shutil.copyfile(Path(modeling.__file__).with_name("mtp.py"), tmp / "mtp.py")  # imported by the modeling file
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
 

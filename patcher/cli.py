@@ -19,7 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="dsopt：把稠密 LLM 检查点转换为 DeepSeek 风格（MLA 潜在注意力、MoE 混合专家），并给出保真度报告。")
+                  help="dsopt：把稠密 LLM 检查点转换为 DeepSeek 风格（MLA 潜在注意力、MoE 混合专家、MTP 多 token 预测），"
+                       "并给出保真度报告。")
 console = Console(stderr=True)
 
 
@@ -31,11 +32,15 @@ class RichProgress:
         self.task = None
         self.name = ""
 
-    def start(self, name: str, total: int):
+    def start(self, name: str, total: int, completed: int = 0):
         if self.task is not None:
             self.progress.update(self.task, visible=False)
         self.name = name
-        self.task = self.progress.add_task(name, total=total)
+        self.task = self.progress.add_task(name, total=total, completed=completed)
+
+    def update(self, step: int, loss: float, accuracy: list[float]):
+        heads = " ".join(f"头{k + 1} {100 * a:.0f}%" for k, a in enumerate(accuracy))
+        self.progress.update(self.task, completed=step, description=f"{self.name} · 损失 {loss:.3f} · 准确率 {heads}")
 
     def step(self, layer: int, what: str):
         self.progress.update(self.task, description=f"{self.name} · 第 {layer} 层：{what}")
@@ -74,9 +79,8 @@ def _convert_impl(source: str, out: Optional[Path], recipe: Optional[str], **fla
     from converters.mla import PlanError
 
     out = out or Path(f"{Path(source).name}-dsopt")
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*_columns(), console=console, transient=False) as progress:
             report = api.convert(source, rec, out, progress=RichProgress(progress))
     except (RecipeError, DataError, OutputError, SourceError, LocateError, PlanError) as e:
         _fail(str(e))
@@ -128,6 +132,120 @@ def _print_summary(report: dict, out: Path):
     r = report["resources"]
     table.add_row("转换耗时 / 峰值内存", f"{r['conversion_seconds']:.1f} s / {r['peak_rss_mib']:.0f} MiB")
     Console().print(table)
+
+
+def _columns():
+    return [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+
+
+def _mtp_train_command():
+    from .recipe import MTPOptions
+
+    skip = {"heads", "init_layer", "train_tokens", "data"}  # fixed by the checkpoint, or named --data/--tokens here
+    params = [
+        inspect.Parameter("out", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                          default=typer.Argument(..., help="带 MTP 模块的 dsopt 输出目录")),
+        inspect.Parameter("data", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                          default=typer.Option(None, "--data", help="训练文本（.txt/.jsonl）；缺省用转换时的校准文本")),
+        inspect.Parameter("tokens", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                          default=typer.Option(65536, "--tokens", help="训练 token 数（决定步数）")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--resume", help="从 OUT/mtp-train/ 中保存的状态接着训练")),
+    ]
+    for name, field in MTPOptions.model_fields.items():
+        if name in skip:
+            continue
+        params.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[_option_type(field.annotation)],
+            default=typer.Option(None, field.json_schema_extra["flag"], help=f"{field.description}（缺省 {field.default}）",
+                                 show_default=False)))
+
+    def train_mtp(**kw):
+        from pydantic import ValidationError
+
+        from . import api
+        from .checkpoint import OutputError, SourceError
+        from .fidelity import read_report
+
+        out = kw.pop("out")
+        try:
+            current = read_report(out)["recipe"].get("mtp") or {}
+            opts = MTPOptions(**{**current, **{k: v for k, v in kw.items() if v is not None and k not in
+                                               ("tokens", "resume")}, "train_tokens": kw["tokens"]})
+        except (FileNotFoundError, ValidationError) as e:
+            _fail(str(e))
+        try:
+            with Progress(*_columns(), console=console, transient=False) as progress:
+                rep = api.train_mtp_checkpoint(out, opts, kw["resume"], RichProgress(progress))
+        except (FileNotFoundError, SourceError, OutputError, ValueError) as e:
+            _fail(str(e))
+        table = Table(title=f"MTP 训练完成 → {out}")
+        table.add_column("指标")
+        table.add_column("值", justify="right")
+        t = rep["training"]
+        table.add_row("步数 / token / 耗时", f"{t['steps']} / {t['tokens']} / {t['seconds']:.0f} s")
+        table.add_row("逐头接受率（留出文本）", " ".join(f"{100 * a:.1f}%" for a in rep["head_acceptance_teacher_forced"]))
+        table.add_row("每步接受 token（实测生成）", f"{rep['accepted_per_step']:.2f}")
+        table.add_row("tokens/s：MTP / 普通", f"{rep['tokens_per_s_mtp']:.1f} / {rep['tokens_per_s_plain']:.1f}")
+        Console().print(table)
+
+    train_mtp.__signature__ = inspect.Signature(params)
+    train_mtp.__doc__ = "训练 MTP 模块（基座冻结，自蒸馏或文本目标），可 --resume；权重与报告写回 OUT。"
+    return train_mtp
+
+
+app.command("train-mtp")(_mtp_train_command())
+
+
+@app.command("generate")
+def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或任何本地检查点）"),
+                 prompt: str = typer.Option(..., "--prompt", help="提示文本"),
+                 max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="最多生成的 token 数"),
+                 no_mtp: bool = typer.Option(False, "--no-mtp", help="不用 MTP 投机解码（普通 generate）"),
+                 temperature: float = typer.Option(0.0, "--temperature", help="0 为贪心；>0 为（投机）采样"),
+                 chat: bool = typer.Option(False, "--chat", help="按分词器的对话模板包装提示"),
+                 as_json: bool = typer.Option(False, "--json", help="只输出一行 JSON（text、tokens_per_s、accepted_per_step…）")):
+    """用转换后的检查点生成文本；有 MTP 模块时缺省走无损投机解码。"""
+    import time
+
+    import torch
+
+    from .checkpoint import SourceError, load
+
+    try:
+        model, tok, _ = load(str(out))
+    except SourceError as e:
+        _fail(str(e))
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    use_mtp = getattr(model, "mtp", None) is not None and not no_mtp
+    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    t = time.perf_counter()
+    with torch.no_grad():
+        if use_mtp:
+            new = model.generate(ids, use_mtp=True, **kwargs)
+        else:
+            new = model.generate(ids, **({"use_mtp": False} if hasattr(model, "last_mtp_stats") else {}), **kwargs,
+                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    seconds = time.perf_counter() - t
+    text = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
+    n = new.shape[1] - ids.shape[1]
+    stats = model.last_mtp_stats if use_mtp else None
+    row = {"text": text, "new_tokens": n, "seconds": seconds,
+           "tokens_per_s": stats["tokens_per_s"] if stats else n / seconds,
+           "accepted_per_step": stats["accepted_per_step"] if stats else 1.0, "mtp": use_mtp,
+           "head_acceptance": stats["head_acceptance"] if stats else None}
+    if as_json:
+        print(json.dumps(row, ensure_ascii=False))
+    else:
+        print(text)
+        console.print(f"[dim]{n} 个 token，{row['tokens_per_s']:.1f} tokens/s，每步接受 {row['accepted_per_step']:.2f}"
+                      f"{'（MTP 投机解码）' if use_mtp else ''}[/]")
 
 
 @app.command("inspect")

@@ -161,6 +161,19 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         lines += ["", "## MoE 负载（留出文本上每个专家的 token 数）", "", "| 层 | 最大/平均 | 归一化熵 |",
                   "|---|---|---|"]
         lines += [f"| {b['layer']} | {b['max_over_mean']:.2f} | {b['entropy']:.3f} |" for b in balance]
+    mtp = report.get("mtp") or {}
+    if mtp.get("head_acceptance_teacher_forced") is not None:
+        t = mtp.get("training") or {}
+        lines += ["", f"## MTP（{mtp['heads']} 个模块，块从第 {mtp['source_layer']} 层初始化）", "",
+                  "| 头 | 接受率（留出文本，逐位置） | 接受率（实测生成，每步） |", "|---|---|---|"]
+        lines += [f"| {k + 1} | {100 * a:.1f} % | {100 * b:.1f} % |" for k, (a, b) in
+                  enumerate(zip(mtp["head_acceptance_teacher_forced"], mtp["head_acceptance"]))]
+        lines += ["", f"每个验证步平均产出 {mtp['accepted_per_step']:.2f} 个 token（由逐头接受率推算 "
+                      f"{mtp['expected_tokens_per_step']:.2f}）；tokens/s：MTP {mtp['tokens_per_s_mtp']:.1f}，普通 "
+                      f"{mtp['tokens_per_s_plain']:.1f}；贪心输出与普通贪心{'一致' if mtp['greedy_identical'] else '不一致'}"
+                      f"（{mtp['measured_with']}）。"]
+        if t:
+            lines.append(f"训练：{t['tokens']} 个 token，{t['steps']} 步，{t['seconds']:.0f} s，目标 {t['target']}。")
     layers = report.get("layers") or []
     if layers and "rank" in layers[0]:
         lines += ["", "## 逐层计划与误差（校准输入上）", "",

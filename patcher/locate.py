@@ -97,6 +97,7 @@ class ModelMap:
     layers_path: str
     rotary_path: str | None
     layers: list[LayerMap]
+    hidden_size: int = 0
 
 
 def find_layers_path(model: nn.Module) -> str:
@@ -255,7 +256,7 @@ def locate(model: nn.Module) -> ModelMap:
     _locate_mlp(lm, {n: v for n, v in layer_linears.items() if n not in attn_nodes}, projection, rel, prefix0)
     lm.missing = [r for r in ("attention", "q", "k", "v", "o", "up", "down") if getattr(lm, r) is None]
     layers = _replicate(model, layers_path, lm)
-    return ModelMap(model.config.model_type, layers_path, rotary_path, layers)
+    return ModelMap(model.config.model_type, layers_path, rotary_path, layers, model.config.hidden_size)
 
 
 def _norm_before(proj: Projection, layer_linears, rel, prefix0) -> str | None:

@@ -22,6 +22,8 @@ try:  # the attention kernels of transformers (sdpa, flash, ...) under their con
 except ImportError:  # pragma: no cover - older layouts
     ALL_ATTENTION_FUNCTIONS = None
 
+from .mtp import build_mtp, speculative_generate  # in an output folder, mtp.py sits next to modeling_dsopt.py
+
 DSOPT_PREFIX = "dsopt_"
 
 
@@ -291,11 +293,41 @@ class MoEMLP(nn.Module):
 
 
 class DsoptPatchedMixin:
-    """在源家族模型类构造完成后，按 ``config.dsopt`` 换入 dsopt 模块。"""
+    """在源家族模型类构造完成后，按 ``config.dsopt`` 换入 dsopt 模块。
+
+    带 MTP 模块时，``generate()`` 在批大小 1 且参数受支持时走投机解码（贪心输出与普通贪心逐 token 相同，
+    采样保持基座分布）；``use_mtp=False`` 或其他情况交给 transformers 的普通 ``generate()``。
+    最近一次投机解码的统计在 ``self.last_mtp_stats``。
+    """
+
+    MTP_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "eos_token_id",
+                  "pad_token_id", "generator", "mtp_heads"}
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         apply_structure(self, config)
+        self.last_mtp_stats = None
+
+    def generate(self, inputs=None, use_mtp: bool | None = None, **kwargs):
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        usable = (getattr(self, "mtp", None) is not None and ids is not None and ids.shape[0] == 1
+                  and set(kwargs) <= self.MTP_KWARGS and (mask is None or bool(mask.all())))
+        if use_mtp and not usable:
+            raise ValueError("use_mtp=True 需要 MTP 模块、批大小 1、无填充，且只用 max_new_tokens/do_sample/temperature")
+        if use_mtp is False or not usable:
+            kwargs.pop("mtp_heads", None)
+            kwargs.pop("generator", None)
+            return super().generate(inputs, **kwargs)
+        gc = self.generation_config
+        sample = kwargs.get("do_sample", gc.do_sample)
+        eos = kwargs.get("eos_token_id", gc.eos_token_id)
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        out, self.last_mtp_stats = speculative_generate(
+            self, ids, kwargs.get("max_new_tokens") or gc.max_new_tokens or 20, eos,
+            temperature=(kwargs.get("temperature", gc.temperature) or 1.0) if sample else 0.0,
+            heads=kwargs.get("mtp_heads"), generator=kwargs.get("generator"))
+        return out
 
 
 def apply_structure(model: nn.Module, config) -> None:
@@ -324,6 +356,8 @@ def apply_structure(model: nn.Module, config) -> None:
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)
         model.set_submodule(path, new)
+    if plan.get("mtp") and getattr(model, "mtp", None) is None:
+        model.mtp = build_mtp(model, config)
 
 
 def family_classes(base_model_type: str):

@@ -37,8 +37,6 @@ class MLAOptions(Section):
     allocation: Literal["sensitivity", "uniform", "energy", "log"] = _flag(
         "--rank-allocation", "秩分配：sensitivity（白化谱 × 实测每层敏感度）、uniform（每层同秩）、"
         "energy（按白化谱能量）、log（按白化谱残差的对数）", default="sensitivity")
-    probe_tokens: int = _flag("--probe-tokens", "sensitivity 分配探测每层敏感度所用的校准 token 数",
-                              default=1024, ge=16)
     min_rank: int = _flag("--min-rank", "每层最小秩", default=8, ge=1)
 
 
@@ -50,9 +48,13 @@ class MoEOptions(Section):
     experts: int | None = _flag("--moe-experts", "路由专家数（缺省：split 每个专家 2 个神经元，copy 8）", default=None, ge=1)
     top_k: int | None = _flag("--moe-top-k", "每个 token 激活的路由专家数（缺省：copy 2，split 由 --moe-active 推出）",
                               default=None, ge=1)
-    active: float = _flag("--moe-active", "split：每个 token 使用的 FFN 参数比例", default=0.5, gt=0.0, le=1.0)
-    shared: float | None = _flag("--moe-shared", "split：共享专家占中间维的比例（缺省 active/2）", default=None,
-                                 ge=0.0, lt=1.0)
+    active: float = _flag("--moe-active", "split：每个 token 使用的 FFN 参数比例（全模型平均，含路由器）",
+                          default=0.5, gt=0.0, le=1.0)
+    allocation: Literal["sensitivity", "uniform"] = _flag(
+        "--moe-allocation", "split：激活比例的层间分配，sensitivity（按实测每层敏感度，敏感层可保持稠密）或 uniform",
+        default="sensitivity")
+    shared: float | None = _flag("--moe-shared", "split：共享专家占中间维的比例（缺省为该层激活比例的一半）",
+                                 default=None, ge=0.0, lt=1.0)
     partition: Literal["coactivation", "random"] = _flag(
         "--moe-partition", "split：神经元划分，coactivation（共激活聚类）或 random（基线）", default="coactivation")
     router: Literal["lowrank", "linear"] = _flag(
@@ -68,12 +70,38 @@ class MoEOptions(Section):
     noise: float = _flag("--moe-noise", "copy：专家权重的相对噪声（0 时与稠密模型完全一致）", default=0.0, ge=0.0)
 
 
+class MTPOptions(Section):
+    heads: int = _flag("--mtp", "追加的 MTP（多 token 预测）模块数（0 表示不加）", default=0, ge=0, le=8)
+    init_layer: int = _flag("--mtp-init-layer", "MTP 的 transformer 块从第几个解码层复制初始化（负数从末尾数）",
+                            default=-1)
+    draft_vocab: int = _flag("--mtp-draft-vocab", "草稿只在最常见的这么多 token 中选（输出头变小、草稿更快；"
+                             "验证仍用完整输出头，输出不变）；0 表示完整词表", default=8192, ge=0)
+    train_tokens: int = _flag("--mtp-train-tokens", "转换时接着训练 MTP 的 token 数（0 表示不训练；"
+                              "之后可用 dsopt train-mtp）", default=0, ge=0)
+    data: str | None = _flag("--mtp-data", "MTP 训练文本（.txt/.jsonl）；缺省用校准文本", default=None)
+    target: Literal["distill", "text"] = _flag(
+        "--mtp-target", "训练目标：distill（基座自己的预测分布，自蒸馏）或 text（文本中的真实 token）",
+        default="distill")
+    lr: float = _flag("--mtp-lr", "MTP 训练学习率", default=1e-3, gt=0.0)
+    seq_len: int = _flag("--mtp-seq-len", "MTP 训练序列长度", default=256, ge=16)
+    batch_size: int = _flag("--mtp-batch", "MTP 训练批大小", default=4, ge=1)
+    loss_positions: float = _flag("--mtp-loss-positions", "每个序列中计算损失的位置比例（输出头很大，抽样省时间）",
+                                  default=0.25, gt=0.0, le=1.0)
+    save_every: int = _flag("--mtp-save-every", "每隔多少步保存可续训的训练状态", default=50, ge=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.heads > 0
+
+
 class CalibrationOptions(Section):
     data: str | None = _flag("--calib-data", "校准文本（.txt 或 .jsonl）；缺省用内置文本", default=None)
     tokens: int = _flag("--calib-tokens", "校准 token 数", default=16384, ge=64)
     seq_len: int = _flag("--calib-seq-len", "校准序列长度", default=512, ge=16)
     batch_size: int = _flag("--calib-batch", "校准批大小", default=4, ge=1)
     seed: int = _flag("--seed", "随机种子（决定校准片段的选取）", default=0)
+    probe_tokens: int = _flag("--probe-tokens", "sensitivity 分配探测每层敏感度所用的校准 token 数",
+                              default=1024, ge=16)
 
 
 class EvalOptions(Section):
@@ -94,12 +122,13 @@ class Recipe(Section):
     name: str = "custom"
     mla: MLAOptions = MLAOptions()
     moe: MoEOptions = MoEOptions()
+    mtp: MTPOptions = MTPOptions()
     calibration: CalibrationOptions = CalibrationOptions()
     eval: EvalOptions = EvalOptions()
     output: OutputOptions = OutputOptions()
 
     def techniques(self) -> list[str]:
-        return [s for s in ("mla", "moe") if getattr(self, s).enabled]
+        return [s for s in ("mla", "moe", "mtp") if getattr(self, s).enabled]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -39,6 +39,11 @@ def forward_ms_per_token(model, ids: torch.Tensor, repeats: int) -> list[float]:
     return out
 
 
+def write(out: str, res: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out/moe.json")
@@ -47,6 +52,8 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--actives", default="0.75,0.5,0.25")
+    ap.add_argument("--variants", default="coactivation:sensitivity,random:sensitivity,coactivation:uniform",
+                    help="partition:allocation pairs; the first is the best method")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     common = {"calibration": {"data": args.calib_data, "tokens": args.calib_tokens},
@@ -70,17 +77,21 @@ def main():
 
     res["split"] = {}
     split_models = {}
+    variants = [v.split(":") for v in args.variants.split(",")]
     for active in [float(a) for a in args.actives.split(",")]:
-        for partition in ("coactivation", "random"):
+        for partition, allocation in variants:
             model, _, _ = checkpoint.load("smollm2-135m")
             t = time.perf_counter()
             patched, rep = patch_model(model, {**common, "moe": {"enabled": True, "mode": "split", "active": active,
-                                                                 "partition": partition}}, tok)
-            f, layers = rep["fidelity"], rep["layers"]
-            key = f"{partition}-{active}"
+                                                                 "partition": partition, "allocation": allocation}},
+                                       tok)
+            f = rep["fidelity"]
+            layers = [l for l in rep["layers"] if not l.get("moe_dense")]
+            key = f"{partition}-{allocation}-{active}"
             res["split"][key] = {
-                "active_target": active, "partition": partition, "plan": rep["plan"]["moe"],
+                "active_target": active, "partition": partition, "allocation": allocation, "plan": rep["plan"]["moe"],
                 "active_ffn_fraction": rep["parameters"]["patched_active_per_token"]["active_ffn_fraction"],
+                "dense_layers": rep["plan"]["moe"]["dense_layers"],
                 "ppl_base": f["ppl_base"], "ppl_patched": f["ppl_patched"], "ppl_increase_pct": f["ppl_increase_pct"],
                 "kl_mean": f["kl_mean"], "top1_agreement": f["top1_agreement"],
                 "router_recall": statistics.mean(l["moe_router_recall"] for l in layers),
@@ -90,10 +101,12 @@ def main():
                 "balance_entropy": statistics.mean(b["entropy"] for b in rep["moe"]["balance"]),
                 "seconds": time.perf_counter() - t}
             print(f"split {key}: ppl {f['ppl_increase_pct']:+.2f} %  active "
-                  f"{res['split'][key]['active_ffn_fraction']:.3f}", flush=True)
-            if partition == "coactivation" and active == 0.5:
+                  f"{res['split'][key]['active_ffn_fraction']:.3f}  dense layers {res['split'][key]['dense_layers']}",
+                  flush=True)
+            if [partition, allocation] == variants[0] and active == 0.5:
                 split_models["split-0.5"] = patched
             del model
+            write(args.out, res)  # partial results survive an interrupted run
 
     timing = {}
     models = {"dense": base, **split_models}
@@ -108,8 +121,7 @@ def main():
                               "ratio_split_vs_dense": {k: med[k] / med["dense"] for k in med if k != "dense"}}
         print(f"batch {batch}: " + ", ".join(f"{k} {v:.3f} ms/token" for k, v in med.items()), flush=True)
     res["forward_time"] = {"note": "full forward of 64-token sequences, no cache; ms per token", **timing}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    write(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -70,12 +70,12 @@ def tokenizer():
     return byte_tokenizer()
 
 
-FAST_RECIPE = {"calibration": {"tokens": 1024, "seq_len": 128, "batch_size": 4},  # probe: 2 windows
+FAST_RECIPE = {"calibration": {"tokens": 1024, "seq_len": 128, "batch_size": 4, "probe_tokens": 256},
                "eval": {"tokens": 512, "seq_len": 128}}
 
 
 def fast_recipe(**mla):
-    return {**FAST_RECIPE, "mla": {"enabled": True, "probe_tokens": 256, **mla}}
+    return {**FAST_RECIPE, "mla": {"enabled": True, **mla}}
 
 
 def have_smollm2() -> bool:

@@ -67,3 +67,34 @@ def test_existing_output_and_bad_values_exit_cleanly(converted, folder):
     assert res.exit_code == 2 and "kv_lora_rank=4096" in res.output
     res = runner.invoke(app, ["convert", str(folder), "-o", str(converted) + "z"])
     assert res.exit_code == 2 and "--mla" in res.output
+
+
+def test_mtp_convert_train_resume_and_generate(folder, tmp_path):
+    out = tmp_path / "mtp"
+    res = runner.invoke(app, ["convert", str(folder), "--mtp", "2", "--mtp-seq-len", "64", "-o", str(out), *SMALL])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train-mtp", str(out), "--tokens", "1024", "--mtp-batch", "4", "--mtp-save-every", "2"])
+    assert res.exit_code == 0, res.output
+    progress = json.loads((out / "mtp-train" / "progress.json").read_text())
+    assert progress == {"step": 4, "steps": 4}
+    report = json.loads((out / "fidelity.json").read_text())
+    assert report["mtp"]["training"]["steps"] == 4 and report["mtp"]["greedy_identical"] is True
+    assert (out / "recipe.yaml").exists() and (out / "mtp.py").exists()  # the rest of the folder survived
+    res = runner.invoke(app, ["train-mtp", str(out), "--tokens", "1024", "--resume"])
+    assert res.exit_code == 0, res.output  # already complete: resumes at the last step and trains nothing
+    assert json.loads((out / "fidelity.json").read_text())["mtp"]["training"]["resumed_from_step"] == 4
+
+    rows = {}
+    for flag in ([], ["--no-mtp"]):
+        res = runner.invoke(app, ["generate", str(out), "--prompt", "hello world", "--max-new-tokens", "12",
+                                  "--json", *flag])
+        assert res.exit_code == 0, res.output
+        rows[bool(flag)] = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rows[False]["mtp"] is True and rows[True]["mtp"] is False
+    assert {"text", "tokens_per_s", "accepted_per_step"} <= set(rows[False])
+    assert rows[False]["text"] == rows[True]["text"]  # lossless: the same greedy text either way
+
+
+def test_train_mtp_refuses_a_folder_without_heads(converted):
+    res = runner.invoke(app, ["train-mtp", str(converted), "--tokens", "256"])
+    assert res.exit_code == 2 and "MTP" in res.output

@@ -42,7 +42,7 @@ def test_split_mode_reports_routing_and_balance(tokenizer, tmp_path):
     from patcher.fidelity import write_report
 
     model = tiny_model("llama", seed=8)
-    patched, report = patch_model(model, moe_recipe(mode="split", experts=8, active=0.5, balance=True), tokenizer)
+    patched, report = patch_model(model, moe_recipe(mode="split", experts=8, active=0.5, balance=True, router_rank=4), tokenizer)
     bal = report["moe"]["balance"]
     assert len(bal) == 2 and all(sum(b["tokens_per_expert"]) > 0 for b in bal)
     assert all(0 < b["entropy"] <= 1 for b in bal)
@@ -61,8 +61,8 @@ def test_split_mode_reports_routing_and_balance(tokenizer, tmp_path):
 
 def test_mla_and_moe_together(tokenizer):
     model = tiny_model("qwen2", seed=9)
-    patched, report = patch_model(model, {**moe_recipe(mode="split", experts=4, active=0.75),
-                                          "mla": {"enabled": True, "kv_keep": 0.5, "probe_tokens": 256}}, tokenizer)
+    patched, report = patch_model(model, {**moe_recipe(mode="split", experts=4, active=0.75, router_rank=4),
+                                          "mla": {"enabled": True, "kv_keep": 0.5}}, tokenizer)
     assert report["techniques"] == ["mla", "moe"] and report["kv_cache"]["ratio"] == pytest.approx(0.5, abs=0.02)
     assert type(patched.model.layers[0].mlp).__name__ == "MoEMLP"
     assert type(patched.model.layers[0].self_attn).__name__ == "LatentAttention"

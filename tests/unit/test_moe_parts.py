@@ -74,3 +74,22 @@ def test_gathered_and_looped_expert_paths_agree():
     torch.testing.assert_close(masked, gathered, atol=1e-4, rtol=1e-4)
     moe.LOOP_MIN_EXPERT_SIZE = 1  # force the per-expert loop
     torch.testing.assert_close(moe(x), gathered, atol=1e-4, rtol=1e-4)
+
+
+def test_sensitivity_allocation_spends_the_budget_where_the_model_is_sensitive():
+    from converters.moe import Analysis
+
+    mm = locate(tiny_model("llama"))  # 2 layers
+    recipe = parse_recipe({"moe": {"enabled": True, "active": 0.6, "router_rank": 2}})
+    conv = MoEConverter()
+    uniform = conv.plan(mm, parse_recipe({"moe": {**recipe.moe.model_dump(), "allocation": "uniform"}}), None)
+
+    def analysis(kl):  # error falls as the fraction grows; the same curve for both layers, only the KL differs
+        opts = {f: {"sizing": {"f": f}, "params": 1000 * f + 20, "error": (1 - f) ** 2} for f in (0.2, 0.4, 0.6, 0.8)}
+        return Analysis(1000, opts, probe_fraction=0.4, kl=kl)
+
+    plans = conv.plan(mm, recipe, [analysis(1.0), analysis(0.001)])
+    assert plans[0] in ({"dense": True}, {"f": 0.8}) and plans[1] in ({"f": 0.2}, {"f": 0.4})
+    spent = sum(1000 if p.get("dense") else 1000 * p["f"] + 20 for p in plans)
+    assert spent <= 0.6 * 2000  # the budget holds, router parameters included
+    assert all("top_k" in p for p in uniform)

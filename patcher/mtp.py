@@ -1,0 +1,217 @@
+"""MTP（多 token 预测）模块与无损投机解码。
+
+与 ``modeling.py`` 一样只依赖 torch 与 transformers，转换时随 ``modeling_dsopt.py`` 一起复制到输出目录。
+
+第 k 个 MTP 模块（DeepSeek-V3）：位置 i 上把上一级的隐藏状态 h_i（k=1 时是基座最后一层的输出）与
+token t_{i+k} 的嵌入各做 RMSNorm、拼接、投影回隐藏维，过一个 transformer 块，再经自己的末层归一化与
+基座共享的输出头，预测 t_{i+k+1}。嵌入与输出头都与基座共享。
+
+解码：每一轮各 MTP 模块依次给出一个草稿 token，基座一次前向验证全部草稿。贪心时接受与基座贪心
+预测一致的最长前缀，再加上基座在第一个不一致处的 token，所以输出与普通贪心逐 token 相同；
+采样时用 Leviathan 等人的投机采样（接受概率 min(1, p/q)，拒绝时从 (p−q)+ 重采样），
+输出分布与基座相同。被拒绝的草稿从基座与各 MTP 模块的缓存中裁掉。
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+try:
+    from transformers.masking_utils import create_causal_mask
+except ImportError:  # pragma: no cover - older transformers
+    create_causal_mask = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+
+
+class MTPModule(nn.Module):
+    """One DeepSeek-V3 MTP depth: ``block(eh_proj([hnorm(h); enorm(emb)]))``, then ``norm`` before the shared head."""
+
+    def __init__(self, hidden_size: int, eps: float, block: nn.Module, norm: nn.Module, draft_vocab: int = 0):
+        super().__init__()
+        # token ids a draft may propose (most frequent first); empty = the whole vocabulary. Drafting against a
+        # few thousand frequent tokens instead of the full output head is what makes a draft cheap (FR-Spec);
+        # verification still uses the full head, so the output stays exact.
+        self.register_buffer("draft_ids", torch.zeros(draft_vocab, dtype=torch.long))
+        self.hnorm = RMSNorm(hidden_size, eps)
+        self.enorm = RMSNorm(hidden_size, eps)
+        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.block = block
+        self.norm = norm
+
+    def forward(self, model, hidden: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        """Hidden states of this depth at ``positions`` (1-D); ``cache`` holds this module's own past, if any."""
+        x = self.eh_proj(torch.cat([self.hnorm(hidden), self.enorm(embeds)], -1))
+        pos = positions[None].expand(x.shape[0], -1)
+        mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=cache,
+                                  position_ids=pos)
+        rotary = model.get_submodule(model.config.dsopt["rotary_path"])
+        out = self.block(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None,
+                         position_embeddings=rotary(x, pos))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _block_from(layer: nn.Module) -> nn.Module:
+    """A copy of a decoder layer that caches as layer 0 of its own cache."""
+    import copy
+
+    block = copy.deepcopy(layer)
+    for m in block.modules():
+        if hasattr(m, "layer_idx"):
+            m.layer_idx = 0
+    return block
+
+
+def build_mtp(model: nn.Module, config) -> nn.ModuleList:
+    """The MTP modules ``config.dsopt["mtp"]`` records, shaped after the source decoder layer and final norm."""
+    import copy
+
+    rec = config.dsopt["mtp"]
+    layers = model.get_submodule(config.dsopt["layers_path"])
+    norm = model.get_submodule(rec["norm_path"])
+    eps = getattr(config, "rms_norm_eps", None) or getattr(config, "layer_norm_eps", 1e-6)
+    mods = nn.ModuleList(MTPModule(config.hidden_size, eps, _block_from(layers[rec["source_layer"]]),
+                                   copy.deepcopy(norm), rec.get("draft_vocab", 0)) for _ in range(rec["heads"]))
+    ref = next(layers.parameters())
+    return mods.to(device=ref.device, dtype=ref.dtype)
+
+
+def choose_draft_vocab(model, ids: torch.Tensor) -> None:
+    """Fill each MTP module's ``draft_ids`` with the most frequent tokens of ``ids`` (then the lowest ids)."""
+    for mod in model.mtp:
+        n = mod.draft_ids.numel()
+        if n:
+            counts = torch.bincount(ids.flatten().cpu(), minlength=model.config.vocab_size).float()
+            counts[: model.config.vocab_size] += 1e-6 * torch.arange(model.config.vocab_size, 0, -1)  # ties: low ids
+            mod.draft_ids.copy_(counts.topk(n).indices.to(mod.draft_ids.device))
+
+
+class _DraftHead:
+    """The shared output head restricted to a module's draft vocabulary (full head when it has none)."""
+
+    def __init__(self, head: nn.Module, ids: torch.Tensor):
+        self.ids = ids if ids.numel() else None
+        self.weight = head.weight if self.ids is None else head.weight[self.ids]
+        bias = getattr(head, "bias", None)
+        self.bias = bias if bias is None or self.ids is None else bias[self.ids]
+        self.vocab = head.weight.shape[0]
+
+    def pick(self, h: torch.Tensor, temperature: float, generator) -> tuple[int, torch.Tensor | None]:
+        logits = nn.functional.linear(h, self.weight, self.bias)
+        i, q = _pick(logits, temperature, generator)
+        if self.ids is None:
+            return i, q
+        full = None if q is None else torch.zeros(self.vocab, dtype=q.dtype, device=q.device).index_copy_(0, self.ids, q)
+        return int(self.ids[i]), full
+
+
+def _crop_to(cache, length: int) -> None:
+    """Keep the first ``length`` positions of every layer (transformers' ``crop`` takes how many to remove)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator) -> tuple[int, torch.Tensor | None]:
+    if temperature <= 0:
+        return int(logits.argmax()), None
+    p = torch.softmax(logits.float() / temperature, -1)
+    return int(torch.multinomial(p, 1, generator=generator)), p
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, d: int, generator=None) -> tuple[bool, int]:
+    """Speculative sampling step (Leviathan et al.): keep draft ``d`` ~ q with probability min(1, p(d)/q(d)),
+    else draw from (p − q)+ normalised. The token that comes out is distributed exactly as p."""
+    if float(torch.rand((), generator=generator)) < min(1.0, float(p[d] / q[d].clamp_min(1e-20))):
+        return True, d
+    resid = (p - q).clamp_min(0)
+    if float(resid.sum()) <= 0:  # p == q up to rounding: any draw from p is right
+        resid = p
+    return False, int(torch.multinomial(resid / resid.sum(), 1, generator=generator))
+
+
+@torch.no_grad()
+def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(),
+                         temperature: float = 0.0, heads: int | None = None, generator=None) -> tuple[torch.Tensor, dict]:
+    """Generate with the MTP modules drafting and the base verifying; batch 1. Returns (ids, statistics)."""
+    if input_ids.shape[0] != 1:
+        raise ValueError("MTP 投机解码只支持批大小 1")
+    mtp = list(model.mtp)[: heads or len(model.mtp)]
+    k_max = len(mtp)
+    base, head, embed = model.base_model, model.get_output_embeddings(), model.get_input_embeddings()
+    dev = input_ids.device
+    eos = set(eos_token_ids or ())
+    t0 = time.perf_counter()
+
+    cache = DynamicCache(config=model.config)
+    h = base(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state[0]
+    first, _ = _pick(head(h[-1]), temperature, generator)
+    tokens = input_ids[0].tolist() + [first]
+    prompt_len = input_ids.shape[1]
+    hid = [h] + [h[:0]] * k_max         # per depth: hidden states of positions 0.. (depth 0 is the base)
+    final = [0] * (k_max + 1)            # per depth: leading positions whose cache entries used verified tokens only
+    mcaches = [DynamicCache() for _ in mtp]
+    draft_heads = [_DraftHead(head, mod.draft_ids) for mod in mtp]
+    steps, produced, accepted = 0, [], [0] * k_max
+    while len(tokens) - prompt_len < max_new_tokens and tokens[-1] not in eos:
+        m = len(tokens) - 1  # the base has seen positions 0..m-1; tokens[m] is verified but not yet fed
+        drafts, qs = [], []
+        for k, mod in enumerate(mtp, start=1):
+            start = final[k]
+            seq = tokens + drafts
+            _crop_to(mcaches[k - 1], start)
+            emb = embed(torch.tensor(seq[start + k: m + k], device=dev))
+            out = mod(model, hid[k - 1][start:m][None], emb[None], torch.arange(start, m, device=dev),
+                      mcaches[k - 1])[0]
+            hid[k] = torch.cat([hid[k][:start], out])
+            final[k] = m - k + 1
+            d, q = draft_heads[k - 1].pick(mod.norm(out[-1]), temperature, generator)
+            drafts.append(d)
+            qs.append(q)
+        hv = base(input_ids=torch.tensor([[tokens[m]] + drafts], device=dev), cache=cache,
+                  use_cache=True).last_hidden_state[0]
+        logits = head(hv)
+        new = []
+        for j, d in enumerate(drafts):
+            if temperature <= 0:
+                ok, fix = int(logits[j].argmax()) == d, int(logits[j].argmax())
+            else:
+                ok, fix = accept_or_resample(torch.softmax(logits[j].float() / temperature, -1), qs[j], d, generator)
+            if not ok:
+                new.append(fix)  # the base's own token where the draft went wrong
+                break
+            new.append(d)
+            accepted[j] += 1
+        else:
+            new.append(_pick(logits[len(drafts)], temperature, generator)[0])  # bonus token after all drafts
+        n_ok = len(new) - 1
+        _crop_to(cache, m + 1 + n_ok)
+        hid[0] = torch.cat([hid[0], hv[: n_ok + 1]])
+        steps += 1
+        produced.append(len(new))
+        for t in new:
+            tokens.append(t)
+            if t in eos or len(tokens) - prompt_len >= max_new_tokens:
+                break
+    seconds = time.perf_counter() - t0
+    out_ids = torch.tensor([tokens[: prompt_len + max_new_tokens]], device=dev)
+    n_new = out_ids.shape[1] - prompt_len
+    stats = {"new_tokens": n_new, "verify_steps": steps, "seconds": seconds,
+             "tokens_per_s": n_new / seconds if seconds else 0.0,
+             "accepted_per_step": sum(produced) / steps if steps else 0.0,
+             "head_acceptance": [a / steps if steps else 0.0 for a in accepted]}
+    return out_ids, stats

@@ -1,0 +1,169 @@
+"""MTP 训练（基座冻结）与逐头接受率的测量。
+
+训练建立在 accelerate 上：同一条命令在 CPU、单卡或多卡（``accelerate launch``）上运行。目标是基座自己的
+预测分布（``distill``，自蒸馏：MTP 学的正是投机解码要猜中的东西）或文本中的真实 token（``text``）。
+输出头很大（SmolLM2 的词表有 49k），所以每个序列只在抽样的一部分位置上算损失。
+可续训：每 ``save_every`` 步把优化器、调度器、随机状态与步数写到 ``<OUT>/mtp-train/``，``--resume`` 从那里接着训。
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mtp import choose_draft_vocab
+
+STATE_DIR = "mtp-train"
+
+
+def mtp_hiddens(model, ids: torch.Tensor, base_hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Teacher-forced MTP hidden states: depth k at position i reads depth k−1 at i and the token at i+k."""
+    emb = model.get_input_embeddings()(ids)
+    prev, out = base_hidden, []
+    t = ids.shape[1]
+    for k, mod in enumerate(model.mtp, start=1):
+        g = mod(model, prev[:, : t - k], emb[:, k:], torch.arange(t - k, device=ids.device))
+        out.append(g)
+        prev = g
+    return out
+
+
+class MTPObjective(nn.Module):
+    """The training step as a module (so accelerate/DDP can wrap it): the loss of every MTP depth."""
+
+    def __init__(self, model, target: str, loss_positions: float):
+        super().__init__()
+        self.model, self.target, self.loss_positions = model, target, loss_positions
+
+    def forward(self, ids: torch.Tensor, generator: torch.Generator | None = None):
+        model = self.model
+        head = model.get_output_embeddings()
+        with torch.no_grad():
+            base_h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        losses, accs = [], []
+        t = ids.shape[1]
+        for k, (mod, g) in enumerate(zip(model.mtp, mtp_hiddens(model, ids, base_h)), start=1):
+            n = t - k - 1  # positions whose target (token i+k+1) lies inside the window
+            pick = torch.randperm(n, generator=generator)[: max(1, int(n * self.loss_positions))].sort().values
+            pick = pick.to(ids.device)
+            logits = head(mod.norm(g[:, pick])).float()
+            with torch.no_grad():
+                teacher = head(base_h[:, pick + k]).float()  # the base's own prediction of token i+k+1
+            if self.target == "distill":
+                loss = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                reduction="batchmean") / len(pick)
+            else:
+                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, pick + k + 1].flatten())
+            losses.append(loss)
+            accs.append((logits.argmax(-1) == teacher.argmax(-1)).float().mean())
+        return torch.stack(losses).sum(), torch.stack(losses).detach(), torch.stack(accs).detach()
+
+
+@torch.no_grad()
+def mtp_acceptance(model, windows: torch.Tensor) -> list[float]:
+    """Per depth k: how often its greedy guess equals the base's greedy token (teacher forcing, held-out text).
+
+    This is the chance that draft k is accepted given that drafts 1..k−1 were.
+    """
+    head = model.get_output_embeddings()
+    hits = [0.0] * len(model.mtp)
+    count = [0] * len(model.mtp)
+    for w in windows:
+        ids = w[None]
+        base_h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        base_top = head(base_h).argmax(-1)
+        for k, (mod, g) in enumerate(zip(model.mtp, mtp_hiddens(model, ids, base_h)), start=1):
+            guess = head(mod.norm(g)).argmax(-1)  # position i guesses token i+k+1
+            hits[k - 1] += float((guess == base_top[:, k:]).sum())
+            count[k - 1] += guess.numel()
+    return [h / max(c, 1) for h, c in zip(hits, count)]
+
+
+def expected_tokens_per_step(acceptance: list[float]) -> float:
+    """Tokens per verification step if each depth is accepted with its (conditional) rate: 1 + a1 + a1·a2 + …"""
+    total, run = 1.0, 1.0
+    for a in acceptance:
+        run *= a
+        total += run
+    return total
+
+
+def _save_state(state_dir: Path, model, optimizer, schedule, step: int, steps: int) -> None:
+    """Only what resuming needs (MTP weights, optimizer, schedule, step), never the frozen base."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_dir
+
+    with atomic_dir(state_dir, overwrite=True) as tmp:  # a crash mid-save keeps the previous state whole
+        save_file({k: v.contiguous() for k, v in model.mtp.state_dict().items()}, str(tmp / "mtp.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "steps": steps}))
+
+
+def _load_state(state_dir: Path | None, model, optimizer, schedule) -> int:
+    from safetensors.torch import load_file
+
+    if state_dir is None or not (state_dir / "progress.json").exists():
+        raise FileNotFoundError(f"没有可续训的状态：{state_dir}/progress.json 不存在")
+    model.mtp.load_state_dict(load_file(str(state_dir / "mtp.safetensors")))
+    opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    schedule.load_state_dict(opt["schedule"])
+    return json.loads((state_dir / "progress.json").read_text())["step"]
+
+
+def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume: bool = False,
+              progress=None) -> dict:
+    """Train ``model.mtp`` on ``windows`` (N × seq_len token ids) with the base frozen; returns a summary."""
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for p in model.mtp.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    model.mtp.float()  # MTP modules train in fp32 even when the base is half precision
+    objective = MTPObjective(model, opts.target, opts.loss_positions)
+    steps = max(1, math.ceil(len(windows) / opts.batch_size))
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
+    objective, optimizer, schedule = acc.prepare(objective, optimizer, schedule)
+    done = _load_state(state_dir, model, optimizer, schedule) if resume else 0
+    model.train()
+    history = []
+    t0 = time.perf_counter()
+    if progress:
+        progress.start("训练 MTP", steps, done)
+    for step in range(done, steps):
+        batch = windows[order[step * opts.batch_size:(step + 1) * opts.batch_size]].to(acc.device)
+        gen = torch.Generator().manual_seed(1 + step)  # loss positions depend on the step only: resumable exactly
+        loss, per_head, accs = objective(batch, gen)
+        acc.backward(loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        history.append({"step": step + 1, "loss": per_head.tolist(), "accuracy": accs.tolist()})
+        if progress:
+            progress.update(step + 1, float(loss.detach()), accs.tolist())
+        if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
+            _save_state(state_dir, model, optimizer, schedule, step + 1, steps)
+    model.eval()
+    choose_draft_vocab(model, windows)  # the training text is the best estimate of which tokens drafts need
+    for p in params:
+        p.requires_grad_(False)
+    model.mtp.to(next(model.base_model.parameters()).dtype)
+    return {"steps": steps, "resumed_from_step": done, "tokens": int(windows.numel()),
+            "seconds": time.perf_counter() - t0, "target": opts.target,
+            "final_loss": history[-1]["loss"] if history else None,
+            "final_train_accuracy": history[-1]["accuracy"] if history else None}

@@ -1,0 +1,141 @@
+"""MTP：追加模块、训练（可续训）、无损投机解码（贪心逐 token 相同；采样保持基座分布）、检查点往返。"""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import FAST_RECIPE, tiny_model
+from patcher import patch_model
+from patcher.mtp import accept_or_resample, speculative_generate
+from patcher.mtp_train import train_mtp
+from patcher.recipe import MTPOptions
+
+
+def mtp_recipe(**mtp):
+    return {**FAST_RECIPE, "mtp": {"heads": 2, "seq_len": 64, **mtp}}
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    """A tiny llama with two MTP heads trained a little: drafts are accepted sometimes and rejected sometimes."""
+    model = tiny_model("llama", seed=11)
+    patched, report = patch_model(model, mtp_recipe(train_tokens=4096), tokenizer)
+    return patched, report
+
+
+def test_mtp_report_and_structure(trained):
+    patched, report = trained
+    m = report["mtp"]
+    assert report["techniques"] == ["mtp"] and m["heads"] == 2 and m["source_layer"] == 1
+    assert m["norm_path"] == "model.norm" and len(patched.mtp) == 2
+    assert m["greedy_identical"] is True
+    assert len(m["head_acceptance_teacher_forced"]) == 2 and 0 < m["head_acceptance_teacher_forced"][0] <= 1
+    assert m["training"]["steps"] == 16 and m["accepted_per_step"] >= 1.0
+    assert report["fidelity"]["top1_agreement"] == 1.0  # the base itself is untouched
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_speculative_output_equals_plain_greedy(trained, seed):
+    patched, _ = trained
+    ids = torch.randint(4, 250, (1, 5 + 3 * seed), generator=torch.Generator().manual_seed(seed))
+    plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, min_new_tokens=40)
+    spec = patched.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=None)
+    assert torch.equal(plain, spec)
+    stats = patched.last_mtp_stats
+    # rejections happened (so the caches were rolled back) and so did acceptances
+    assert stats["verify_steps"] < 40 and stats["accepted_per_step"] < 3
+
+
+def test_untrained_heads_are_still_lossless_on_an_mla_model(tokenizer):
+    model = tiny_model("qwen3", seed=12)
+    patched, _ = patch_model(model, {**mtp_recipe(), "mla": {"enabled": True, "kv_keep": 0.5}}, tokenizer)
+    assert type(patched.mtp[0].block.self_attn).__name__ == "LatentAttention"
+    ids = torch.randint(4, 250, (1, 9))
+    plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=24, min_new_tokens=24)
+    spec, stats = speculative_generate(patched, ids, 24, (), heads=1)
+    assert torch.equal(plain, spec) and len(stats["head_acceptance"]) == 1
+
+
+def test_speculative_sampling_step_keeps_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.05, 0.1, 0.2, 0.3, 0.35])
+    n = 40000
+    counts = torch.zeros(5)
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        counts[accept_or_resample(p, q, d, g)[1]] += 1
+    assert (counts / n - p).abs().max() < 0.012  # ~4 standard errors at n = 40000
+
+
+def test_speculative_sampling_end_to_end_matches_the_base_distribution(trained):
+    """Distribution of the 2nd sampled token (the first that goes through a draft) vs the exact base marginal."""
+    patched, _ = trained
+    ids = torch.tensor([[10, 20, 30, 40]])
+    temp = 0.03  # the tiny random model's logits are flat (std ≈ 0.2): sharpen them so that the test has power
+    with torch.no_grad():
+        p1 = torch.softmax(patched(input_ids=ids).logits[0, -1] / temp, -1)
+        vocab = p1.numel()
+        every = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
+        exact = p1 @ torch.softmax(patched(input_ids=every).logits[:, -1] / temp, -1)  # Σ_x1 p(x1) p(x2 | x1)
+    g = torch.Generator().manual_seed(1)
+    n = 1500
+    counts = torch.zeros_like(p1)
+    for _ in range(n):
+        out, _ = speculative_generate(patched, ids, 2, (), temperature=temp, generator=g)
+        counts[out[0, -1]] += 1
+    tv = 0.5 * float((counts / n - exact / exact.sum()).abs().sum())
+    assert tv < 0.08, tv  # sampling noise at n = 1500 is about 0.03 here
+
+
+def test_training_resumes_exactly(tokenizer, tmp_path):
+    model = tiny_model("llama", seed=13)
+    patched, _ = patch_model(model, mtp_recipe(), tokenizer)
+    start = copy.deepcopy(patched.mtp.state_dict())
+    windows = torch.randint(4, 250, (24, 32), generator=torch.Generator().manual_seed(0))
+    opts = MTPOptions(heads=2, seq_len=32, batch_size=4, save_every=2)
+
+    class Stop(Exception):
+        pass
+
+    class StopAt:
+        def start(self, *a, **k):
+            pass
+
+        def update(self, step, loss, acc):
+            if step == 4:
+                raise Stop
+
+    with pytest.raises(Stop):
+        train_mtp(patched, windows, opts, tmp_path / "state", progress=StopAt())
+    summary = train_mtp(patched, windows, opts, tmp_path / "state", resume=True)
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 6
+    resumed = copy.deepcopy(patched.mtp.state_dict())
+
+    patched.mtp.load_state_dict(start)
+    train_mtp(patched, windows, opts, None)
+    for k, v in patched.mtp.state_dict().items():
+        torch.testing.assert_close(v, resumed[k], msg=k)
+
+
+def test_mtp_checkpoint_round_trip(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from patcher import checkpoint
+
+    patched, _ = trained
+    checkpoint.write_checkpoint(patched, None, tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    for k, v in patched.mtp.state_dict().items():
+        torch.testing.assert_close(again.mtp.state_dict()[k], v)
+    ids = torch.randint(4, 250, (1, 12))
+    assert torch.equal(again.generate(ids, do_sample=False, max_new_tokens=16, eos_token_id=None),
+                       patched.generate(ids, do_sample=False, max_new_tokens=16, eos_token_id=None))
+
+
+def test_mtp_needs_rope(tokenizer):
+    from patcher.locate import LocateError
+
+    with pytest.raises(LocateError, match="rotary"):
+        patch_model(tiny_model("gpt2", seed=1), mtp_recipe(), tokenizer)

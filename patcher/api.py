@@ -264,17 +264,15 @@ def measure_mtp(model: nn.Module, eval_ids: torch.Tensor, new_tokens: int = 48) 
     prompt = eval_ids[:1, :64]
     with torch.no_grad():
         t = time.perf_counter()
-        plain = model.generate(prompt, use_mtp=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False)
+        plain = model.generate(prompt, use_mtp=False, max_new_tokens=new_tokens, do_sample=False)
         plain_s = time.perf_counter() - t
-        spec = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
+        spec = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)  # both stop at end-of-turn
     stats = model.last_mtp_stats
-    n = min(plain.shape[1], spec.shape[1])
     return {"head_acceptance_teacher_forced": acceptance,
             "expected_tokens_per_step": expected_tokens_per_step(acceptance),
             "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"],
             "tokens_per_s_mtp": stats["tokens_per_s"], "tokens_per_s_plain": (plain.shape[1] - 64) / plain_s,
-            "greedy_identical": bool((plain[:, :n] == spec[:, :n]).all()),
+            "greedy_identical": bool(torch.equal(plain, spec)),
             "measured_with": f"eval prompt of 64 tokens, {new_tokens} new tokens, greedy, batch 1"}
 
 

@@ -2,7 +2,7 @@
 
 1. 追加 MTP 模块，在一本书上训练（基座冻结，自蒸馏），记录训练 token 数与耗时（即训练预算）；
 2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、MTP 投机解码、
-   transformers 的提示查找解码（``prompt_lookup_num_tokens``）；
+   transformers 的提示查找解码（``prompt_lookup_num_tokens``）；都在模型的结束符处自然停下；
 3. 记录：输出是否与普通贪心逐 token 相同、每个验证步平均产出的 token 数、逐头接受率、tokens/s 与加速比。
 
 用法：python scripts/bench_mtp.py --out bench-out/mtp.json [--train-tokens 262144] [--save-model out/smol-mtp]
@@ -70,18 +70,29 @@ def main():
     ap.add_argument("--book-prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--save-model", default=None, help="也把训练好的检查点写到这里（供 dsopt generate 使用）")
+    ap.add_argument("--load-model", default=None, help="不训练，加载 --save-model 写出的检查点只做测量")
+    ap.add_argument("--train-result", default=None, help="与 --load-model 同用：训练那次运行的 JSON（取训练预算）")
     args = ap.parse_args()
 
-    model, tok, _ = checkpoint.load("smollm2-135m")
-    recipe = {"mtp": {"heads": args.heads, "train_tokens": args.train_tokens, "data": args.train_data,
-                      "draft_vocab": args.draft_vocab},
-              "calibration": {"data": args.train_data, "tokens": 4096},
-              "eval": {"data": args.eval_data, "tokens": 4096}}
-    patched, rep = patch_model(model, recipe, tok, progress=PrintProgress())
+    if args.load_model:
+        patched, tok, _ = checkpoint.load(args.load_model)
+        mtp_report = json.loads(Path(args.train_result).read_text())["report_mtp"] if args.train_result else None
+    else:
+        model, tok, _ = checkpoint.load("smollm2-135m")
+        recipe = {"mtp": {"heads": args.heads, "train_tokens": args.train_tokens, "data": args.train_data,
+                          "draft_vocab": args.draft_vocab},
+                  "calibration": {"data": args.train_data, "tokens": 4096},
+                  "eval": {"data": args.eval_data, "tokens": 4096}}
+        patched, rep = patch_model(model, recipe, tok, progress=PrintProgress())
+        mtp_report = rep["mtp"]
+        print(f"trained: {mtp_report['training']['tokens']} tokens in {mtp_report['training']['seconds']:.0f} s; "
+              f"teacher-forced acceptance {mtp_report['head_acceptance_teacher_forced']}", flush=True)
+        if args.save_model:
+            with checkpoint.atomic_dir(Path(args.save_model), overwrite=True) as tmp:
+                checkpoint.write_checkpoint(patched, tok, tmp)
     res = {"train_data": args.train_data or "builtin", "eval_data": args.eval_data or "builtin",
-           "report_mtp": rep["mtp"], "new_tokens": args.new_tokens, "prompts": []}
-    print(f"trained: {rep['mtp']['training']['tokens']} tokens in {rep['mtp']['training']['seconds']:.0f} s; "
-          f"teacher-forced acceptance {rep['mtp']['head_acceptance_teacher_forced']}", flush=True)
+           "model": args.load_model or "trained in this run", "report_mtp": mtp_report,
+           "new_tokens": args.new_tokens, "prompts": []}
 
     text = read_text(args.eval_data, "evaluation")
     book = token_windows(tok, text, 64 * 50, 64, 7)[: args.book_prompts]
@@ -92,23 +103,25 @@ def main():
         prompts.append(("chat", ids))
 
     n = args.new_tokens
-    common = {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "pad_token_id": tok.eos_token_id}
+    # every method stops at the model's end-of-turn token by itself (min_new_tokens would change greedy output)
+    common = {"do_sample": False, "max_new_tokens": n, "pad_token_id": tok.eos_token_id}
     with torch.no_grad():
         patched.generate(prompts[0][1], use_mtp=False, **common)  # warm-up
         for kind, ids in prompts:
             plain, t_plain = timed(lambda: patched.generate(ids, use_mtp=False, **common))
-            spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n, eos_token_id=None))
+            spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n))
             stats = patched.last_mtp_stats
             lookup, t_lookup = timed(lambda: patched.generate(ids, use_mtp=False, prompt_lookup_num_tokens=10,
                                                                **common))
-            row = {"kind": kind, "prompt_tokens": ids.shape[1],
+            row = {"kind": kind, "prompt_tokens": ids.shape[1], "new_tokens": plain.shape[1] - ids.shape[1],
                    "identical_mtp": bool(torch.equal(plain, spec)),
                    "identical_prompt_lookup": bool(torch.equal(plain, lookup)),
                    "seconds_plain": t_plain, "seconds_mtp": t_spec, "seconds_prompt_lookup": t_lookup,
                    "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"]}
             res["prompts"].append(row)
+            m = row["new_tokens"]
             print(f"{kind:4s} identical={row['identical_mtp']} accepted/step {row['accepted_per_step']:.2f} "
-                  f"plain {n / t_plain:.1f} tok/s, mtp {n / t_spec:.1f}, lookup {n / t_lookup:.1f}", flush=True)
+                  f"plain {m / t_plain:.1f} tok/s, mtp {m / t_spec:.1f}, lookup {m / t_lookup:.1f}", flush=True)
 
     rows = res["prompts"]
     tot = {k: sum(r[f"seconds_{k}"] for r in rows) for k in ("plain", "mtp", "prompt_lookup")}
@@ -119,19 +132,16 @@ def main():
         "accepted_per_step_mean": statistics.mean(r["accepted_per_step"] for r in rows),
         "accepted_per_step_book": statistics.mean(r["accepted_per_step"] for r in rows if r["kind"] == "book"),
         "accepted_per_step_chat": statistics.mean(r["accepted_per_step"] for r in rows if r["kind"] == "chat"),
-        "tokens_per_s": {k: n * len(rows) / v for k, v in tot.items()},
+        "tokens_per_s": {k: sum(r["new_tokens"] for r in rows) / v for k, v in tot.items()},
         "speedup_mtp_vs_plain": tot["plain"] / tot["mtp"],
         "speedup_mtp_vs_prompt_lookup": tot["prompt_lookup"] / tot["mtp"],
         "speedup_prompt_lookup_vs_plain": tot["plain"] / tot["prompt_lookup"],
-        "training_budget": {"tokens": rep["mtp"]["training"]["tokens"], "seconds": rep["mtp"]["training"]["seconds"],
-                            "cores": torch.get_num_threads()},
+        "training_budget": ({"tokens": mtp_report["training"]["tokens"], "seconds": mtp_report["training"]["seconds"],
+                             "cores": torch.get_num_threads()} if mtp_report else None),
     }
     print(json.dumps(res["summary"], indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
-    if args.save_model:
-        with checkpoint.atomic_dir(Path(args.save_model), overwrite=True) as tmp:
-            checkpoint.write_checkpoint(patched, tok, tmp)
     print(f"wrote {args.out}")
 
 

@@ -39,7 +39,7 @@ def test_mtp_report_and_structure(trained):
 def test_greedy_speculative_output_equals_plain_greedy(trained, seed):
     patched, _ = trained
     ids = torch.randint(4, 250, (1, 5 + 3 * seed), generator=torch.Generator().manual_seed(seed))
-    plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, min_new_tokens=40)
+    plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
     spec = patched.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=None)
     assert torch.equal(plain, spec)
     stats = patched.last_mtp_stats
@@ -52,7 +52,7 @@ def test_untrained_heads_are_still_lossless_on_an_mla_model(tokenizer):
     patched, _ = patch_model(model, {**mtp_recipe(), "mla": {"enabled": True, "kv_keep": 0.5}}, tokenizer)
     assert type(patched.mtp[0].block.self_attn).__name__ == "LatentAttention"
     ids = torch.randint(4, 250, (1, 9))
-    plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=24, min_new_tokens=24)
+    plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=24, eos_token_id=None)
     spec, stats = speculative_generate(patched, ids, 24, (), heads=1)
     assert torch.equal(plain, spec) and len(stats["head_acceptance"]) == 1
 
@@ -104,7 +104,7 @@ def test_training_resumes_exactly(tokenizer, tmp_path):
             pass
 
         def update(self, step, loss, acc):
-            if step == 4:
+            if step == 5:  # crash after step 5; the last saved state is step 4 (save_every=2)
                 raise Stop
 
     with pytest.raises(Stop):

@@ -82,3 +82,26 @@ def test_copy_upcycling_is_exact_on_real_text(smollm2):
     assert diff <= 1e-4
     p = report["parameters"]["patched_active_per_token"]
     assert p["total"] / p["active"] >= 2
+
+
+def test_mtp_speculative_greedy_is_identical_on_real_prompts(smollm2):
+    """MTP heads on the real model (briefly trained): speculative greedy output equals plain greedy, token for
+    token, on book prompts and a chat prompt; the draft vocabulary (most frequent tokens) is in use."""
+    import copy
+
+    from patcher import patch_model
+    from patcher.calibrate import read_text, token_windows
+
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    recipe = {"mtp": {"heads": 2, "train_tokens": 1024, "seq_len": 128, "batch_size": 4, "draft_vocab": 4096},
+              "calibration": {"tokens": 1024, "seq_len": 256}, "eval": {"tokens": 512, "seq_len": 256}}
+    patched, report = patch_model(model, recipe, tok)
+    assert report["mtp"]["greedy_identical"] and patched.mtp[0].draft_ids.numel() == 4096
+    book = token_windows(tok, read_text(None, "evaluation"), 2 * 48, 48, 3)
+    chat = tok.apply_chat_template([{"role": "user", "content": "Name three colours."}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)["input_ids"]
+    for ids in [book[:1], book[1:2], chat]:
+        plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=24)
+        spec = patched.generate(ids, do_sample=False, max_new_tokens=24)  # both stop at end-of-turn
+        assert torch.equal(plain, spec)

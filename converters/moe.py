@@ -139,18 +139,18 @@ class MoEConverter:
         when only this layer is split uniformly (the layer's sensitivity)."""
         o = recipe.moe
         mlp = layer.get_submodule(lm.mlp)
-        wu, _ = weight_of(layer, lm.up)
+        wu, bu = weight_of(layer, lm.up)
         wd, _ = weight_of(layer, lm.down, rows=False)
         inter, d = wu.shape[0], wu.shape[1]
         ffn = sum(p.numel() for p in mlp.parameters())
         per_neuron = _neuron_params(lm, d)
         ls = LayerStats.of(lm, stats)
         wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
-        reader = Reader.fit(ls, *weight_of(layer, lm.up), wg, wd, mlp.get_submodule(lm.act_module),
-                            min(o.router_rank, d))
+        reader = Reader.fit(ls, wu, bu, wg, wd, mlp.get_submodule(lm.act_module), min(o.router_rank, d))
         uniform = self.uniform(lm, d, o)
+        uniform_frac = (uniform["shared_size"] + uniform["top_k"] * uniform["expert_size"]) / inter
         fracs = {f: None for f in GRID}
-        fracs[(uniform["shared_size"] + uniform["top_k"] * uniform["expert_size"]) / inter] = uniform
+        fracs[uniform_frac] = uniform
         options = {}
         for f, sizing in fracs.items():
             try:
@@ -162,7 +162,7 @@ class MoEConverter:
                           "error": ls.masked_error(sizing, reader, wd)}
         out = Analysis(ffn, options)
         if probe is not None:
-            out.probe_fraction = next(f for f, s in fracs.items() if s is uniform)
+            out.probe_fraction = uniform_frac
             # the probe measures the layer, not the partition: a random one is as telling and much quicker
             module, _, _ = self.build(probe.config, layer, lm, ls, uniform, recipe, partition="random")
             out.kl = probe(lm.index, lm.mlp, module)

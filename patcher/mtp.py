@@ -14,6 +14,7 @@ token t_{i+k} 的嵌入各做 RMSNorm、拼接、投影回隐藏维，过一个 
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -67,8 +68,6 @@ class MTPModule(nn.Module):
 
 def _block_from(layer: nn.Module) -> nn.Module:
     """A copy of a decoder layer that caches as layer 0 of its own cache."""
-    import copy
-
     block = copy.deepcopy(layer)
     for m in block.modules():
         if hasattr(m, "layer_idx"):
@@ -78,8 +77,6 @@ def _block_from(layer: nn.Module) -> nn.Module:
 
 def build_mtp(model: nn.Module, config) -> nn.ModuleList:
     """The MTP modules ``config.dsopt["mtp"]`` records, shaped after the source decoder layer and final norm."""
-    import copy
-
     rec = config.dsopt["mtp"]
     layers = model.get_submodule(config.dsopt["layers_path"])
     norm = model.get_submodule(rec["norm_path"])

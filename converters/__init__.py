@@ -5,9 +5,9 @@
 
 - ``section``：它在配方（Recipe）中读取的小节名；
 - ``structure_key``：它在 ``config.dsopt`` 中记录结构的键（attention / mlp）；
-- ``enabled(recipe)``：配方是否启用它；``check(layer_map)``：缺少角色时报错（写明层与角色）；
+- ``enabled(recipe)``：配方是否启用它；``check(layer_map, recipe)``：缺少角色时报错（写明层与角色）；
 - ``captures(layer_map, recipe)``：校准时需要的统计，(模块, "cov" 或 "inputs")；
-- ``needs_analysis(recipe)`` / ``analyse(layer, layer_map, stats, recipe, probe)``：规划轮（在未转换的模型上）
+- ``needs_analysis(recipe)`` / ``analyse(ctx, layer, layer_map, stats, recipe, probe)``：规划轮（在未转换的模型上）
   逐层分析；``needs_probe(recipe)`` 为真时引擎提供敏感度探测 ``probe(i, 路径, 模块) -> KL``；
 - ``plan(model_map, recipe, analyses)``：全局预算下的逐层计划；
 - ``convert(ctx, layer, layer_map, stats, plan_i, recipe)``：就地替换第 i 层的模块，返回 (结构记录, 报告信息)；

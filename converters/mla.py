@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from patcher.locate import LayerMap, ModelMap
-from patcher.modeling import LatentAttention
+from patcher.modeling import DecoupledLatentAttention, LatentAttention
 
 from . import register
+from . import rope_split
 from .weights import weight_of
 
 
@@ -72,22 +73,31 @@ def low_rank(w: torch.Tensor, cov: torch.Tensor | None, rank: int, init: str = "
 
 
 def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective: str) -> torch.Tensor | None:
+    """Output-side weighting of the joint [W_k; W_v] rows of a located layer (see ``weighting``)."""
+    if objective == "kv":
+        return None
+    return weighting(weight_of(layer, lm.q)[0], weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0],
+                     weight_of(layer, lm.o, rows=False)[0], lm, cov, objective)
+
+
+def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
+              k_ref: torch.Tensor | None = None) -> torch.Tensor | None:
     """Output-side weighting of the joint [W_k; W_v] rows for the SVD objective.
 
     ``kv``：不加权（K 与 V 输出误差的平方和）。``balanced``：K 块与 V 块各自归一到单位能量，
     使两者的相对误差同等重要。``attention``：K 的每一维按对应查询能量加权（注意力分数误差
     q·Δk；RoPE 下同一频率对的两维取平均），V 按 W_o 加权（输出误差 W_o·Δv），再各自归一。
+    ``k_ref``：K 块按这些行（源模型完整的 K）的能量归一——解耦 RoPE 时 no-position 部分可能很小，
+    不应被放大到与 V 同等重要。
     """
     if objective == "kv":
         return None
-    wk, _ = weight_of(layer, lm.k)
-    wv, _ = weight_of(layer, lm.v)
     c = cov.double()
+    k_ref = wk if k_ref is None else k_ref
     nk, nv = wk.shape[0], wv.shape[0]
     gk = torch.ones(nk, dtype=torch.float64)
     gv = torch.eye(nv, dtype=torch.float64)
     if objective == "attention":
-        wq, _ = weight_of(layer, lm.q)
         q_energy = torch.einsum("ij,jk,ik->i", wq.double(), c, wq.double()).view(lm.num_heads, lm.head_dim)
         rot = lm.rotary_dim
         if rot:
@@ -96,8 +106,7 @@ def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective:
             q_energy = torch.cat([pair, pair, q_energy[:, rot:]], dim=1)
         group = lm.num_heads // lm.num_kv_heads
         gk = q_energy.view(lm.num_kv_heads, group, lm.head_dim).sum(1).clamp_min(1e-12).sqrt().reshape(-1)
-        wo, _ = weight_of(layer, lm.o, rows=False)
-        vd = len(lm.v.rows[0])
+        vd = nv // lm.num_kv_heads
         blocks = []
         for g_idx in range(lm.num_kv_heads):
             m = torch.zeros(vd, vd, dtype=torch.float64)
@@ -107,9 +116,9 @@ def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective:
             evals, evecs = torch.linalg.eigh(m)
             blocks.append(evecs @ torch.diag(evals.clamp_min(1e-12).sqrt()) @ evecs.T)
         gv = torch.block_diag(*blocks)
-    ek = torch.einsum("ij,jk,ik->", gk[:, None] * wk.double(), c, gk[:, None] * wk.double())
+    ek = torch.einsum("ij,jk,ik->", gk[:, None] * k_ref.double(), c, gk[:, None] * k_ref.double())
     ev = torch.einsum("ij,jk,ik->", gv @ wv.double(), c, gv @ wv.double())
-    return torch.block_diag(torch.diag(gk) / ek.sqrt(), gv / ev.sqrt())
+    return torch.block_diag(torch.diag(gk) / ek.sqrt().clamp_min(1e-30), gv / ev.sqrt())
 
 
 def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank: int, mode: str,
@@ -153,10 +162,16 @@ def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank
 
 @dataclass
 class Analysis:
-    """规划轮中一层的结果：白化（加权）谱；按敏感度分配时还有实测的 KL 与探测所用的秩。"""
-    spectrum: torch.Tensor
+    """规划轮中一层的结果：白化（加权）谱；按敏感度分配时还有实测的 KL 与探测所用的秩；
+    解耦 RoPE 时是每个频率保留位置的实测增益。"""
+    spectrum: torch.Tensor | None
     kl: float | None = None
     probe_rank: int | None = None
+    rope_gain: torch.Tensor | None = None
+
+
+def decoupled(recipe) -> bool:
+    return recipe.mla.rope == "decoupled"
 
 
 class MLAConverter:
@@ -166,21 +181,37 @@ class MLAConverter:
     def enabled(self, recipe) -> bool:
         return recipe.mla.enabled
 
-    def check(self, lm: LayerMap) -> None:
+    def check(self, lm: LayerMap, recipe) -> None:
         lm.require("attention", "q", "k", "v", "o")
+        if decoupled(recipe):
+            where = f"第 {lm.index} 层注意力 {lm.prefix}.{lm.attention}"
+            if not lm.rotary_dim:
+                raise PlanError(f"{where} 没有 RoPE（missing role rotary），解耦 RoPE 无从谈起；请用 --mla-rope latent")
+            if lm.q_norm or lm.k_norm:
+                raise PlanError(f"{where} 对每头的 q/k 做 RMSNorm（{lm.q_norm or lm.k_norm}），是非线性的，"
+                                f"DeepSeek-V3 的解耦布局无法表达；请用 --mla-rope latent")
+            if recipe.mla.rope_dim > lm.rotary_dim:
+                raise PlanError(f"--rope-dim {recipe.mla.rope_dim} 超过 {where} 的旋转维数 {lm.rotary_dim}")
 
     def captures(self, lm: LayerMap, recipe) -> list[tuple[str, str]]:
-        return [(lm.k.module, "cov")]  # k and v read the same input: one covariance serves both
+        wants = [(lm.k.module, "cov")]  # k and v read the same input: one covariance serves both
+        if decoupled(recipe):  # measured attention-score errors need whole sequences
+            wants.append((lm.k.module, "sequences"))
+        return wants
 
     def needs_analysis(self, recipe) -> bool:
         return True
 
     def needs_probe(self, recipe) -> bool:
-        return recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None
+        return (recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None
+                and not decoupled(recipe))
 
-    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
+    def analyse(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
         """Planning pass: the (whitened, weighted) singular values of [W_k; W_v] of this layer, and, for
-        sensitivity allocation, the KL the model pays when only this layer runs at the uniform rank."""
+        sensitivity allocation, the KL the model pays when only this layer runs at the uniform rank.
+        Decoupled RoPE: the measured gain of keeping each frequency's position (the model picks one set)."""
+        if decoupled(recipe):
+            return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(ctx, layer, lm, stats)[2]))
         w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
         cov = stats.get((lm.k.module, "cov"))
         g = output_weights(layer, lm, cov, recipe.mla.objective)
@@ -191,9 +222,11 @@ class MLAConverter:
             out.kl = probe(lm.index, lm.attention, module)
         return out
 
-    def plan(self, mm: ModelMap, recipe, analyses: list[Analysis]) -> list[int]:
-        """Per-layer ranks under the global KV budget."""
+    def plan(self, mm: ModelMap, recipe, analyses: list[Analysis]) -> list:
+        """Per-layer ranks under the global KV budget (decoupled: one rank and one frequency set for all layers)."""
         opts = recipe.mla
+        if decoupled(recipe):
+            return self._plan_decoupled(mm, recipe, analyses)
         spectra = [a.spectrum for a in analyses]
         caps = [len(s) for s in spectra]  # min(K+V width, hidden size): the most rank a latent can use
         if opts.kv_lora_rank is not None:
@@ -246,28 +279,137 @@ class MLAConverter:
         new._rotary = rotary
         return new, spec, errors
 
-    def convert(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, rank: int, recipe) -> tuple[dict, dict]:
+    def _plan_decoupled(self, mm: ModelMap, recipe, analyses: list[Analysis]) -> list[dict]:
+        opts = recipe.mla
+        half, n = mm.layers[0].rotary_dim // 2, opts.rope_dim // 2
+        total = sum(a.rope_gain for a in analyses)
+        pairs = rope_split.choose_pairs(opts.rope_method, total, half, n)
+        widths = [kv_width(lm) for lm in mm.layers]
+        rank = opts.kv_lora_rank
+        if rank is None:  # the cache holds latent + shared rotary key: both count against the budget
+            rank = int(round(opts.kv_keep * sum(widths) / len(widths))) - opts.rope_dim
+        cap = min(min(widths), mm.hidden_size or min(widths))
+        if not 1 <= rank <= cap:
+            raise PlanError(f"解耦 RoPE 的 kv_lora_rank={rank} 不可能：须在 1 与 {cap} 之间"
+                            f"（--kv-keep {opts.kv_keep} 的预算减去 --rope-dim {opts.rope_dim}）")
+        gain = [float(total[i]) for i in range(half)]
+        return [{"rank": rank, "pairs": pairs, "gain": gain} for _ in mm.layers]
+
+    def _rope_parts(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict):
+        """Source weights (q bias folded), shared keys and per-frequency costs of one layer."""
+        cov = stats[(lm.k.module, "cov")]
+        seqs = stats[(lm.k.module, "sequences")]
+        wq, bq = weight_of(layer, lm.q)
+        wk, bk = weight_of(layer, lm.k)
+        rot = lm.rotary_dim
+        theta, scale = rope_split.rope_angles(ctx.rotary, rot)
+        q_bias_kept = None
+        if bq is not None:  # q_proj has no bias in DeepSeek-V3: least-squares fold of the constant into W_q
+            flat = seqs.reshape(-1, seqs.shape[-1]).double()
+            coef = torch.linalg.solve(cov.double() + 1e-8 * torch.eye(cov.shape[0], dtype=torch.float64),
+                                      flat.mean(0))
+            wq = wq.double() + torch.outer(bq.double(), coef)
+            q_bias_kept = float(flat.mean(0) @ coef)  # share of a constant the inputs can reproduce linearly
+        half = rot // 2
+        qc = rope_split.complex_rows(wq, lm.num_heads, lm.head_dim, half)
+        kc = rope_split.complex_rows(wk, lm.num_kv_heads, lm.head_dim, half)
+        bkc = torch.complex(bk.double().view(lm.num_kv_heads, -1)[:, :half],
+                            bk.double().view(lm.num_kv_heads, -1)[:, half:rot]) if bk is not None else None
+        sk = rope_split.shared_keys(qc, kc, bkc, cov)
+        costs = rope_split.frequency_costs(seqs, wq, None, wk, bk, sk, theta, lm, rot)
+        return (wq, wk, bk, scale, q_bias_kept), sk, costs
+
+    def build_decoupled(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, plan: dict, recipe):
+        """The decoupled-RoPE latent attention of one layer: (module, structure record, errors)."""
+        cov = stats[(lm.k.module, "cov")]
+        (wq, wk, bk, scale, q_bias_kept), sk, costs = self._rope_parts(ctx, layer, lm, stats)
+        wv, bv = weight_of(layer, lm.v)
+        wo, bo = weight_of(layer, lm.o, rows=False)
+        pairs, rank, hd = plan["pairs"], plan["rank"], lm.head_dim
+        rope = 2 * len(pairs)
+        ds_scaling = (hd + rope) ** -0.5
+        q_rows, k_rot, k_rot_bias, k_nope = rope_split.decoupled_weights(
+            wq, wk, sk, pairs, costs, lm, lm.rotary_dim, scale, lm.scaling / ds_scaling)
+        heads, groups, per = lm.num_heads, lm.num_kv_heads, lm.num_heads // lm.num_kv_heads
+        q_nope = q_rows.view(heads, hd + rope, -1)[:, :hd].reshape(-1, q_rows.shape[-1])
+        w = torch.cat([k_nope, wv.double()])
+        g = weighting(q_nope, k_nope, wv, wo, lm, cov, recipe.mla.objective, k_ref=wk)
+        up, down = low_rank(w, cov, rank, recipe.mla.init, g)
+        errors = _relative_errors(w, up @ down, cov, k_nope.shape[0], k_ref=wk)
+        eps = DecoupledLatentAttention.KV_NORM_EPS
+        alpha = rope_split.latent_scale(down, cov, eps)
+        vd = wv.shape[0] // groups
+        up_k, up_v = up[: k_nope.shape[0]].view(groups, hd, rank), up[k_nope.shape[0]:].view(groups, vd, rank)
+        kv_b = torch.cat([up_k, up_v], 1).repeat_interleave(per, 0).reshape(-1, rank)
+        o_bias = bo.double() if bo is not None else None
+        if bv is not None:  # attention weights sum to 1, so V's bias reaches the output as W_o·b_v: exact
+            o_bias = (o_bias if o_bias is not None else 0) + wo.double() @ bv.double().view(groups, vd).repeat_interleave(per, 0).reshape(-1)
+        attn = layer.get_submodule(lm.attention)
+        spec = {"kind": "decoupled", "path": lm.attention, "hidden_size": wq.shape[1], "num_heads": heads,
+                "qk_nope_head_dim": hd, "qk_rope_head_dim": rope, "v_head_dim": vd, "rank": rank,
+                "scaling": ds_scaling, "rope_pairs": list(pairs), "rope_half": lm.rotary_dim // 2,
+                "kv_a_bias": bk is not None, "o_bias": o_bias is not None, "out_size": wo.shape[0],
+                "sliding_window": getattr(attn, "sliding_window", None), "rope_method": recipe.mla.rope_method}
+        new = DecoupledLatentAttention(spec, ctx.config, getattr(attn, "layer_idx", lm.index))
+        dtype = weight_of(layer, lm.q)[0].dtype
+        with torch.no_grad():
+            new.q_proj.weight.copy_(q_rows.to(dtype))
+            new.kv_a_proj_with_mqa.weight.copy_(torch.cat([down * alpha, k_rot]).to(dtype))
+            if bk is not None:
+                new.kv_a_proj_with_mqa.bias.copy_(torch.cat([torch.zeros(rank, dtype=torch.float64), k_rot_bias]))
+            new.kv_a_layernorm.weight.fill_(math.sqrt(eps) / alpha)
+            new.kv_b_proj.weight.copy_(kv_b.to(dtype))
+            new.o_proj.weight.copy_(wo)
+            if o_bias is not None:
+                new.o_proj.bias.copy_(o_bias.to(dtype))
+        new.to(device=wq.device, dtype=dtype)
+        new._rotary = ctx.rotary
+        keep_inc = (costs["keep_inc"] < costs["keep_drop"])[pairs].sum().item()
+        nope_inc = [i for i in range(lm.rotary_dim // 2) if i not in pairs and costs["nope_inc"][i] < costs["nope_drop"][i]]
+        info = {**errors, "rope_pairs": list(pairs), "rope_shared_key_energy": float(sk.captured[pairs].mean()),
+                "rope_residual_unrotated": int(keep_inc), "nope_pairs_unrotated": len(nope_inc),
+                "nope_pairs_dropped": lm.rotary_dim // 2 - len(pairs) - len(nope_inc)}
+        if q_bias_kept is not None:
+            info["q_bias_share_kept"] = q_bias_kept
+        return new, spec, info
+
+    def convert(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, rank, recipe) -> tuple[dict, dict]:
         """Replace layer ``lm.index``'s attention in place; return its structure record and its errors."""
+        if decoupled(recipe):
+            new, spec, info = self.build_decoupled(ctx, layer, lm, stats, rank, recipe)
+            layer.set_submodule(lm.attention, new)
+            return spec, {"rank": rank["rank"], "kv_width": kv_width(lm), **info}
         cov = stats.get((lm.k.module, "cov"))
         new, spec, errors = self.build(ctx.config, layer, lm, cov, rank, recipe, ctx.rotary)
         layer.set_submodule(lm.attention, new)
         return spec, {"rank": rank, "kv_width": kv_width(lm), **errors}
 
-    def summary(self, mm: ModelMap, recipe, ranks: list[int]) -> dict:
+    def summary(self, mm: ModelMap, recipe, ranks: list) -> dict:
         o = recipe.mla
-        return {"objective": o.objective, "init": o.init, "allocation": o.allocation, "kv_keep": o.kv_keep,
+        if decoupled(recipe):
+            p = ranks[0]
+            return {"rope": "decoupled", "rope_method": o.rope_method, "qk_rope_head_dim": o.rope_dim,
+                    "rope_pairs": p["pairs"], "rope_gain_per_pair": p["gain"], "kv_lora_rank": p["rank"],
+                    "objective": o.objective, "init": o.init, "kv_keep": o.kv_keep,
+                    "total_rank": sum(r["rank"] + o.rope_dim for r in ranks),
+                    "source_kv_width": sum(kv_width(lm) for lm in mm.layers)}
+        return {"rope": "latent", "objective": o.objective, "init": o.init, "allocation": o.allocation, "kv_keep": o.kv_keep,
                 "kv_lora_rank": o.kv_lora_rank, "total_rank": sum(ranks),
                 "source_kv_width": sum(kv_width(lm) for lm in mm.layers)}
 
 
-def _relative_errors(w: torch.Tensor, w_hat: torch.Tensor, cov: torch.Tensor | None, k_rows: int) -> dict:
-    """Relative Frobenius error of the K and V outputs on the calibration inputs: sqrt(tr(ΔW C ΔWᵀ)/tr(W C Wᵀ))."""
+def _relative_errors(w: torch.Tensor, w_hat: torch.Tensor, cov: torch.Tensor | None, k_rows: int,
+                     k_ref: torch.Tensor | None = None) -> dict:
+    """Relative Frobenius error of the K and V outputs on the calibration inputs: sqrt(tr(ΔW C ΔWᵀ)/tr(W C Wᵀ)).
+
+    ``k_ref``: the K error relative to these rows' energy (decoupled RoPE: the source's whole K)."""
     c = cov.double() if cov is not None else torch.eye(w.shape[1], dtype=torch.float64)
     out = {}
     for name, sl in (("k", slice(0, k_rows)), ("v", slice(k_rows, None))):
         d = (w - w_hat)[sl]
         num = torch.einsum("ij,jk,ik->", d, c, d)
-        den = torch.einsum("ij,jk,ik->", w[sl].double(), c, w[sl].double()).clamp_min(1e-30)
+        ref = k_ref if (name == "k" and k_ref is not None) else w[sl]
+        den = torch.einsum("ij,jk,ik->", ref.double(), c, ref.double()).clamp_min(1e-30)
         out[f"{name}_rel_error"] = float((num / den).clamp_min(0).sqrt())
     return out
 

@@ -101,7 +101,7 @@ class MoEConverter:
     def enabled(self, recipe) -> bool:
         return recipe.moe.enabled
 
-    def check(self, lm: LayerMap) -> None:
+    def check(self, lm: LayerMap, recipe) -> None:
         lm.require("up", "down")
         if lm.mlp is None or lm.act_module is None:
             raise LocateError(f"第 {lm.index} 层（{lm.prefix}）的 MLP 没有可复用的激活模块，无法改造为 MoE"
@@ -134,7 +134,7 @@ class MoEConverter:
             frac = o.active - router
         return sizing
 
-    def analyse(self, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
+    def analyse(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
         """Planning pass: this layer's output error at each candidate fraction, and the KL the whole model pays
         when only this layer is split uniformly (the layer's sensitivity)."""
         o = recipe.moe
@@ -184,7 +184,9 @@ class MoEConverter:
             else:
                 out.append(self.uniform(lm, d, o))  # also validates the recipe before any allocation
         if o.mode == "copy" or o.allocation == "uniform":
-            return out
+            if o.first_dense > len(out):
+                raise PlanError(f"--moe-first-dense {o.first_dense} 超过层数 {len(out)}")
+            return [{"dense": True} if i < o.first_dense else p for i, p in enumerate(out)]
         costs = []
         for a in analyses:
             weight = max(a.kl, 1e-12) / max(a.options[a.probe_fraction]["error"], 1e-12)
@@ -253,7 +255,12 @@ class MoEConverter:
             _fill_copy(new, wu, bu, wg, wd, bd, o.noise, seed)
             info = {}
         else:
-            spec.update(router=o.router, weights="one",
+            # DeepSeek-V3 cannot give chosen experts a weight of exactly 1: its weights are sigmoid scores normalised
+            # over the top-k and scaled by routed_scaling_factor. With scaling = top_k and router logits squeezed
+            # near 0 (σ ≈ ½ ± 10⁻³) every chosen expert gets 1 ± 10⁻³, and the ranking is unchanged.
+            deepseek = recipe.output.format == "deepseek-v3"
+            spec.update(router=o.router, weights="prob" if deepseek else "one",
+                        routed_scaling=float(sizing["top_k"]) if deepseek else 1.0,
                         router_rank=min(o.router_rank, wu.shape[1], sizing["experts"] * sizing["expert_size"]),
                         router_bias=(wg is None and bu is not None))
             new = MoEMLP(spec, config, mlp.get_submodule(lm.act_module))
@@ -414,6 +421,9 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
             r = torch.linalg.solve(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype),
                                    x.double().T @ target.double() / x.shape[0])
             new.gate.weight.copy_(r.T)
+            if new.weights == "prob":
+                spread = (x.to(new.gate.weight.dtype) @ new.gate.weight.T).std().clamp_min(1e-12)
+                new.gate.weight.mul_(DEEPSEEK_LOGIT_SPREAD / spread)
         else:
             rd = Reader.fit(ls, wu, bu, wg, wd, new.act, new.router_down.weight.shape[0], order)
             new.router_down.weight.copy_(rd.down)
@@ -430,6 +440,9 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
             _balance(new, x)
     return {"router_recall": float(hit.gather(1, oracle).float().mean()), "energy_kept": kept,
             "energy_kept_oracle": best}
+
+
+DEEPSEEK_LOGIT_SPREAD = 4e-3  # router logit std in the DeepSeek layout: σ(l) = ½ + l/4 keeps weights within 10⁻³ of 1
 
 
 def _choose(new: MoEMLP, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 import converters
 from converters import mtp as mtp_converter
 
-from . import __version__, checkpoint, modeling
+from . import __version__, checkpoint, export_deepseek, modeling
 from .calibrate import DataError, digest, read_text, stream, token_windows
 from .fidelity import cache_bytes_per_token, compare, evaluate_base, parameter_count, write_report
 from .locate import ModelMap, locate
@@ -98,7 +98,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
     convs = converters.enabled_converters(recipe)
     for lm in mm.layers:
         for conv in convs:
-            conv.check(lm)  # raises, naming the layer and role, before any work is done
+            conv.check(lm, recipe)  # raises, naming the layer and role, before any work is done
 
     calib_text = read_text(recipe.calibration.data, "calibration")
     eval_text = read_text(recipe.eval.data, "evaluation")
@@ -129,7 +129,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
 
             def analyse(i, layer, stats):
                 for conv in analysing:
-                    analyses[conv.section][i] = conv.analyse(layer, mm.layers[i], stats, recipe, probe)
+                    analyses[conv.section][i] = conv.analyse(ctx, layer, mm.layers[i], stats, recipe, probe)
                 progress.advance()
 
             stream(model, layers, calib_ids, cal.batch_size, captures_of(analysing), analyse, progress.step)
@@ -154,6 +154,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         if convs:
             stream(model, layers, calib_ids, cal.batch_size, captures_of(convs), convert_layer, progress.step)
         patched = rebuild(model, mm, specs)
+        patched.dsopt_model_map = mm  # the roles' paths inside a layer, for exporters (unchanged by patching)
         mtp_record = mtp_converter.attach(patched, mm, recipe.mtp, calib_ids) if recipe.mtp.enabled else None
 
     mtp_training = None
@@ -337,7 +338,13 @@ def convert(source: str, recipe=None, out: str | Path | None = None, progress=No
     report["resources"]["load_seconds"] = load_seconds
     with checkpoint.atomic_dir(out, recipe.output.overwrite) as tmp:
         t = time.perf_counter()
-        checkpoint.write_checkpoint(patched, tokenizer, tmp, recipe.output.max_shard_size)
+        if recipe.output.format == "deepseek-v3":  # stock layout: no dsopt code in the folder, checked by loading it
+            export_deepseek.write_deepseek_v3(patched, patched.dsopt_model_map, tokenizer, tmp,
+                                              recipe.output.max_shard_size)
+            ids = token_windows(tokenizer, read_text(recipe.eval.data, "evaluation"), 512, 256, None)
+            report["export"] = export_deepseek.verify_export(tmp, patched, ids)
+        else:
+            checkpoint.write_checkpoint(patched, tokenizer, tmp, recipe.output.max_shard_size)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         report["resources"]["save_seconds"] = time.perf_counter() - t
         report["resources"]["peak_rss_mib"] = _peak_rss_mib()

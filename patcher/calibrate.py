@@ -101,7 +101,8 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
     """Statistics of the inputs that named submodules receive while the layer runs on all calibration batches.
 
     ``(module, "cov")``：E[x xᵀ]（float64）；``(module, "inputs")``：输入本身（float32，最多 ``max_rows`` 行，
-    均匀抽取），供需要逐 token 数据的转换器（例如 MoE 切分的共激活聚类）使用。
+    均匀抽取），供需要逐 token 数据的转换器（例如 MoE 切分的共激活聚类）使用；``(module, "sequences")``：
+    前几个完整序列 (N, T, d)（最多 ``max_rows`` 个 token），供需要 token 间关系（注意力）的转换器使用。
     """
     sums: dict = {}
     counts: dict = {}
@@ -114,6 +115,10 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
             if kind == "cov":
                 sums[key] = sums.get(key, 0) + (x.T @ x).double()  # float32 per batch, float64 across batches
                 counts[key] = counts.get(key, 0) + x.shape[0]
+            elif kind == "sequences":
+                kept = sum(p.shape[0] * p.shape[1] for p in rows.get(key, []))
+                if kept < max_rows:
+                    rows.setdefault(key, []).append(args[0].detach().float().clone())
             else:
                 rows.setdefault(key, []).append(x.clone())
         handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
@@ -127,7 +132,7 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
     out = {k: sums[k] / counts[k] for k in sums}
     for k, parts in rows.items():
         x = torch.cat(parts)
-        if x.shape[0] > max_rows:
+        if k[1] == "inputs" and x.shape[0] > max_rows:
             x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
         out[k] = x
     return out

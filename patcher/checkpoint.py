@@ -220,16 +220,23 @@ def model_card(report: dict) -> str:
     """输出目录中的 README.md：是什么、怎么加载、保真度摘要。"""
     f = report.get("fidelity") or {}
     kv = report.get("kv_cache") or {}
+    if report.get("export"):  # native DeepSeek-V3: stock classes, no custom code
+        load = ["from transformers import DeepseekV3ForCausalLM, AutoTokenizer",
+                "model = DeepseekV3ForCausalLM.from_pretrained(PATH)",
+                "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+                "# generate(use_mtp=True)：transformers 只在第 61 层找 DeepSeek-V3 的 MTP 权重，本模型的在第 N 层：",
+                'model._keys_to_ignore_on_load_unexpected.add(rf"model\\.layers\\.{model.config.num_hidden_layers}\\..*")']
+    else:
+        load = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # 未安装 dsopt 时",
+                "# 或者：import patcher 之后不需要 trust_remote_code",
+                "tokenizer = AutoTokenizer.from_pretrained(PATH)"]
     lines = [
         "---", "library_name: transformers", "tags: [dsopt, mla]", "---", "",
         f"# {report['source']} · dsopt 转换（{', '.join(report['techniques'])}）", "",
         f"由 dsopt {report['dsopt_version']} 从 `{report['source']}` 转换而来，配方 `{report['recipe_name']}`"
         "（完整配方见 `recipe.yaml`，保真度报告见 `fidelity.md` 与 `fidelity.json`）。", "",
-        "## 加载", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)  # 未安装 dsopt 时",
-        "# 或者：import patcher 之后不需要 trust_remote_code",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
+        "## 加载", "", "```python", *load, "```", "",
     ]
     if f:
         lines += ["## 摘要", "",

@@ -174,8 +174,32 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                       f"（{mtp['measured_with']}）。"]
         if t:
             lines.append(f"训练：{t['tokens']} 个 token，{t['steps']} 步，{t['seconds']:.0f} s，目标 {t['target']}。")
+    mla = (report.get("plan") or {}).get("mla") or {}
+    if mla.get("rope") == "decoupled":
+        lines += ["", f"## 解耦 RoPE（DeepSeek-V3 布局）", "",
+                  f"保留位置的频率（方法 `{mla['rope_method']}`）：源 RoPE 频率对 {mla['rope_pairs']}，"
+                  f"qk_rope_head_dim = {mla['qk_rope_head_dim']}，kv_lora_rank = {mla['kv_lora_rank']}。"
+                  "其余频率不带位置进入潜在向量（低频）或丢弃（实测代价更小的一种）；各层共享旋转键所含的"
+                  "（查询加权）键能量见逐层表。"]
+    ex = report.get("export") or {}
+    if ex:
+        kvs = ex["stock_kv_cache"]["kv_bytes_per_token"]
+        lines += ["", f"## 导出：{ex['format']}", "",
+                  f"- 标准 transformers 以 `{ex['class']}` 加载；与 dsopt 自己的前向相比 logits 最大差 "
+                  f"{ex['max_abs_logit_diff_vs_dsopt']:.2e}（logits 量级 {ex['logit_scale']:.1f}），top-1 一致 "
+                  f"{100 * ex['top1_agreement_vs_dsopt']:.2f} %。",
+                  f"- 标准模型缓存实测每 token {kvs:.0f} 字节；旋转：`{ex['rope_parameters']}`。"]
+        if "mtp_generate_identical_to_greedy" in ex:
+            lines.append(f"- `generate(use_mtp=True)`：输出与普通贪心"
+                         f"{'一致' if ex['mtp_generate_identical_to_greedy'] else '不一致'}。")
     layers = report.get("layers") or []
-    if layers and "rank" in layers[0]:
+    if layers and "rope_shared_key_energy" in layers[0]:
+        lines += ["", "## 逐层误差（校准输入上）", "",
+                  "| 层 | 潜在秩 | K 相对误差（对源 K） | V 相对误差 | 共享旋转键能量 | 不带位置保留的频率对 |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {l['layer']} | {l['rank']} | {l['k_rel_error']:.4f} | {l['v_rel_error']:.4f} | "
+                  f"{l['rope_shared_key_energy']:.3f} | {l['nope_pairs_unrotated']} |" for l in layers]
+    elif layers and "rank" in layers[0]:
         lines += ["", "## 逐层计划与误差（校准输入上）", "",
                   "| 层 | 潜在秩 | 源 K+V 宽度 | K 相对误差 | V 相对误差 |", "|---|---|---|---|---|"]
         lines += [f"| {l['layer']} | {l['rank']} | {l['kv_width']} | {l['k_rel_error']:.4f} | {l['v_rel_error']:.4f} |"

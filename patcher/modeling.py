@@ -22,7 +22,7 @@ try:  # the attention kernels of transformers (sdpa, flash, ...) under their con
 except ImportError:  # pragma: no cover - older layouts
     ALL_ATTENTION_FUNCTIONS = None
 
-from .mtp import build_mtp, speculative_generate  # in an output folder, mtp.py sits next to modeling_dsopt.py
+from .mtp import RMSNorm, build_mtp, speculative_generate  # in an output folder, mtp.py sits next to modeling_dsopt.py
 
 DSOPT_PREFIX = "dsopt_"
 
@@ -168,6 +168,77 @@ class LatentAttention(nn.Module):
         return self.o_proj(output), weights
 
 
+class DecoupledLatentAttention(nn.Module):
+    """多头潜在注意力，解耦 RoPE（DeepSeek-V2/V3 的布局，参数名与 ``DeepseekV3Attention`` 相同）。
+
+    每个 token 缓存 ``kv_a_layernorm(c)``（秩 r）与一个各头共享的旋转键 ``k_rot``（``qk_rope_head_dim`` 维）。
+    每头的键 = [k_nope（由 c 上投影，无位置）; k_rot]，查询 = [q_nope; q_rot]。旋转键使用源模型 RoPE 中
+    被保留的那些频率（``rope_pairs``，源 RoPE 的频率下标），由源家族的旋转模块给出 cos/sin，因此与源模型
+    的频率、缩放完全一致。缓存中存放旋转前的 [c; k_rot]，位置按缓存内的相对次序计算（RoPE 只依赖相对位置）。
+    """
+
+    KV_NORM_EPS = 1e-6  # DeepseekV3Attention builds kv_a_layernorm with this eps, whatever the config says
+
+    def __init__(self, spec: dict, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = spec["num_heads"]
+        self.qk_nope_head_dim = spec["qk_nope_head_dim"]
+        self.qk_rope_head_dim = spec["qk_rope_head_dim"]
+        self.v_head_dim = spec["v_head_dim"]
+        self.rank = spec["rank"]
+        self.scaling = spec["scaling"]
+        self.sliding_window = spec.get("sliding_window")
+        self.num_key_value_groups = 1  # every head has its own key and value once expanded from the latent
+        self.is_causal = True
+        pairs, half = spec["rope_pairs"], spec["rope_half"]
+        self.register_buffer("rope_columns", torch.tensor(list(pairs) + [p + half for p in pairs]), persistent=False)
+        hidden, heads = spec["hidden_size"], self.num_heads
+        self.q_proj = nn.Linear(hidden, heads * (self.qk_nope_head_dim + self.qk_rope_head_dim), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.qk_rope_head_dim, bias=spec["kv_a_bias"])
+        self.kv_a_layernorm = RMSNorm(self.rank, self.KV_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * self.v_head_dim, spec.get("out_size", hidden), bias=spec["o_bias"])
+        self._rotary = None  # the family's rotary embedding (set by the model), not a submodule of ours
+
+    def _rope_tables(self, length: int, like: torch.Tensor):
+        positions = torch.arange(length, device=like.device).unsqueeze(0)
+        cos, sin = self._rotary(like, positions)
+        cols = self.rope_columns.to(cos.device)
+        return cos[..., cols][:, None].to(like.dtype), sin[..., cols][:, None].to(like.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                cache=None, past_key_values=None, layer_past=None, **kwargs):
+        cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
+        bsz, q_len, _ = hidden_states.shape
+        nope, rope, heads = self.qk_nope_head_dim, self.qk_rope_head_dim, self.num_heads
+        query = self.q_proj(hidden_states).view(bsz, q_len, heads, nope + rope).transpose(1, 2)
+        compressed = self.kv_a_proj_with_mqa(hidden_states)
+        latent, k_rot = compressed.split([self.rank, rope], dim=-1)
+        entry = torch.cat([self.kv_a_layernorm(latent), k_rot], -1).unsqueeze(1)  # (B, 1, T, r + rope): the cache
+        if cache is not None:
+            entry, _ = cache.update(entry, entry.new_empty(bsz, 1, q_len, 0), self.layer_idx, kwargs=kwargs)
+        latent, k_rot = entry[:, 0].split([self.rank, rope], dim=-1)
+        kv_len = latent.shape[1]
+        cos, sin = self._rope_tables(kv_len, query)
+        k_rot = apply_rope(k_rot[:, None], cos, sin)
+        q_pass, q_rot = query.split([nope, rope], dim=-1)
+        q_rot = apply_rope(q_rot, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])
+        kv = self.kv_b_proj(latent).view(bsz, kv_len, heads, nope + self.v_head_dim).transpose(1, 2)
+        k_nope, value = kv.split([nope, self.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_rot.expand(-1, heads, -1, -1)], -1)
+        query = torch.cat([q_pass, q_rot], -1)
+        impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        attention = eager_attention
+        if impl != "eager" and ALL_ATTENTION_FUNCTIONS is not None and impl in ALL_ATTENTION_FUNCTIONS:
+            attention = ALL_ATTENTION_FUNCTIONS[impl]
+        kwargs.pop("position_ids", None)
+        output, weights = attention(self, query, key, value, attention_mask, dropout=0.0,
+                                    scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(output.reshape(bsz, q_len, -1).contiguous()), weights
+
+
 class MoEMLP(nn.Module):
     """混合专家 MLP：路由专家 + 可选的共享专家（始终激活）。
 
@@ -182,6 +253,7 @@ class MoEMLP(nn.Module):
         d, e, m = spec["hidden_size"], spec["num_experts"], spec["expert_size"]
         self.num_experts, self.top_k, self.gated = e, spec["top_k"], spec["gated"]
         self.routing, self.weights = spec["routing"], spec["weights"]
+        self.routed_scaling = spec.get("routed_scaling", 1.0)  # DeepSeek-V3's routed_scaling_factor
         self.n_group, self.topk_group = spec.get("n_group", 1), spec.get("topk_group", 1)
         self.act = act
         self.router = spec.get("router", "linear")
@@ -232,7 +304,7 @@ class MoEMLP(nn.Module):
             w = torch.ones_like(idx, dtype=x.dtype)
         else:
             w = scores.gather(1, idx)
-            w = (w / w.sum(-1, keepdim=True).clamp_min(1e-20)).to(x.dtype)
+            w = (w / w.sum(-1, keepdim=True).clamp_min(1e-20) * self.routed_scaling).to(x.dtype)
         return idx, w
 
     # Few tokens (decoding): gather the chosen experts' weights and run them as one batched product, instead of
@@ -337,10 +409,13 @@ def apply_structure(model: nn.Module, config) -> None:
     for idx, spec in sorted((plan.get("attention") or {}).items(), key=lambda kv: int(kv[0])):
         path = f"{plan['layers_path']}.{idx}.{spec['path']}"
         old = model.get_submodule(path)
-        if isinstance(old, LatentAttention):
+        if isinstance(old, (LatentAttention, DecoupledLatentAttention)):
             continue
-        norms = {role: (old.get_submodule(spec[role]) if spec.get(role) else None) for role in ("q_norm", "k_norm")}
-        new = LatentAttention(spec, config, getattr(old, "layer_idx", int(idx)), **norms)
+        if spec.get("kind") == "decoupled":
+            new = DecoupledLatentAttention(spec, config, getattr(old, "layer_idx", int(idx)))
+        else:
+            norms = {role: (old.get_submodule(spec[role]) if spec.get(role) else None) for role in ("q_norm", "k_norm")}
+            new = LatentAttention(spec, config, getattr(old, "layer_idx", int(idx)), **norms)
         ref = next(iter(old.parameters()), None)
         if ref is not None:
             new.to(device=ref.device, dtype=ref.dtype)

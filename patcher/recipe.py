@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -38,6 +38,20 @@ class MLAOptions(Section):
         "--rank-allocation", "秩分配：sensitivity（白化谱 × 实测每层敏感度）、uniform（每层同秩）、"
         "energy（按白化谱能量）、log（按白化谱残差的对数）", default="sensitivity")
     min_rank: int = _flag("--min-rank", "每层最小秩", default=8, ge=1)
+    rope: Literal["latent", "decoupled"] = _flag(
+        "--mla-rope", "位置编码：latent（RoPE 施加在上投影之后，只缓存潜在向量）或 decoupled（DeepSeek-V3："
+        "每头的 no-position 部分来自潜在向量，另有各头共享的旋转键；--format deepseek-v3 时必须）", default="latent")
+    rope_dim: int = _flag("--rope-dim", "decoupled：共享旋转键的维数（qk_rope_head_dim，偶数）", default=32, ge=2)
+    rope_method: Literal["calibrated", "high", "low"] = _flag(
+        "--rope-method", "decoupled：保留位置的频率，calibrated（按校准文本上注意力分数的实测误差挑选）、"
+        "high（最高频）或 low（最低频）", default="calibrated")
+
+    @field_validator("rope_dim")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError(f"--rope-dim 须为偶数（每个频率占两维），收到 {v}")
+        return v
 
 
 class MoEOptions(Section):
@@ -67,6 +81,8 @@ class MoEOptions(Section):
     topk_group: int = _flag("--moe-topk-groups", "每个 token 可选的组数", default=1, ge=1)
     balance: bool = _flag("--moe-balance", "在校准数据上调节 e_score_correction_bias 使负载均衡（无辅助损失）",
                           default=False)
+    first_dense: int = _flag("--moe-first-dense", "前多少层保持稠密 MLP（DeepSeek-V3 的 first_k_dense_replace；"
+                             "uniform 分配时生效）", default=0, ge=0)
     noise: float = _flag("--moe-noise", "copy：专家权重的相对噪声（0 时与稠密模型完全一致）", default=0.0, ge=0.0)
 
 
@@ -112,6 +128,9 @@ class EvalOptions(Section):
 
 
 class OutputOptions(Section):
+    format: Literal["dsopt", "deepseek-v3"] = _flag(
+        "--format", "输出格式：dsopt（源家族的类 + dsopt 模块）或 deepseek-v3（原生 DeepseekV3ForCausalLM，"
+        "无需任何自定义代码）", default="dsopt")
     overwrite: bool = _flag("--overwrite", "允许覆盖已存在的非空输出目录", default=False)
     max_shard_size: str = _flag("--max-shard-size", "safetensors 分片大小", default="200MB")
     trust_remote_code: bool = _flag("--trust-remote-code", "信任源检查点的远程代码（默认不信任）", default=False)
@@ -126,6 +145,26 @@ class Recipe(Section):
     calibration: CalibrationOptions = CalibrationOptions()
     eval: EvalOptions = EvalOptions()
     output: OutputOptions = OutputOptions()
+
+    @model_validator(mode="after")
+    def _deepseek_v3(self):
+        """``--format deepseek-v3`` fixes what the native layout can express; an explicit conflicting choice is an error."""
+        if self.output.format != "deepseek-v3":
+            return self
+        if not self.mla.enabled:
+            raise ValueError("--format deepseek-v3 需要 --mla：DeepSeek-V3 的注意力只有 MLA 一种")
+        needs = [(self.mla, "rope", "decoupled", "--mla-rope"), (self.mla, "allocation", "uniform", "--rank-allocation")]
+        if self.moe.enabled:
+            needs += [(self.moe, "routing", "sigmoid", "--moe-routing"), (self.moe, "allocation", "uniform", "--moe-allocation")]
+            if self.moe.mode == "split":
+                needs.append((self.moe, "router", "linear", "--moe-router"))
+        for section, name, value, flag in needs:
+            if getattr(section, name) != value:
+                if name in section.model_fields_set:
+                    raise ValueError(f"--format deepseek-v3 要求 {flag} {value}（DeepSeek-V3 的布局只能表达这一种），"
+                                     f"收到 {getattr(section, name)}")
+                setattr(section, name, value)
+        return self
 
     def techniques(self) -> list[str]:
         return [s for s in ("mla", "moe", "mtp") if getattr(self, s).enabled]

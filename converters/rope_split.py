@@ -1,0 +1,192 @@
+"""解耦 RoPE（DeepSeek-V2/V3）：决定哪些频率保留位置，并把源注意力拆成 no-position 部分与共享旋转键。
+
+源模型的每个 KV 头在每个 RoPE 频率上都有自己的键（一对维度，视作一个复数）。DeepSeek 的布局只给所有头
+一个共享的旋转键，其余部分来自潜在向量、没有位置。做法：
+
+1. **逐频率跨头 PCA**：频率 i 上各 KV 头的键 k_g 用一个共享复数键 s 的倍数 a_g·s 近似（按查询能量加权的
+   一阶主成分）。复数倍数与旋转可交换，所以 conj(a_g) 可以精确折进该组每个查询头的查询里；位置信息集中到
+   共享旋转键上，剩下的残差 k_g − a_g·s 才是损失。
+2. **逐频率的实测代价**（校准文本上）：对每个频率，比较“保留位置”（只丢残差的旋转）与“不保留”（整个键
+   失去旋转）时注意力分数的误差，以源注意力概率下的方差 ½·Var_A(Δscore) 计（≈ 该头注意力分布的 KL）。
+   失去旋转的部分可以不带位置放进 no-position 部分（低频近乎不转，几乎无损）或直接丢弃（高频的贡献
+   随相对位置快速转动，不带位置放进去反而更差）：每个频率取实测代价较小的一种。
+3. **选择频率**：DeepSeek-V3 的旋转模块只能产生等比数列的频率（``rope_theta``，必要时加线性缩放），所以
+   候选是源频率中的等比子集（起点 + 步长）；``calibrated`` 取各层增益之和最大的子集，``high`` / ``low``
+   是最高频 / 最低频这两种简单选择，供对比。
+
+复数记法：rotate-half 布局中第 i 对维度是 (i, i + half)，作为复数 re + j·im；旋转即乘 e^{jθ_i·p}；
+两个复数的实内积是 Re(q·conj(k))。
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def rope_angles(rotary: nn.Module, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ_i, scale_i) of the source rotary for each of its rot/2 pairs, read from its cos/sin at positions 0 and 1."""
+    like = torch.zeros(1, 2, rot, dtype=torch.float32)
+    cos, sin = rotary(like, torch.arange(2)[None])
+    half = rot // 2
+    theta = torch.atan2(sin[0, 1, :half].double(), cos[0, 1, :half].double())
+    return theta, cos[0, 0, :half].double()
+
+
+def complex_rows(w: torch.Tensor, heads: int, hd: int, half: int) -> torch.Tensor:
+    """(heads, half, d) complex rows of the rotated pairs: row i + j·row (i + half) of each head."""
+    w = w.double().view(heads, hd, -1)
+    return torch.complex(w[:, :half], w[:, half:2 * half])
+
+
+@dataclass
+class SharedKeys:
+    """Per-frequency shared rotary key s_i = rows·x + bias and each KV group's factor a_g,i (k_g ≈ a_g·s)."""
+    rows: torch.Tensor      # (half, d) complex
+    bias: torch.Tensor      # (half,) complex
+    factor: torch.Tensor    # (G, half) complex
+    captured: torch.Tensor  # (half,) share of the (query-weighted) key energy the shared key carries
+
+
+def shared_keys(qc: torch.Tensor, kc: torch.Tensor, bkc: torch.Tensor | None, cov: torch.Tensor) -> SharedKeys:
+    """Query-energy-weighted rank-1 (complex) PCA across KV groups, one frequency at a time."""
+    heads, half, _ = qc.shape
+    groups = kc.shape[0]
+    c = cov.to(torch.complex128)
+    q_energy = torch.einsum("hid,de,hie->hi", qc, c, qc.conj()).real
+    w = q_energy.view(groups, heads // groups, half).sum(1).clamp_min(1e-20)  # (G, half)
+    m = torch.einsum("gid,de,kie->igk", kc, c, kc.conj())  # (half, G, G): E[k_g conj(k_k)]
+    root = w.T.sqrt()  # (half, G)
+    weighted = root[:, :, None] * m * root[:, None, :]
+    evals, evecs = torch.linalg.eigh(weighted)
+    u = evecs[:, :, -1]  # (half, G), unit norm
+    top = evals[:, -1].clamp_min(1e-30)
+    kappa = (m.diagonal(dim1=1, dim2=2).real.mean(1).clamp_min(1e-30) / top).sqrt()  # E|s|² = mean_g E|k_g|²
+    b = kappa[:, None] * u.conj() * root  # (half, G): s = Σ_g b_g·k_g
+    rows = torch.einsum("ig,gid->id", b, kc)
+    bias = torch.einsum("ig,gi->i", b, bkc) if bkc is not None else torch.zeros(half, dtype=torch.complex128)
+    factor = (u / (kappa[:, None] * root)).T  # (G, half)
+    captured = top / weighted.diagonal(dim1=1, dim2=2).real.sum(1).clamp_min(1e-30)
+    return SharedKeys(rows, bias, factor, captured)
+
+
+def frequency_costs(seqs: torch.Tensor, wq, bq, wk, bk, sk: SharedKeys, theta: torch.Tensor, lm, rot: int,
+                    windows: int = 2, queries: int = 64) -> dict:
+    """Measured attention-score error per frequency on calibration sequences, for the four ways to treat it.
+
+    ``nope_inc`` / ``nope_drop``：该频率不保留位置，键放进 no-position 部分 / 丢弃；``keep_inc`` / ``keep_drop``：
+    保留位置（共享旋转键），PCA 残差放进 no-position 部分 / 丢弃。代价 = Σ_头 mean_查询 Var_A(Δscore)。
+    """
+    heads, groups, hd = lm.num_heads, lm.num_kv_heads, lm.head_dim
+    half, per, scaling = rot // 2, heads // groups, lm.scaling
+    names = ("nope_inc", "nope_drop", "keep_inc", "keep_drop")
+    out = {n: torch.zeros(half, dtype=torch.float64) for n in names}
+    seqs = seqs[:windows].double()
+    for x in seqs:
+        t = x.shape[0]
+        q = (x @ wq.double().T + (bq.double() if bq is not None else 0)).view(t, heads, hd)
+        k = (x @ wk.double().T + (bk.double() if bk is not None else 0)).view(t, groups, hd)
+        qc, kc = torch.complex(q[..., :half], q[..., half:rot]), torch.complex(k[..., :half], k[..., half:rot])
+        s = x.to(torch.complex128) @ sk.rows.T + sk.bias  # (t, half)
+        r = kc - sk.factor[None] * s[:, None]  # (t, G, half): what the shared key misses
+        pos = torch.linspace(t // 8, t - 1, min(queries, t - t // 8)).round().long()
+        delta = (pos[:, None] - torch.arange(t)[None]).double()  # (P, t)
+        causal = delta >= 0
+        spin = torch.polar(torch.ones(1, dtype=torch.float64), delta[..., None] * theta).to(torch.complex64)
+        for g in range(groups):  # the heads of one group share its key: one batched product per group
+            qg = qc[pos, g * per:(g + 1) * per].transpose(0, 1).to(torch.complex64)[:, :, None, :]  # (per, P, 1, half)
+            z_k = qg * kc[:, g].conj().to(torch.complex64)[None, None]  # (per, P, t, half)
+            turned = (z_k * spin).real  # each frequency's true contribution to the score
+            passed = torch.einsum("hpd,td->hpt", q[pos, g * per:(g + 1) * per, rot:].transpose(0, 1).float(),
+                                  k[:, g, rot:].float())
+            score = (turned.sum(-1) + passed) * scaling
+            probs = torch.softmax(score.masked_fill(~causal, float("-inf")), -1)
+            z_r = qg * r[:, g].conj().to(torch.complex64)[None, None]
+            turned_r = (z_r * spin).real
+            for name, e in (("nope_inc", turned - z_k.real), ("nope_drop", turned),
+                            ("keep_inc", turned_r - z_r.real), ("keep_drop", turned_r)):
+                e = e * scaling
+                mean = torch.einsum("hpt,hpti->hpi", probs, e)
+                var = torch.einsum("hpt,hpti->hpi", probs, e * e) - mean * mean
+                out[name] += var.double().mean(1).sum(0) / len(seqs)
+    return out
+
+
+def gains(costs: dict) -> torch.Tensor:
+    """Score error saved by keeping each frequency's position (best treatment either way)."""
+    return torch.minimum(costs["nope_inc"], costs["nope_drop"]) - torch.minimum(costs["keep_inc"], costs["keep_drop"])
+
+
+def candidate_sets(half: int, n: int) -> list[list[int]]:
+    """Every geometric subset of the source frequencies of size n: start + stride·j (what one rope_theta can make)."""
+    if n > half:
+        return []
+    sets = []
+    for stride in range(1, (half - 1) // max(n - 1, 1) + 1 if n > 1 else 2):
+        for start in range(0, half - (n - 1) * stride):
+            sets.append([start + stride * j for j in range(n)])
+    return sets
+
+
+def choose_pairs(method: str, total_gain: torch.Tensor | None, half: int, n: int) -> list[int]:
+    """The source frequency pairs (indices, highest frequency first) whose position the shared key keeps."""
+    if method == "high":
+        return list(range(n))
+    if method == "low":
+        return list(range(half - n, half))
+    return max(candidate_sets(half, n), key=lambda s: float(total_gain[s].sum()))
+
+
+def decoupled_weights(wq, wk, sk: SharedKeys, pairs: list[int], costs: dict, lm, rot: int, scale: torch.Tensor,
+                      ratio: float):
+    """DeepSeek-layout weights of one layer.
+
+    Returns (q rows (H·(hd+2n), d), shared rotary key rows (2n, d) and bias (2n,), K_nope rows (G·hd, d)).
+    Query rows of each head: [no-position part (hd dims); rotary part (2n dims, rotate-half order)];
+    ``ratio`` folds the change of softmax scale into the query.
+    """
+    heads, groups, hd = lm.num_heads, lm.num_kv_heads, lm.head_dim
+    half, per, n = rot // 2, heads // groups, len(pairs)
+    kept = set(pairs)
+    keep_inc = costs["keep_inc"] < costs["keep_drop"]
+    nope_inc = costs["nope_inc"] < costs["nope_drop"]
+    qc = complex_rows(wq, heads, hd, half)
+    kc = complex_rows(wk, groups, hd, half)
+    wq, wk = wq.double().view(heads, hd, -1), wk.double().view(groups, hd, -1)
+    d = wq.shape[-1]
+    q_out = torch.zeros(heads, hd + 2 * n, d, dtype=torch.float64)
+    k_nope = torch.zeros(groups, hd, d, dtype=torch.float64)
+    for g in range(groups):
+        for i in range(half):
+            if (i in kept and keep_inc[i]) or (i not in kept and nope_inc[i]):
+                row = kc[g, i] - sk.factor[g, i] * sk.rows[i] if i in kept else kc[g, i]
+                k_nope[g, i], k_nope[g, i + half] = row.real, row.imag
+        k_nope[g, rot:] = wk[g, rot:]
+    for h in range(heads):
+        g = h // per
+        for i in range(half):
+            if (i in kept and keep_inc[i]) or (i not in kept and nope_inc[i]):
+                # the source rotary scales cos/sin (attention_scaling): the unrotated copy keeps that factor
+                q_out[h, i], q_out[h, i + half] = wq[h, i] * scale[i] ** 2, wq[h, i + half] * scale[i] ** 2
+        q_out[h, rot:hd] = wq[h, rot:]
+        for j, i in enumerate(pairs):
+            row = qc[h, i] * sk.factor[g, i].conj()
+            q_out[h, hd + j], q_out[h, hd + n + j] = row.real, row.imag
+    idx = torch.tensor(pairs, dtype=torch.long)
+    k_rot = torch.cat([sk.rows[idx].real, sk.rows[idx].imag])
+    k_rot_bias = torch.cat([sk.bias[idx].real, sk.bias[idx].imag])
+    return (q_out * ratio).reshape(-1, d), k_rot, k_rot_bias, k_nope.reshape(-1, d)
+
+
+def latent_scale(down: torch.Tensor, cov: torch.Tensor, eps: float, headroom: float = 1e-4) -> float:
+    """α such that the scaled latent's mean square is ``headroom``·eps: RMSNorm(α·c) is then linear in c.
+
+    DeepSeek normalises the latent (``kv_a_layernorm``) before caching it; a per-token RMS would change every
+    key and value. In this regime RMSNorm(α·c)·w = c·(1 − headroom/2) with w = √eps/α, so the layer keeps the
+    source's function and the cached latent keeps its scale.
+    """
+    ms = float(torch.einsum("ij,jk,ik->", down.double(), cov.double(), down.double())) / down.shape[0]
+    return math.sqrt(headroom * eps / max(ms, 1e-30))

@@ -1,0 +1,359 @@
+"""导出为原生 DeepSeek-V3 格式：标准 transformers 以 ``DeepseekV3ForCausalLM`` 加载，不需要任何自定义代码。
+
+输入是 dsopt 的补丁模型（注意力为解耦 RoPE 的 ``DecoupledLatentAttention``，MLP 为稠密或 ``MoEMLP``，
+可带 MTP 模块）。这里只做布局与配置的映射，不再做任何近似；能否映射在写出前逐项检查，不能时说明原因：
+
+- 注意力：参数名本就与 DeepSeek 相同；``num_key_value_heads = num_attention_heads``（键、值由潜在向量为每头
+  展开）；旋转频率必须是源频率的等比子集，写成 ``rope_theta``（必要时加 ``linear`` 缩放）；
+  ``rope_interleave`` 与源布局一致（rotate-half → False）。
+- MLP：前 ``first_k_dense_replace`` 层稠密，其后每层必须是形状相同的 MoE（sigmoid 路由、线性 gate）。
+- MTP：写在 ``model.layers.{N+k}``（DeepSeek-V3 的检查点布局）：enorm / hnorm / eh_proj（DeepSeek 的拼接
+  顺序是 [嵌入; 隐藏状态]）/ 一个完整解码块 / shared_head.norm。MTP 块在 transformers 中总是 MoE：
+  主模型没有 MoE 时，把稠密 MLP 精确地拆成 2 个路由专家（top-2，各得权重 1）加共享专家。
+- ``rms_norm_eps`` 写成 1e-6：潜在向量的 RMSNorm 工作在线性区（见 ``converters.rope_split.latent_scale``），
+  它的 eps 必须是各推理引擎都一致的值；transformers 固定用 1e-6，vLLM/SGLang 读配置，两者由此一致。
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .modeling import DecoupledLatentAttention, MoEMLP
+
+EXPORT_EPS = 1e-6
+
+
+class ExportError(ValueError):
+    """补丁模型无法表达为 DeepSeek-V3 布局：消息说明哪一层、哪一项。"""
+
+
+def _plain_rms_weight(norm: nn.Module, where: str) -> torch.Tensor:
+    """The weight of a norm that behaves as x/rms(x)·w (checked numerically, so Gemma's 1+w or LayerNorm fail)."""
+    w = getattr(norm, "weight", None)
+    if w is None:
+        raise ExportError(f"{where} 没有 weight，不是 RMSNorm")
+    x = torch.randn(3, w.shape[0], dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        got = norm(x)
+        ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + EXPORT_EPS) * w.float()
+    if not torch.allclose(got.float(), ref, rtol=1e-3, atol=1e-4):
+        raise ExportError(f"{where}（{type(norm).__name__}）不是普通 RMSNorm（x/rms(x)·w），DeepSeek-V3 无法表达")
+    return w.detach()
+
+
+def rope_parameters(rotary: nn.Module, rot: int, pairs: list[int]) -> dict:
+    """DeepSeek rotary settings that reproduce the kept source frequencies exactly (or an ExportError)."""
+    from converters.rope_split import rope_angles
+
+    theta, scale = rope_angles(rotary, rot)
+    if not torch.allclose(scale, torch.ones_like(scale), atol=1e-6):
+        raise ExportError("源 RoPE 对 cos/sin 有缩放（attention_scaling ≠ 1，例如 YaRN），DeepSeek-V3 的 default/linear "
+                          "旋转无法表达")
+    kept = theta[pairs]
+    n = len(pairs)
+    ratio = float(kept[1] / kept[0]) if n > 1 else 0.5
+    want = kept[0] * ratio ** torch.arange(n, dtype=torch.float64)
+    if not torch.allclose(kept, want, rtol=1e-4):
+        raise ExportError(f"保留的源频率 {pairs} 不成等比数列（源 RoPE 可能带 llama3 式缩放），"
+                          f"一个 rope_theta 无法表达")
+    base = ratio ** -n  # DeepSeek: inv_freq_j = base^(-2j/(2n)) / factor
+    factor = 1.0 / float(kept[0])
+    if abs(factor - 1.0) < 1e-6:
+        return {"rope_type": "default", "rope_theta": base}
+    return {"rope_type": "linear", "rope_theta": base, "factor": factor}
+
+
+def _split_dense(gate, up, down):
+    """A dense SwiGLU MLP as 2 routed experts (top-2, weight 1 each) plus shared experts of the same size: exact."""
+    inter = gate.shape[0]
+    shared = next((s for s in range(1, 9) if inter % (2 + s) == 0), None)
+    if shared is None:
+        raise ExportError(f"MTP 块的稠密 MLP 中间维 {inter} 无法均分成 2 个路由专家加共享专家")
+    m = inter // (2 + shared)
+    return {"experts": 2, "top_k": 2, "size": m, "n_shared": shared, "scaling": 2.0,
+            "gate": gate[:2 * m].view(2, m, -1), "up": up[:2 * m].view(2, m, -1),
+            "down": down[:, :2 * m].T.reshape(2, m, -1).transpose(1, 2),
+            "router": torch.zeros(2, gate.shape[1]), "bias": torch.zeros(2),
+            "shared": (gate[2 * m:], up[2 * m:], down[:, 2 * m:])}
+
+
+def _moe_parts(mlp: MoEMLP, where: str) -> dict:
+    if mlp.gate is None or mlp.routing != "sigmoid" or not mlp.gated or mlp.weights != "prob":
+        raise ExportError(f"{where} 的 MoE 不是 DeepSeek-V3 的形式（需要 sigmoid 路由、线性 gate、归一化权重、门控专家）")
+    if mlp.experts_up_bias is not None or mlp.down_bias is not None:
+        raise ExportError(f"{where} 的专家带偏置，DeepSeek-V3 的专家没有偏置")
+    m, d = mlp.experts_up.shape[1], mlp.experts_up.shape[2]
+    s = mlp.shared_up.weight.shape[0] if mlp.shared_up is not None else 0
+    if s % m:
+        raise ExportError(f"{where} 的共享专家宽度 {s} 不是专家宽度 {m} 的整数倍")
+    ref = mlp.experts_up
+    shared = ((mlp.shared_gate.weight.detach(), mlp.shared_up.weight.detach(), mlp.shared_down.weight.detach()) if s
+              else (ref.new_zeros(0, d), ref.new_zeros(0, d), ref.new_zeros(d, 0)))
+    return {"experts": mlp.num_experts, "top_k": mlp.top_k, "size": m, "n_shared": s // m,
+            "scaling": float(mlp.routed_scaling), "n_group": mlp.n_group, "topk_group": mlp.topk_group,
+            "gate": mlp.experts_gate.detach(), "up": mlp.experts_up.detach(), "down": mlp.experts_down.detach(),
+            "router": mlp.gate.weight.detach(), "bias": mlp.e_score_correction_bias.detach(), "shared": shared}
+
+
+def _dense_parts(layer: nn.Module, lm, where: str):
+    from converters.weights import weight_of
+
+    if lm.gate is None:
+        raise ExportError(f"{where} 的 MLP 没有 gate 投影（不是 SwiGLU 类），DeepSeek-V3 的 MLP 无法表达")
+    (wg, bg), (wu, bu), (wd, bd) = weight_of(layer, lm.gate), weight_of(layer, lm.up), weight_of(layer, lm.down, rows=False)
+    if any(b is not None for b in (bg, bu, bd)):
+        raise ExportError(f"{where} 的 MLP 带偏置，DeepSeek-V3 的 MLP 没有偏置")
+    return wg, wu, wd
+
+
+def _attention(attn: nn.Module, where: str) -> DecoupledLatentAttention:
+    if not isinstance(attn, DecoupledLatentAttention):
+        raise ExportError(f"{where} 不是解耦 RoPE 的 MLA（{type(attn).__name__}）；请用 --mla --mla-rope decoupled 转换")
+    return attn
+
+
+class _Layout:
+    """Collects the DeepSeek-V3 tensors of the main model and of the MTP layers, and the shapes they imply."""
+
+    def __init__(self):
+        self.main: dict[str, torch.Tensor] = {}
+        self.mtp: dict[str, torch.Tensor] = {}
+        self.moe_shape: dict | None = None
+        self.attn_shape: dict | None = None
+        self.bias = False
+
+    def attention(self, out: dict, p: str, a: DecoupledLatentAttention, where: str) -> None:
+        shape = {"num_heads": a.num_heads, "kv_lora_rank": a.rank, "qk_nope_head_dim": a.qk_nope_head_dim,
+                 "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim,
+                 "rope_columns": a.rope_columns.tolist(), "hidden": a.q_proj.weight.shape[1]}
+        if self.attn_shape is None:
+            self.attn_shape = shape
+        elif shape != self.attn_shape:
+            raise ExportError(f"{where} 的注意力形状与第 0 层不同（DeepSeek-V3 只有一个 kv_lora_rank 与一组旋转频率）")
+        out[p + "self_attn.q_proj.weight"] = a.q_proj.weight
+        out[p + "self_attn.kv_a_proj_with_mqa.weight"] = a.kv_a_proj_with_mqa.weight
+        out[p + "self_attn.kv_a_layernorm.weight"] = a.kv_a_layernorm.weight
+        out[p + "self_attn.kv_b_proj.weight"] = a.kv_b_proj.weight
+        out[p + "self_attn.o_proj.weight"] = a.o_proj.weight
+        for name, lin in (("kv_a_proj_with_mqa", a.kv_a_proj_with_mqa), ("o_proj", a.o_proj)):
+            if lin.bias is not None:
+                self.bias = True
+                out[p + f"self_attn.{name}.bias"] = lin.bias
+
+    def moe(self, out: dict, p: str, parts: dict, where: str, fused: bool) -> None:
+        shape = {k: parts[k] for k in ("experts", "top_k", "size", "n_shared", "scaling")}
+        shape.update(n_group=parts.get("n_group", 1), topk_group=parts.get("topk_group", 1))
+        if self.moe_shape is None:
+            self.moe_shape = shape
+        elif {k: v for k, v in shape.items() if k not in ("n_group", "topk_group")} != \
+                {k: v for k, v in self.moe_shape.items() if k not in ("n_group", "topk_group")}:
+            raise ExportError(f"{where} 的 MoE 形状 {shape} 与其他层 {self.moe_shape} 不同（DeepSeek-V3 每层相同）")
+        out[p + "mlp.gate.weight"] = parts["router"].float()
+        out[p + "mlp.gate.e_score_correction_bias"] = parts["bias"].float()
+        if fused:  # the in-memory layout of transformers' DeepseekV3Experts
+            out[p + "mlp.experts.gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], 1)
+            out[p + "mlp.experts.down_proj"] = parts["down"]
+        else:  # the checkpoint layout transformers converts from when loading
+            for e in range(parts["experts"]):
+                out[p + f"mlp.experts.{e}.gate_proj.weight"] = parts["gate"][e]
+                out[p + f"mlp.experts.{e}.up_proj.weight"] = parts["up"][e]
+                out[p + f"mlp.experts.{e}.down_proj.weight"] = parts["down"][e]
+        sg, su, sd = parts["shared"]
+        out[p + "mlp.shared_experts.gate_proj.weight"] = sg
+        out[p + "mlp.shared_experts.up_proj.weight"] = su
+        out[p + "mlp.shared_experts.down_proj.weight"] = sd
+
+
+def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
+    """(config kwargs, main-model state dict in transformers' in-memory layout, MTP tensors in checkpoint layout).
+
+    ``mm`` is the source's ModelMap: the roles' paths inside a layer are the same in the patched model."""
+    plan = model.config.dsopt
+    layers = model.get_submodule(plan["layers_path"])
+    lay = _Layout()
+    dense_prefix, seen_moe = 0, False
+    inter = None
+    for i, (layer, lm) in enumerate(zip(layers, mm.layers)):
+        where = f"第 {i} 层"
+        p = f"model.layers.{i}."
+        lay.attention(lay.main, p, _attention(layer.get_submodule(lm.attention), where + "注意力"), where)
+        lay.main[p + "input_layernorm.weight"] = _plain_rms_weight(layer.get_submodule(lm.attn_norm), where + "输入归一化")
+        lay.main[p + "post_attention_layernorm.weight"] = _plain_rms_weight(layer.get_submodule(lm.mlp_norm),
+                                                                            where + "MLP 前归一化")
+        mlp = layer.get_submodule(lm.mlp)
+        if isinstance(mlp, MoEMLP):
+            seen_moe = True
+            lay.moe(lay.main, p, _moe_parts(mlp, where), where, fused=True)
+        else:
+            if seen_moe:
+                raise ExportError(f"{where} 是稠密 MLP，但它前面已有 MoE 层：DeepSeek-V3 只允许前 first_k_dense_replace 层稠密"
+                                  f"（用 --moe-allocation uniform --moe-first-dense K）")
+            dense_prefix += 1
+            wg, wu, wd = _dense_parts(layer, lm, where)
+            inter = wg.shape[0]
+            lay.main[p + "mlp.gate_proj.weight"], lay.main[p + "mlp.up_proj.weight"] = wg, wu
+            lay.main[p + "mlp.down_proj.weight"] = wd
+    n_layers = len(layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    lay.main["model.embed_tokens.weight"] = embed.weight
+    lay.main["lm_head.weight"] = head.weight
+    lay.main["model.norm.weight"] = _plain_rms_weight(model.get_submodule(_final_norm(model)), "末层归一化")
+
+    heads = len(getattr(model, "mtp", None) or [])
+    for k in range(heads):
+        mod, p = model.mtp[k], f"model.layers.{n_layers + k}."
+        where = f"MTP 模块 {k}"
+        d = mod.eh_proj.weight.shape[0]
+        w = mod.eh_proj.weight.detach()
+        lay.mtp[p + "eh_proj.weight"] = torch.cat([w[:, d:], w[:, :d]], 1)  # ours [h; e], DeepSeek [e; h]
+        lay.mtp[p + "enorm.weight"] = mod.enorm.weight
+        lay.mtp[p + "hnorm.weight"] = mod.hnorm.weight
+        lay.mtp[p + "shared_head.norm.weight"] = _plain_rms_weight(mod.norm, where + "末层归一化")
+        block, lm = mod.block, mm.layers[plan["mtp"]["source_layer"]]
+        lay.attention(lay.mtp, p, _attention(block.get_submodule(lm.attention), where), where)
+        lay.mtp[p + "input_layernorm.weight"] = _plain_rms_weight(block.get_submodule(lm.attn_norm), where)
+        lay.mtp[p + "post_attention_layernorm.weight"] = _plain_rms_weight(block.get_submodule(lm.mlp_norm), where)
+        mlp = block.get_submodule(lm.mlp)
+        parts = _moe_parts(mlp, where) if isinstance(mlp, MoEMLP) else _split_dense(*_dense_parts(block, lm, where))
+        lay.moe(lay.mtp, p, parts, where, fused=False)
+
+    a, moe = lay.attn_shape, lay.moe_shape
+    rot_half = len(a["rope_columns"]) // 2
+    pairs = a["rope_columns"][:rot_half]
+    first = next(iter(mm.layers))
+    rotary = model.get_submodule(plan["rotary_path"])
+    src = model.config
+    cfg = {
+        "vocab_size": embed.weight.shape[0], "hidden_size": a["hidden"], "num_hidden_layers": n_layers,
+        "intermediate_size": inter or (moe["size"] * (moe["experts"] + moe["n_shared"]) if moe else a["hidden"]),
+        "num_attention_heads": a["num_heads"], "num_key_value_heads": a["num_heads"],
+        "q_lora_rank": None, "kv_lora_rank": a["kv_lora_rank"], "qk_nope_head_dim": a["qk_nope_head_dim"],
+        "qk_rope_head_dim": a["qk_rope_head_dim"], "v_head_dim": a["v_head_dim"],
+        "rope_parameters": rope_parameters(rotary, first.rotary_dim, pairs), "rope_interleave": False,
+        "attention_bias": lay.bias, "rms_norm_eps": EXPORT_EPS,
+        "first_k_dense_replace": dense_prefix, "num_nextn_predict_layers": heads,
+        "hidden_act": getattr(src, "hidden_act", None) or getattr(src, "hidden_activation", "silu"),
+        "max_position_embeddings": getattr(src, "max_position_embeddings", 4096),
+        "tie_word_embeddings": bool(getattr(src, "tie_word_embeddings", False)),
+        "bos_token_id": src.bos_token_id, "eos_token_id": src.eos_token_id,
+        "pad_token_id": getattr(src, "pad_token_id", None),
+    }
+    if moe:
+        cfg.update(n_routed_experts=moe["experts"], num_experts_per_tok=moe["top_k"],
+                   moe_intermediate_size=moe["size"], n_shared_experts=moe["n_shared"],
+                   routed_scaling_factor=moe["scaling"], norm_topk_prob=True,
+                   n_group=moe["n_group"], topk_group=moe["topk_group"])
+    if lay.bias:  # attention_bias also gives o_proj a bias: layers without one get zeros
+        for i in range(n_layers):
+            for name, size in (("kv_a_proj_with_mqa", a["kv_lora_rank"] + a["qk_rope_head_dim"]), ("o_proj", a["hidden"])):
+                key = f"model.layers.{i}.self_attn.{name}.bias"
+                lay.main.setdefault(key, torch.zeros(size))
+    return cfg, lay.main, lay.mtp
+
+
+def _final_norm(model: nn.Module) -> str:
+    from converters.mtp import final_norm_path
+
+    rec = (model.config.dsopt or {}).get("mtp")
+    return rec["norm_path"] if rec else final_norm_path(model)
+
+
+def write_deepseek_v3(model: nn.Module, mm, tokenizer, tmp: Path, max_shard_size: str = "200MB") -> dict:
+    """Write the stock DeepSeek-V3 checkpoint of ``model`` into ``tmp``; return the config written."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg_kwargs, main, mtp = deepseek_v3_layout(model, mm)
+    config = DeepseekV3Config(**cfg_kwargs)
+    dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        stock = DeepseekV3ForCausalLM(config)
+    state = {k: v.detach().to(dtype if v.is_floating_point() and "mlp.gate." not in k else v.dtype).contiguous()
+             for k, v in main.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    missing, unexpected = stock.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ExportError(f"DeepSeek-V3 映射不完整：缺少 {missing[:5]}，多出 {unexpected[:5]}")
+    stock.tie_weights()
+    stock.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+    if mtp:
+        _append_shard(tmp, "model-mtp.safetensors",
+                      {k: v.detach().to(dtype if "mlp.gate." not in k else torch.float32).contiguous()
+                       for k, v in mtp.items()})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    return cfg_kwargs
+
+
+def _append_shard(folder: Path, name: str, tensors: dict) -> None:
+    """Add a safetensors file and list its tensors in the index.
+
+    A single-file save is turned into a sharded one first: transformers prefers ``model.safetensors`` over the
+    index when both exist, and would then never see the added file."""
+    save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:
+        from safetensors import safe_open
+
+        main = "model-main.safetensors"
+        (folder / "model.safetensors").rename(folder / main)
+        with safe_open(str(folder / main), "pt") as f:
+            index = {"metadata": {}, "weight_map": {k: main for k in f.keys()}}
+    index["weight_map"].update({k: name for k in tensors})
+    index.setdefault("metadata", {})["total_size"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def load_stock(folder: Path, with_mtp_keys: bool = True):
+    """Load an export with stock transformers; make its MTP layers findable by ``generate(use_mtp=True)``.
+
+    transformers 5 finds DeepSeek-V3 MTP weights through ``DeepseekV3ForCausalLM._keys_to_ignore_on_load_unexpected``,
+    which names layer 61 only (the 671B model): a model with N layers keeps its MTP at ``model.layers.N``, so the
+    pattern for N is added on the loaded instance (one line; a fresh process needs it too, see README).
+    """
+    from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # the MTP keys are "unexpected" for the main model: expected, not news
+    try:
+        model = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    finally:
+        logging.set_verbosity(level)
+    if with_mtp_keys:
+        model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+            rf"model\.layers\.{model.config.num_hidden_layers}\..*"}
+    return model
+
+
+def verify_export(folder: Path, patched: nn.Module, ids: torch.Tensor, mtp_tokens: int = 12) -> dict:
+    """Load the export with stock transformers and compare it with dsopt's own forward of the same model."""
+    from .fidelity import cache_bytes_per_token
+
+    stock = load_stock(folder)
+    with torch.no_grad():
+        ours = patched(input_ids=ids, use_cache=False).logits.float()
+        theirs = stock(input_ids=ids, use_cache=False).logits.float()
+    diff = float((ours - theirs).abs().max())
+    result = {"format": "deepseek-v3", "class": type(stock).__name__,
+              "max_abs_logit_diff_vs_dsopt": diff, "logit_scale": float(ours.abs().max()),
+              "top1_agreement_vs_dsopt": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+              "stock_kv_cache": cache_bytes_per_token(stock, ids[:1, :64]),
+              "rope_parameters": stock.config.rope_parameters}
+    if diff > 1e-3 * max(result["logit_scale"], 1.0):
+        raise ExportError(f"标准 transformers 加载导出后的 logits 与 dsopt 自己的前向相差 {diff:.3g}，映射有误，未写出")
+    if stock.config.num_nextn_predict_layers:
+        prompt = ids[:1, :32]
+        with torch.no_grad():
+            plain = stock.generate(prompt, max_new_tokens=mtp_tokens, do_sample=False, pad_token_id=0)
+            drafted = stock.generate(prompt, max_new_tokens=mtp_tokens, do_sample=False, pad_token_id=0, use_mtp=True)
+        result["mtp_generate_identical_to_greedy"] = bool(torch.equal(plain, drafted))
+    return result

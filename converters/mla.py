@@ -174,6 +174,11 @@ def decoupled(recipe) -> bool:
     return recipe.mla.rope == "decoupled"
 
 
+def rope_dim(recipe, lm: LayerMap) -> int:
+    """qk_rope_head_dim: as asked, else DeepSeek-V3's 64 (or the source's whole rotary part when smaller)."""
+    return recipe.mla.rope_dim if recipe.mla.rope_dim is not None else min(64, lm.rotary_dim)
+
+
 class MLAConverter:
     section = "mla"
     structure_key = "attention"
@@ -190,7 +195,7 @@ class MLAConverter:
             if lm.q_norm or lm.k_norm:
                 raise PlanError(f"{where} 对每头的 q/k 做 RMSNorm（{lm.q_norm or lm.k_norm}），是非线性的，"
                                 f"DeepSeek-V3 的解耦布局无法表达；请用 --mla-rope latent")
-            if recipe.mla.rope_dim > lm.rotary_dim:
+            if rope_dim(recipe, lm) > lm.rotary_dim:
                 raise PlanError(f"--rope-dim {recipe.mla.rope_dim} 超过 {where} 的旋转维数 {lm.rotary_dim}")
 
     def captures(self, lm: LayerMap, recipe) -> list[tuple[str, str]]:
@@ -281,17 +286,18 @@ class MLAConverter:
 
     def _plan_decoupled(self, mm: ModelMap, recipe, analyses: list[Analysis]) -> list[dict]:
         opts = recipe.mla
-        half, n = mm.layers[0].rotary_dim // 2, opts.rope_dim // 2
+        dim = rope_dim(recipe, mm.layers[0])
+        half, n = mm.layers[0].rotary_dim // 2, dim // 2
         total = sum(a.rope_gain for a in analyses)
         pairs = rope_split.choose_pairs(opts.rope_method, total, half, n)
         widths = [kv_width(lm) for lm in mm.layers]
         rank = opts.kv_lora_rank
         if rank is None:  # the cache holds latent + shared rotary key: both count against the budget
-            rank = int(round(opts.kv_keep * sum(widths) / len(widths))) - opts.rope_dim
+            rank = int(round(opts.kv_keep * sum(widths) / len(widths))) - dim
         cap = min(min(widths), mm.hidden_size or min(widths))
         if not 1 <= rank <= cap:
             raise PlanError(f"解耦 RoPE 的 kv_lora_rank={rank} 不可能：须在 1 与 {cap} 之间"
-                            f"（--kv-keep {opts.kv_keep} 的预算减去 --rope-dim {opts.rope_dim}）")
+                            f"（--kv-keep {opts.kv_keep} 的预算减去 --rope-dim {dim}）")
         gain = [float(total[i]) for i in range(half)]
         return [{"rank": rank, "pairs": pairs, "gain": gain} for _ in mm.layers]
 
@@ -388,10 +394,11 @@ class MLAConverter:
         o = recipe.mla
         if decoupled(recipe):
             p = ranks[0]
-            return {"rope": "decoupled", "rope_method": o.rope_method, "qk_rope_head_dim": o.rope_dim,
+            dim = 2 * len(p["pairs"])
+            return {"rope": "decoupled", "rope_method": o.rope_method, "qk_rope_head_dim": dim,
                     "rope_pairs": p["pairs"], "rope_gain_per_pair": p["gain"], "kv_lora_rank": p["rank"],
                     "objective": o.objective, "init": o.init, "kv_keep": o.kv_keep,
-                    "total_rank": sum(r["rank"] + o.rope_dim for r in ranks),
+                    "total_rank": sum(r["rank"] + dim for r in ranks),
                     "source_kv_width": sum(kv_width(lm) for lm in mm.layers)}
         return {"rope": "latent", "objective": o.objective, "init": o.init, "allocation": o.allocation, "kv_keep": o.kv_keep,
                 "kv_lora_rank": o.kv_lora_rank, "total_rank": sum(ranks),

@@ -130,7 +130,7 @@ class _Layout:
     def attention(self, out: dict, p: str, a: DecoupledLatentAttention, where: str) -> None:
         shape = {"num_heads": a.num_heads, "kv_lora_rank": a.rank, "qk_nope_head_dim": a.qk_nope_head_dim,
                  "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim,
-                 "rope_columns": a.rope_columns.tolist(), "hidden": a.q_proj.weight.shape[1]}
+                 "rope_columns": list(a.rope_columns), "hidden": a.q_proj.weight.shape[1]}
         if self.attn_shape is None:
             self.attn_shape = shape
         elif shape != self.attn_shape:

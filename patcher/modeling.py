@@ -193,7 +193,8 @@ class DecoupledLatentAttention(nn.Module):
         self.num_key_value_groups = 1  # every head has its own key and value once expanded from the latent
         self.is_causal = True
         pairs, half = spec["rope_pairs"], spec["rope_half"]
-        self.register_buffer("rope_columns", torch.tensor(list(pairs) + [p + half for p in pairs]), persistent=False)
+        # a plain list, not a buffer: transformers materialises non-persistent buffers uninitialised at load time
+        self.rope_columns = [int(p) for p in pairs] + [int(p) + half for p in pairs]
         hidden, heads = spec["hidden_size"], self.num_heads
         self.q_proj = nn.Linear(hidden, heads * (self.qk_nope_head_dim + self.qk_rope_head_dim), bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.rank + self.qk_rope_head_dim, bias=spec["kv_a_bias"])
@@ -205,7 +206,7 @@ class DecoupledLatentAttention(nn.Module):
     def _rope_tables(self, length: int, like: torch.Tensor):
         positions = torch.arange(length, device=like.device).unsqueeze(0)
         cos, sin = self._rotary(like, positions)
-        cols = self.rope_columns.to(cos.device)
+        cols = torch.tensor(self.rope_columns, device=cos.device)
         return cos[..., cols][:, None].to(like.dtype), sin[..., cols][:, None].to(like.dtype)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,

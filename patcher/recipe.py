@@ -41,15 +41,16 @@ class MLAOptions(Section):
     rope: Literal["latent", "decoupled"] = _flag(
         "--mla-rope", "位置编码：latent（RoPE 施加在上投影之后，只缓存潜在向量）或 decoupled（DeepSeek-V3："
         "每头的 no-position 部分来自潜在向量，另有各头共享的旋转键；--format deepseek-v3 时必须）", default="latent")
-    rope_dim: int = _flag("--rope-dim", "decoupled：共享旋转键的维数（qk_rope_head_dim，偶数）", default=32, ge=2)
+    rope_dim: int | None = _flag("--rope-dim", "decoupled：共享旋转键的维数（qk_rope_head_dim，偶数；缺省为 64 与源旋转维数"
+                                 "中的较小者，即 DeepSeek-V3 的取值）", default=None, ge=2)
     rope_method: Literal["calibrated", "high", "low"] = _flag(
         "--rope-method", "decoupled：保留位置的频率，calibrated（按校准文本上注意力分数的实测误差挑选）、"
         "high（最高频）或 low（最低频）", default="calibrated")
 
     @field_validator("rope_dim")
     @classmethod
-    def _even(cls, v: int) -> int:
-        if v % 2:
+    def _even(cls, v: int | None) -> int | None:
+        if v is not None and v % 2:
             raise ValueError(f"--rope-dim 须为偶数（每个频率占两维），收到 {v}")
         return v
 

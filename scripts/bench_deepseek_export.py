@@ -37,9 +37,8 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--kv-keep", type=float, default=0.6)
-    ap.add_argument("--rope-dim", type=int, default=32)
-    ap.add_argument("--variants", default="latent,calibrated,high,low",
-                    help="逗号分隔：latent（[1/6] 潜在模式）与 RoPE 方法名")
+    ap.add_argument("--variants", default="latent,calibrated:32,low:32,calibrated:64,high:32",
+                    help="逗号分隔：latent（[1/6] 潜在模式）或 RoPE 方法:旋转维数（rope_dim = 64 即全部频率，无需选择）")
     args = ap.parse_args()
     torch.manual_seed(0)
     common = {"calibration": {"data": args.calib_data, "tokens": args.calib_tokens},
@@ -48,15 +47,16 @@ def main():
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results = {"machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
                            "torch": torch.__version__},
-               "model": "smollm2-135m", "kv_keep": args.kv_keep, "rope_dim": args.rope_dim,
+               "model": "smollm2-135m", "kv_keep": args.kv_keep,
                "calib_data": args.calib_data or "builtin", "eval_data": args.eval_data or "builtin",
                "command": " ".join(sys.argv), "variants": {}}
     for name in args.variants.split(","):
         if name == "latent":
             recipe = {**common, "mla": {"enabled": True, "kv_keep": args.kv_keep, "allocation": "uniform"}}
         else:
-            recipe = {**common, "mla": {"enabled": True, "kv_keep": args.kv_keep, "rope_dim": args.rope_dim,
-                                        "rope_method": name}, "output": {"format": "deepseek-v3"}}
+            method, dim = name.split(":")
+            recipe = {**common, "mla": {"enabled": True, "kv_keep": args.kv_keep, "rope_dim": int(dim),
+                                        "rope_method": method}, "output": {"format": "deepseek-v3"}}
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             rep = convert("smollm2-135m", recipe, Path(tmp) / "out")

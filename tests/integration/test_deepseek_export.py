@@ -152,3 +152,24 @@ def test_layouts_decoupled_rope_cannot_express_are_refused(tokenizer):
         patch_model(tiny_model("qwen3"), ds_recipe(), tokenizer)
     with pytest.raises(PlanError, match="旋转维数"):
         patch_model(tiny_model("llama"), ds_recipe(rope_dim=32), tokenizer)
+
+
+def test_decoupled_model_in_dsopt_format_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from patcher import convert
+
+    src = tmp_path / "tiny-llama"
+    tiny_model("llama", seed=4).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    recipe = {**FAST_RECIPE, "mla": {"enabled": True, "rope": "decoupled", "rope_dim": 8, "rope_method": "low"}}
+    report = convert(str(src), recipe, tmp_path / "out")
+    assert report["plan"]["mla"]["rope_pairs"] == [4, 5, 6, 7]
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(m.model.layers[0].self_attn).__name__ == "DecoupledLatentAttention"
+    ids = torch.randint(4, 250, (1, 16))
+    with torch.no_grad():
+        a = m(input_ids=ids).logits
+        m.save_pretrained(tmp_path / "again")
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "again")(input_ids=ids).logits
+    assert torch.equal(a, b)

@@ -252,6 +252,57 @@ def train_mtp_checkpoint(out: str | Path, opts, resume: bool = False, progress=N
     return report["mtp"]
 
 
+def heal_checkpoint(out: str | Path, opts=None, resume: bool = False, progress=None) -> dict:
+    """修复输出目录 ``out`` 中的模型：以源模型为老师做 KL 蒸馏，权重与报告原子地写回 ``out``；返回修复记录。
+
+    报告中 ``fidelity`` 变为修复后的值（``dsopt check`` 据此判断），转换后的值保存在 ``fidelity_converted``。
+    可续训的状态在 ``out/heal-train/``。
+    """
+    from . import heal
+    from .fidelity import read_report
+
+    opts = opts or heal.HealOptions()
+    out = Path(out)
+    report = read_report(out)
+    recipe = parse_recipe(report["recipe"])
+    student, tokenizer, _ = checkpoint.load(str(out))
+    teacher_name = opts.teacher or report["source"]
+    teacher, _, _ = checkpoint.load(teacher_name)
+    train_text = read_text(opts.data or recipe.calibration.data, "calibration")
+    eval_text = read_text(recipe.eval.data, "evaluation")
+    if digest(train_text) == digest(eval_text):
+        raise DataError("修复用的文本与评估文本相同：保真度必须在未见过的文本上测量，请换一个 --data")
+    windows = token_windows(tokenizer, train_text, opts.tokens, opts.seq_len, opts.seed)
+    eval_ids = token_windows(tokenizer, eval_text, recipe.eval.tokens, recipe.eval.seq_len, None)
+    base_eval = evaluate_base(teacher, eval_ids)
+    before = compare(student, base_eval)
+    training = heal.distill(student, teacher, windows, opts, out / heal.STATE_DIR, resume, progress or _NullProgress())
+    after = compare(student, base_eval)
+    del teacher
+    report.setdefault("fidelity_converted", before)
+    report["fidelity"] = after
+    report["healing"] = {"teacher": teacher_name, "data": opts.data or recipe.calibration.data or "builtin:calibration.txt",
+                         "options": opts.model_dump(mode="json"), **training, "before": before, "after": after}
+    with checkpoint.atomic_dir(out, overwrite=True) as tmp:
+        if report.get("export"):  # native DeepSeek-V3: stock save, then the untouched MTP weights again
+            student.save_pretrained(tmp, max_shard_size=recipe.output.max_shard_size)
+            tokenizer.save_pretrained(tmp)
+            if (out / "model-mtp.safetensors").exists():
+                from safetensors.torch import load_file
+
+                export_deepseek._append_shard(tmp, "model-mtp.safetensors",
+                                              load_file(str(out / "model-mtp.safetensors")))
+        else:
+            checkpoint.write_checkpoint(student, tokenizer, tmp, recipe.output.max_shard_size)
+        for item in out.iterdir():  # recipe, model card, training states; never stale weight files
+            if item.name.startswith("model") and (item.suffix == ".safetensors" or item.name.endswith(".index.json")):
+                continue
+            if not (tmp / item.name).exists():
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        write_report(tmp, report)
+    return report["healing"]
+
+
 def mtp_windows(tokenizer, recipe: Recipe) -> torch.Tensor:
     """MTP training windows: ``--mtp-data`` (default: the calibration text), ``--mtp-train-tokens`` of them."""
     o = recipe.mtp

@@ -40,7 +40,8 @@ class RichProgress:
 
     def update(self, step: int, loss: float, accuracy: list[float]):
         heads = " ".join(f"头{k + 1} {100 * a:.0f}%" for k, a in enumerate(accuracy))
-        self.progress.update(self.task, completed=step, description=f"{self.name} · 损失 {loss:.3f} · 准确率 {heads}")
+        self.progress.update(self.task, completed=step,
+                             description=f"{self.name} · 损失 {loss:.4f}" + (f" · 准确率 {heads}" if heads else ""))
 
     def step(self, layer: int, what: str):
         self.progress.update(self.task, description=f"{self.name} · 第 {layer} 层：{what}")
@@ -195,6 +196,52 @@ def _mtp_train_command():
 
 
 app.command("train-mtp")(_mtp_train_command())
+
+
+def _heal_command():
+    from .heal import HealOptions
+
+    params = [inspect.Parameter("out", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
+                                default=typer.Argument(..., help="dsopt 输出目录（dsopt 或 deepseek-v3 格式）")),
+              inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                default=typer.Option(False, "--resume", help="从 OUT/heal-train/ 中保存的状态接着训练"))]
+    for name, field in HealOptions.model_fields.items():
+        params.append(inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[_option_type(field.annotation)],
+            default=typer.Option(None, "--" + name.replace("_", "-"), help=f"{field.description}（缺省 {field.default}）",
+                                 show_default=False)))
+
+    def heal(**kw):
+        from pydantic import ValidationError
+
+        from . import api
+        from .checkpoint import OutputError, SourceError
+
+        out, resume = kw.pop("out"), kw.pop("resume")
+        try:
+            opts = HealOptions(**{k: v for k, v in kw.items() if v is not None})
+        except ValidationError as e:
+            _fail(str(e))
+        try:
+            with Progress(*_columns(), console=console, transient=False) as progress:
+                rec = api.heal_checkpoint(out, opts, resume, RichProgress(progress))
+        except (FileNotFoundError, SourceError, OutputError, ValueError) as e:
+            _fail(str(e))
+        table = Table(title=f"修复完成 → {out}")
+        table.add_column("指标")
+        table.add_column("值", justify="right")
+        b, a = rec["before"], rec["after"]
+        table.add_row("困惑度上升 转换后 → 修复后", f"{b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %")
+        table.add_row("平均 KL", f"{b['kl_mean']:.5f} → {a['kl_mean']:.5f}")
+        table.add_row("步数 / token / 耗时", f"{rec['steps']} / {rec['tokens']} / {rec['seconds']:.0f} s")
+        Console().print(table)
+
+    heal.__signature__ = inspect.Signature(params)
+    heal.__doc__ = "修复：以源模型为老师做 KL 蒸馏（缺省只训练转换改动过的模块），可 --resume；权重与报告写回 OUT。"
+    return heal
+
+
+app.command("heal")(_heal_command())
 
 
 @app.command("generate")

@@ -153,6 +153,18 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
             a, b = p["base_active_per_token"], p["patched_active_per_token"]
             lines.append(f"| 每 token 激活参数 | {a['active']:,} | {b['active']:,}（FFN 激活比例 "
                          f"{100 * b['active_ffn_fraction']:.1f} %，总/激活 = {b['total'] / b['active']:.2f}） |")
+    h = report.get("healing")
+    if h:
+        c, a = h["before"], h["after"]
+        lines += ["", "## 修复（KL 蒸馏）", "", "| 指标 | 基座 | 转换后 | 修复后 |", "|---|---|---|---|",
+                  f"| 困惑度 | {a['ppl_base']:.4f} | {c['ppl_patched']:.4f}（{c['ppl_increase_pct']:+.2f} %） | "
+                  f"{a['ppl_patched']:.4f}（{a['ppl_increase_pct']:+.2f} %） |",
+                  f"| 平均 KL | — | {c['kl_mean']:.5f} | {a['kl_mean']:.5f} |",
+                  f"| top-1 一致率 | — | {100 * c['top1_agreement']:.2f} % | {100 * a['top1_agreement']:.2f} % |", "",
+                  f"预算：{h['tokens']} 个 token，{h['steps']} 步，{h['seconds']:.0f} s；训练参数 "
+                  f"{h['trainable_parameters']:,}（范围 {h['options']['scope']}"
+                  f"{'，LoRA 秩 ' + str(h['options']['lora']) if h['options']['lora'] else ''}）；老师 `{h['teacher']}`，"
+                  f"老师 logits：{h['teacher_logits']}；文本 {h['data']}。"]
     r = report.get("resources") or {}
     if r:
         lines += ["", f"转换耗时 {r['conversion_seconds']:.1f} s，峰值常驻内存 {r['peak_rss_mib']:.0f} MiB。"]

@@ -1,0 +1,285 @@
+"""修复（healing）：用源模型做老师，在文本上做一小段 KL 蒸馏，把转换后的模型拉回基座的质量。
+
+- 缺省只训练转换改动过的模块（潜在注意力的投影、MoE 的路由器与专家；``--heal-scope converted``），
+  ``all`` 训练除嵌入与输出头外的全部参数，``--heal-lora R`` 改为在这些模块的线性层上加 LoRA、训练后合并回权重
+  （检查点格式不变）。MTP 模块的目标是基座自己的预测，修复之后用 ``dsopt train-mtp`` 重新训练它们。
+- 老师的 logits 在线计算，或（``--heal-top-k K``）先算一遍每个位置的 top-K 对数概率存盘，之后每轮、续训都从
+  磁盘读：KL 在 top-K 上精确计算，其余概率质量合并成一个"其他"类。
+- 建立在 accelerate 上（同一条命令在 CPU、单卡、多卡 ``accelerate launch`` 上运行）；每 ``save_every`` 步把
+  可训练参数、优化器、调度器与步数原子地写到 ``OUT/heal-train/``，``--resume`` 精确续训。
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from .recipe import Section
+
+STATE_DIR = "heal-train"
+# the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export)
+CONVERTED = {"LatentAttention", "DecoupledLatentAttention", "MoEMLP", "DeepseekV3Attention", "DeepseekV3MoE"}
+
+
+class HealOptions(Section):
+    """修复的选项（``dsopt heal`` 的参数与 ``heal()`` 的输入是同一个模型）。"""
+    teacher: str | None = Field(None, description="老师：源检查点（目录、.gguf 或内置别名）；缺省为转换时的来源")
+    data: str | None = Field(None, description="训练文本（.txt/.jsonl）；缺省为转换时的校准文本")
+    tokens: int = Field(65536, ge=64, description="训练 token 数（决定步数）")
+    lr: float = Field(1e-4, gt=0.0, description="学习率")
+    seq_len: int = Field(256, ge=16, description="序列长度")
+    batch_size: int = Field(4, ge=1, description="批大小")
+    scope: str = Field("converted", pattern="^(converted|all)$",
+                       description="训练范围：converted（只训练转换改动过的模块）或 all（除嵌入与输出头外全部）")
+    lora: int = Field(0, ge=0, description="LoRA 秩（0 表示直接训练权重）；训练后合并回权重")
+    top_k: int = Field(0, ge=0, description="老师 logits 的 top-K 存盘（0 表示每步在线计算完整分布）")
+    save_every: int = Field(50, ge=1, description="每隔多少步保存可续训的状态")
+    seed: int = Field(0, description="随机种子（窗口顺序）")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update B·A (B starts at zero: the model is unchanged)."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, dtype=torch.float32) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x.float(), self.lora_a), self.lora_b).to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight += (self.lora_b @ self.lora_a).to(self.base.weight.dtype)
+        return self.base
+
+
+class _RowScale(nn.Module):
+    """weight = stored · scale (per row): lets Adam step in the stored, unit-scale coordinates."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, stored):
+        return stored * self.scale[:, None].to(stored.dtype)
+
+    def right_inverse(self, weight):
+        return weight / self.scale[:, None].to(weight.dtype)
+
+
+def rescale_latents(model: nn.Module) -> list[nn.Module]:
+    """Give Adam unit-scale coordinates for latents kept in RMSNorm's linear regime.
+
+    A decoupled-RoPE latent is stored tiny (``kv_a_proj_with_mqa`` rows ≈ α·W, α ~ 10⁻⁴) with a large
+    ``kv_a_layernorm`` weight (see ``converters.rope_split.latent_scale``). Adam's step is about ``lr`` whatever a
+    weight's size, which would wipe those rows out; training them as ``α·V`` with V at the source's scale does not.
+    """
+    from torch.nn.utils import parametrize
+
+    done = []
+    for mod in model.modules():
+        norm, proj = getattr(mod, "kv_a_layernorm", None), getattr(mod, "kv_a_proj_with_mqa", None)
+        if norm is None or proj is None or float(norm.weight.abs().mean()) < 10:
+            continue
+        rank = norm.weight.shape[0]
+        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+        scale = torch.ones(proj.weight.shape[0], dtype=torch.float32)
+        scale[:rank] = math.sqrt(eps) / norm.weight.detach().float().abs().clamp_min(1e-12)
+        parametrize.register_parametrization(proj, "weight", _RowScale(scale))
+        done.append(proj)
+    return done
+
+
+def restore_latents(modules: list[nn.Module]) -> None:
+    from torch.nn.utils import parametrize
+
+    for proj in modules:
+        parametrize.remove_parametrizations(proj, "weight", leave_parametrized=True)
+
+
+def converted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in CONVERTED
+            and not n.startswith("mtp") and ".mtp" not in n]
+
+
+def select_trainable(model: nn.Module, opts: HealOptions) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze (or wrap with LoRA) what ``opts`` names; return the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if opts.scope == "converted":
+        roots = [m for _, m in converted_modules(model)]
+        if not roots:
+            raise ValueError("模型里没有转换过的模块（MLA 注意力或 MoE）：没有可修复的部分；用 --heal-scope all 训练全部")
+    else:
+        frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+        mtp = getattr(model, "mtp", None)
+        frozen |= {id(p) for p in mtp.parameters()} if mtp is not None else set()
+        roots = [model]
+    if opts.lora:
+        params = []
+        for root in roots:
+            for name, child in list(root.named_modules()):
+                if isinstance(child, nn.Linear) and child is not model.get_output_embeddings() \
+                        and not name.startswith("mtp"):
+                    if not name:
+                        continue
+                    wrapped = LoRALinear(child, min(opts.lora, child.in_features, child.out_features))
+                    root.set_submodule(name, wrapped)
+                    params += [wrapped.lora_a, wrapped.lora_b]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+    params = []
+    for root in roots:
+        for p in root.parameters():
+            if opts.scope == "converted" or id(p) not in frozen:
+                if p.is_floating_point() and id(p) not in {id(q) for q in params}:
+                    params.append(p)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def merge_lora(model: nn.Module) -> None:
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            model.set_submodule(name, mod.merged())
+
+
+def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, path: Path | None) -> dict:
+    """Top-k log-probabilities of the teacher at every position (cached in ``path`` when given)."""
+    from safetensors.torch import load_file, save_file
+
+    if path is not None and path.exists():
+        cached = load_file(str(path))
+        if cached["values"].shape[:2] == windows.shape and cached["values"].shape[-1] == k:
+            return cached
+    values, indices = [], []
+    with torch.no_grad():
+        for w in windows:
+            lp = torch.log_softmax(teacher(input_ids=w[None], use_cache=False).logits[0].float(), -1)
+            v, i = lp.topk(k, dim=-1)
+            values.append(v.half())
+            indices.append(i.int())
+    out = {"values": torch.stack(values), "indices": torch.stack(indices)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(out, str(tmp))
+        tmp.rename(path)
+    return out
+
+
+def kl_full(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    lt = torch.log_softmax(teacher_logits.float(), -1)
+    ls = torch.log_softmax(student_logits.float(), -1)
+    return (lt.exp() * (lt - ls)).sum(-1).mean()
+
+
+def kl_topk(values: torch.Tensor, indices: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL over the teacher's top-k tokens plus one class for the rest of the probability mass (exact on that partition)."""
+    lt = values.float()
+    ls_all = torch.log_softmax(student_logits.float(), -1)
+    ls = ls_all.gather(-1, indices.long())
+    pt = lt.exp()
+    rest_t = (1 - pt.sum(-1)).clamp_min(1e-8)
+    rest_s = (1 - ls.exp().sum(-1)).clamp_min(1e-8)
+    return ((pt * (lt - ls)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())).mean()
+
+
+def _save_state(state_dir: Path, params: list, optimizer, schedule, step: int, steps: int) -> None:
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_dir
+
+    keep = {p.name: p for p in state_dir.glob("teacher-*.safetensors")} if state_dir.exists() else {}
+    with atomic_dir(state_dir, overwrite=True) as tmp:  # a crash mid-save keeps the previous state whole
+        save_file({f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "steps": steps}))
+        for name, path in keep.items():  # the teacher cache outlives the state it sits next to
+            path.rename(tmp / name)
+
+
+def _load_state(state_dir: Path, params: list, optimizer, schedule) -> int:
+    from safetensors.torch import load_file
+
+    if not (state_dir / "progress.json").exists():
+        raise FileNotFoundError(f"没有可续训的状态：{state_dir}/progress.json 不存在")
+    saved = load_file(str(state_dir / "trainable.safetensors"))
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(saved[f"p{i}"])
+    opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    schedule.load_state_dict(opt["schedule"])
+    return json.loads((state_dir / "progress.json").read_text())["step"]
+
+
+def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts: HealOptions,
+            state_dir: Path | None = None, resume: bool = False, progress=None) -> dict:
+    """KL(teacher‖student) distillation on ``windows`` (N × seq_len ids); returns the training summary."""
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    rescaled = rescale_latents(student)
+    params = select_trainable(student, opts)
+    teacher.eval()
+    cache = None
+    if opts.top_k:
+        cache = teacher_topk(teacher, windows, opts.top_k,
+                             state_dir / f"teacher-top{opts.top_k}.safetensors" if state_dir else None)
+    steps = max(1, math.ceil(len(windows) / opts.batch_size))
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(opts.seed))
+    student, optimizer, schedule = acc.prepare(student, optimizer, schedule)
+    done = _load_state(state_dir, params, optimizer, schedule) if resume else 0
+    student.train()
+    losses = []
+    t0 = time.perf_counter()
+    if progress:
+        progress.start("修复：KL 蒸馏", steps, done)
+    for step in range(done, steps):
+        idx = order[step * opts.batch_size:(step + 1) * opts.batch_size]
+        batch = windows[idx].to(acc.device)
+        logits = student(input_ids=batch, use_cache=False).logits
+        if cache is not None:
+            loss = kl_topk(cache["values"][idx].to(acc.device), cache["indices"][idx].to(acc.device), logits)
+        else:
+            with torch.no_grad():
+                target = teacher(input_ids=batch, use_cache=False).logits
+            loss = kl_full(target, logits)
+        acc.backward(loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+        if progress:
+            progress.update(step + 1, losses[-1], [])
+        if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
+            _save_state(state_dir, params, optimizer, schedule, step + 1, steps)
+    student = acc.unwrap_model(student).eval()
+    for p in params:
+        p.requires_grad_(False)
+    restore_latents(rescaled)
+    if opts.lora:
+        merge_lora(student)
+    return {"steps": steps, "resumed_from_step": done, "tokens": int(windows.numel()),
+            "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+            "loss_curve": losses[:: max(1, len(losses) // 50)], "teacher_logits": f"top-{opts.top_k} cached"
+            if opts.top_k else "full, on the fly"}

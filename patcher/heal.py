@@ -88,7 +88,7 @@ def rescale_latents(model: nn.Module) -> list[nn.Module]:
     done = []
     for mod in model.modules():
         norm, proj = getattr(mod, "kv_a_layernorm", None), getattr(mod, "kv_a_proj_with_mqa", None)
-        if norm is None or proj is None or float(norm.weight.abs().mean()) < 10:
+        if norm is None or proj is None or float(norm.weight.detach().abs().mean()) < 10:
             continue
         rank = norm.weight.shape[0]
         eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)

@@ -154,7 +154,7 @@ class Recipe(Section):
             return self
         if not self.mla.enabled:
             raise ValueError("--format deepseek-v3 需要 --mla：DeepSeek-V3 的注意力只有 MLA 一种")
-        needs = [(self.mla, "rope", "decoupled", "--mla-rope"), (self.mla, "allocation", "uniform", "--rank-allocation")]
+        needs = [(self.mla, "rope", "decoupled", "--mla-rope")]  # decoupled RoPE always uses one rank for all layers
         if self.moe.enabled:
             needs += [(self.moe, "routing", "sigmoid", "--moe-routing"), (self.moe, "allocation", "uniform", "--moe-allocation")]
             if self.moe.mode == "split":
@@ -227,7 +227,7 @@ def flag_fields() -> list[tuple[str, str, Any]]:
 
 def with_overrides(recipe: Recipe, overrides: dict[tuple[str, str], Any]) -> Recipe:
     """Apply CLI values (only those the user gave) on top of a recipe, validating them."""
-    data = recipe.model_dump()
+    data = recipe.model_dump(exclude_unset=True)  # defaults stay defaults: rules such as --format's may still set them
     for (section, name), value in overrides.items():
-        data[section][name] = value
+        data.setdefault(section, {})[name] = value
     return parse_recipe(data, "命令行参数")

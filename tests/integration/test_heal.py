@@ -97,3 +97,21 @@ def test_healing_a_deepseek_export_keeps_it_stock(source, tmp_path):
         plain = stock.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         mtp = stock.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, use_mtp=True)
     assert torch.equal(plain, mtp)
+
+
+def test_heal_command_line(source, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = converted(source, tmp_path)
+    res = subprocess.run([sys.executable, "-m", "patcher.cli", "heal", str(out), "--tokens", "1024", "--seq-len", "64",
+                          "--lr", "1e-3", "--top-k", "8"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "修复完成" in res.stdout
+    rep = json.loads((out / "fidelity.json").read_text())
+    assert rep["healing"]["steps"] == 4 and rep["healing"]["options"]["top_k"] == 8
+    bad = subprocess.run([sys.executable, "-m", "patcher.cli", "heal", str(out), "--scope", "everything"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "scope" in bad.stdout + bad.stderr

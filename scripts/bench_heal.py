@@ -1,0 +1,85 @@
+"""修复基准（SmolLM2-135M，CPU）：写出 JSON。
+
+三种转换——(a) MLA 保留 60 % KV，(b) MoE 切分 50 % 激活，(c) 两者——各做一次转换，再用 ``dsopt heal``
+（老师 = 源模型，KL 蒸馏，只训练转换改动过的模块）训练给定的 token 数。训练用一本书（《傲慢与偏见》），评估用
+另一本（莎士比亚）。记录每种情况修复前后的困惑度上升、KL、top-1 与预算（token、步数、秒）。
+
+用法：python scripts/bench_heal.py --out bench-out/heal.json --cases mla,moe,both --tokens 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+
+from patcher import convert  # noqa: E402
+from patcher.api import heal_checkpoint  # noqa: E402
+from patcher.heal import HealOptions  # noqa: E402
+
+CASES = {
+    "mla": {"mla": {"enabled": True, "kv_keep": 0.6}},
+    "moe": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"}},
+    "both": {"mla": {"enabled": True, "kv_keep": 0.6},
+             "moe": {"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"}},
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench-out/heal.json")
+    ap.add_argument("--cases", default="mla,moe,both")
+    ap.add_argument("--data", default=str(SHARED / "pride-and-prejudice.txt") if SHARED.exists() else None)
+    ap.add_argument("--eval-data", default=str(SHARED / "tinyshakespeare.txt") if SHARED.exists() else None)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=65536, help="每种情况的修复 token 数")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"cpus": torch.get_num_threads(), "python": platform.python_version(),
+                           "torch": torch.__version__},
+               "model": "smollm2-135m", "train_data": args.data or "builtin", "eval_data": args.eval_data or "builtin",
+               "command": " ".join(sys.argv), "cases": {}}
+    opts = HealOptions(data=args.data, tokens=args.tokens, lr=args.lr, seq_len=args.seq_len,
+                       batch_size=args.batch, top_k=args.top_k)
+    for name in args.cases.split(","):
+        recipe = {**CASES[name], "calibration": {"data": args.data, "tokens": args.calib_tokens},
+                  "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            rep = convert("smollm2-135m", recipe, Path(tmp) / "out")
+            convert_s = time.perf_counter() - t
+            rec = heal_checkpoint(Path(tmp) / "out", opts)
+        b, a = rec["before"], rec["after"]
+        results["cases"][name] = {
+            "recipe": {k: v for k, v in recipe.items() if k in ("mla", "moe")},
+            "kv_ratio": rep["kv_cache"]["ratio"],
+            "ffn_active_fraction": rep["parameters"]["patched_active_per_token"].get("active_ffn_fraction"),
+            "ppl_base": a["ppl_base"], "converted": b, "healed": a,
+            "budget": {"tokens": rec["tokens"], "steps": rec["steps"], "seconds": rec["seconds"],
+                       "trainable_parameters": rec["trainable_parameters"], "teacher_logits": rec["teacher_logits"]},
+            "loss_curve": rec["loss_curve"], "convert_seconds": convert_s}
+        print(f"{name}: ppl {b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %  KL {b['kl_mean']:.4f} → "
+              f"{a['kl_mean']:.4f}  ({rec['tokens']} tokens, {rec['seconds']:.0f} s)", flush=True)
+        out_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"写出 {out_path}")
+
+
+if __name__ == "__main__":
+    main()

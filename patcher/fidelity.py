@@ -188,7 +188,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
             lines.append(f"训练：{t['tokens']} 个 token，{t['steps']} 步，{t['seconds']:.0f} s，目标 {t['target']}。")
     mla = (report.get("plan") or {}).get("mla") or {}
     if mla.get("rope") == "decoupled":
-        lines += ["", f"## 解耦 RoPE（DeepSeek-V3 布局）", "",
+        lines += ["", "## 解耦 RoPE（DeepSeek-V3 布局）", "",
                   f"保留位置的频率（方法 `{mla['rope_method']}`）：源 RoPE 频率对 {mla['rope_pairs']}，"
                   f"qk_rope_head_dim = {mla['qk_rope_head_dim']}，kv_lora_rank = {mla['kv_lora_rank']}。"
                   "其余频率不带位置进入潜在向量（低频）或丢弃（实测代价更小的一种）；各层共享旋转键所含的"

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from .recipe import Section
+from .training import cosine_with_warmup, load_state, save_state
 
 STATE_DIR = "heal-train"
 # the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export)
@@ -197,35 +197,6 @@ def kl_topk(values: torch.Tensor, indices: torch.Tensor, student_logits: torch.T
     return ((pt * (lt - ls)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())).mean()
 
 
-def _save_state(state_dir: Path, params: list, optimizer, schedule, step: int, steps: int) -> None:
-    from safetensors.torch import save_file
-
-    from .checkpoint import atomic_dir
-
-    keep = {p.name: p for p in state_dir.glob("teacher-*.safetensors")} if state_dir.exists() else {}
-    with atomic_dir(state_dir, overwrite=True) as tmp:  # a crash mid-save keeps the previous state whole
-        save_file({f"p{i}": p.detach().contiguous() for i, p in enumerate(params)}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "steps": steps}))
-        for name, path in keep.items():  # the teacher cache outlives the state it sits next to
-            path.rename(tmp / name)
-
-
-def _load_state(state_dir: Path, params: list, optimizer, schedule) -> int:
-    from safetensors.torch import load_file
-
-    if not (state_dir / "progress.json").exists():
-        raise FileNotFoundError(f"没有可续训的状态：{state_dir}/progress.json 不存在")
-    saved = load_file(str(state_dir / "trainable.safetensors"))
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(saved[f"p{i}"])
-    opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    schedule.load_state_dict(opt["schedule"])
-    return json.loads((state_dir / "progress.json").read_text())["step"]
-
-
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts: HealOptions,
             state_dir: Path | None = None, resume: bool = False, progress=None) -> dict:
     """KL(teacher‖student) distillation on ``windows`` (N × seq_len ids); returns the training summary."""
@@ -241,12 +212,15 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
                              state_dir / f"teacher-top{opts.top_k}.safetensors" if state_dir else None)
     steps = max(1, math.ceil(len(windows) / opts.batch_size))
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = cosine_with_warmup(optimizer, steps)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(opts.seed))
     student, optimizer, schedule = acc.prepare(student, optimizer, schedule)
-    done = _load_state(state_dir, params, optimizer, schedule) if resume else 0
+    done = 0
+    if resume:
+        saved, done = load_state(state_dir, optimizer, schedule)
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(saved[f"p{i}"])
     student.train()
     losses = []
     t0 = time.perf_counter()
@@ -271,7 +245,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         if progress:
             progress.update(step + 1, losses[-1], [])
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
-            _save_state(state_dir, params, optimizer, schedule, step + 1, steps)
+            save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)}, optimizer, schedule, step + 1, steps,
+                       keep=("teacher-*.safetensors",))  # the teacher cache outlives the state it sits next to
     student = acc.unwrap_model(student).eval()
     for p in params:
         p.requires_grad_(False)

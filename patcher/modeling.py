@@ -60,6 +60,18 @@ def eager_attention(module, query, key, value, attention_mask, scaling, **_):
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+def attend(module, query, key, value, attention_mask, kwargs):
+    """Attention through the kernel the config names (eager when transformers has none by that name), then o_proj."""
+    impl = getattr(module.config, "_attn_implementation", None) or "eager"
+    attention = eager_attention
+    if impl != "eager" and ALL_ATTENTION_FUNCTIONS is not None and impl in ALL_ATTENTION_FUNCTIONS:
+        attention = ALL_ATTENTION_FUNCTIONS[impl]
+    kwargs.pop("position_ids", None)
+    output, weights = attention(module, query, key, value, attention_mask, dropout=0.0,
+                                scaling=module.scaling, sliding_window=module.sliding_window, **kwargs)
+    return module.o_proj(output.reshape(output.shape[0], output.shape[1], -1).contiguous()), weights
+
+
 class LatentAttention(nn.Module):
     """多头潜在注意力（MLA，潜在模式）。
 
@@ -157,15 +169,7 @@ class LatentAttention(nn.Module):
             return self.o_proj(output.reshape(bsz, q_len, -1)), None
         value = self.v_b_proj(latent).view(bsz, kv_len, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
 
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        attention = eager_attention
-        if impl != "eager" and ALL_ATTENTION_FUNCTIONS is not None and impl in ALL_ATTENTION_FUNCTIONS:
-            attention = ALL_ATTENTION_FUNCTIONS[impl]
-        kwargs.pop("position_ids", None)
-        output, weights = attention(self, query, key, value, attention_mask, dropout=0.0,
-                                    scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
-        output = output.reshape(bsz, q_len, -1).contiguous()
-        return self.o_proj(output), weights
+        return attend(self, query, key, value, attention_mask, kwargs)
 
 
 class DecoupledLatentAttention(nn.Module):
@@ -230,14 +234,7 @@ class DecoupledLatentAttention(nn.Module):
         k_nope, value = kv.split([nope, self.v_head_dim], dim=-1)
         key = torch.cat([k_nope, k_rot.expand(-1, heads, -1, -1)], -1)
         query = torch.cat([q_pass, q_rot], -1)
-        impl = getattr(self.config, "_attn_implementation", None) or "eager"
-        attention = eager_attention
-        if impl != "eager" and ALL_ATTENTION_FUNCTIONS is not None and impl in ALL_ATTENTION_FUNCTIONS:
-            attention = ALL_ATTENTION_FUNCTIONS[impl]
-        kwargs.pop("position_ids", None)
-        output, weights = attention(self, query, key, value, attention_mask, dropout=0.0,
-                                    scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
-        return self.o_proj(output.reshape(bsz, q_len, -1).contiguous()), weights
+        return attend(self, query, key, value, attention_mask, kwargs)
 
 
 class MoEMLP(nn.Module):

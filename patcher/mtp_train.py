@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mtp import choose_draft_vocab
+from .training import cosine_with_warmup, load_state, save_state
 
 STATE_DIR = "mtp-train"
 
@@ -94,30 +94,6 @@ def expected_tokens_per_step(acceptance: list[float]) -> float:
     return total
 
 
-def _save_state(state_dir: Path, model, optimizer, schedule, step: int, steps: int) -> None:
-    """Only what resuming needs (MTP weights, optimizer, schedule, step), never the frozen base."""
-    from safetensors.torch import save_file
-
-    from .checkpoint import atomic_dir
-
-    with atomic_dir(state_dir, overwrite=True) as tmp:  # a crash mid-save keeps the previous state whole
-        save_file({k: v.contiguous() for k, v in model.mtp.state_dict().items()}, str(tmp / "mtp.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "progress.json").write_text(json.dumps({"step": step, "steps": steps}))
-
-
-def _load_state(state_dir: Path | None, model, optimizer, schedule) -> int:
-    from safetensors.torch import load_file
-
-    if state_dir is None or not (state_dir / "progress.json").exists():
-        raise FileNotFoundError(f"没有可续训的状态：{state_dir}/progress.json 不存在")
-    model.mtp.load_state_dict(load_file(str(state_dir / "mtp.safetensors")))
-    opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    schedule.load_state_dict(opt["schedule"])
-    return json.loads((state_dir / "progress.json").read_text())["step"]
-
-
 def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume: bool = False,
               progress=None) -> dict:
     """Train ``model.mtp`` on ``windows`` (N × seq_len token ids) with the base frozen; returns a summary."""
@@ -133,12 +109,13 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     objective = MTPObjective(model, opts.target, opts.loss_positions)
     steps = max(1, math.ceil(len(windows) / opts.batch_size))
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = cosine_with_warmup(optimizer, steps)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
     objective, optimizer, schedule = acc.prepare(objective, optimizer, schedule)
-    done = _load_state(state_dir, model, optimizer, schedule) if resume else 0
+    done = 0
+    if resume:
+        saved, done = load_state(state_dir, optimizer, schedule)
+        model.mtp.load_state_dict(saved)
     model.train()
     history = []
     t0 = time.perf_counter()
@@ -157,7 +134,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         if progress:
             progress.update(step + 1, float(loss.detach()), accs.tolist())
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
-            _save_state(state_dir, model, optimizer, schedule, step + 1, steps)
+            save_state(state_dir, model.mtp.state_dict(), optimizer, schedule, step + 1, steps)
     model.eval()
     choose_draft_vocab(model, windows)  # the training text is the best estimate of which tokens drafts need
     for p in params:

@@ -1,0 +1,49 @@
+"""训练循环共用的部件（MTP 训练与修复）：带预热的余弦学习率，原子保存与精确恢复可续训状态。
+
+状态目录只放续训需要的东西：被训练的张量（``trainable.safetensors``）、优化器与调度器、步数；
+保存先写到同级临时目录再改名，中途崩溃时上一份状态保持完整。
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def cosine_with_warmup(optimizer, steps: int):
+    """Linear warm-up over the first 5 % of the steps, then cosine decay to zero."""
+    warm = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def save_state(state_dir: Path, tensors: dict, optimizer, schedule, step: int, steps: int,
+               keep: tuple[str, ...] = ()) -> None:
+    """Write the resumable state atomically; files named in ``keep`` (globs) move over from the previous state."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_dir
+
+    carried = [p for pattern in keep for p in state_dir.glob(pattern)] if state_dir.exists() else []
+    with atomic_dir(state_dir, overwrite=True) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": step, "steps": steps}))
+        for path in carried:
+            path.rename(tmp / path.name)
+
+
+def load_state(state_dir: Path | None, optimizer, schedule) -> tuple[dict, int]:
+    """(saved tensors, step) of a resumable state; the optimizer and schedule are restored in place."""
+    from safetensors.torch import load_file
+
+    if state_dir is None or not (state_dir / "progress.json").exists():
+        raise FileNotFoundError(f"没有可续训的状态：{state_dir}/progress.json 不存在")
+    opt = torch.load(state_dir / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    schedule.load_state_dict(opt["schedule"])
+    step = json.loads((state_dir / "progress.json").read_text())["step"]
+    return load_file(str(state_dir / "trainable.safetensors")), step

@@ -182,7 +182,9 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
                      "measured_with": f"generate() greedy, prompt {prompt.shape[1]} tokens + 8 new"},
         "parameters": {"base": base_params, "patched": parameter_count(patched),
                        "base_active_per_token": base_active,
-                       "patched_active_per_token": active_parameters(patched, mm)},
+                       "patched_active_per_token": (patched_active := active_parameters(patched, mm)),
+                       # the --moe-active budget's own measure: FFN parameters a token uses over the dense FFN's
+                       "active_ffn_fraction_vs_dense": patched_active["ffn_active"] / max(base_active["ffn_total"], 1)},
         "plan": {c.section: c.summary(mm, recipe, plans[c.section]) for c in convs},
         "layers": infos,
         **extra,

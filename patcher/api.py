@@ -115,6 +115,10 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         base_params = parameter_count(model)
         base_active = active_parameters(model, mm)
 
+    eps_from = None
+    if recipe.output.format == "deepseek-v3":  # after the base is measured: the conversion includes this change
+        eps_from = export_deepseek.adopt_eps(model)
+
     def captures_of(subset):
         return lambda i: [w for c in subset for w in c.captures(mm.layers[i], recipe)]
 
@@ -186,6 +190,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
                        # the --moe-active budget's own measure: FFN parameters a token uses over the dense FFN's
                        "active_ffn_fraction_vs_dense": patched_active["ffn_active"] / max(base_active["ffn_total"], 1)},
         "plan": {c.section: c.summary(mm, recipe, plans[c.section]) for c in convs},
+        "rms_norm_eps_changed": None if eps_from is None else {"from": eps_from, "to": export_deepseek.EXPORT_EPS},
         "layers": infos,
         **extra,
         "calibration": {"data": cal.data or "builtin:calibration.txt", "tokens": int(calib_ids.numel()),

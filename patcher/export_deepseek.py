@@ -12,6 +12,8 @@
   主模型没有 MoE 时，把稠密 MLP 精确地拆成 2 个路由专家（top-2，各得权重 1）加共享专家。
 - ``rms_norm_eps`` 写成 1e-6：潜在向量的 RMSNorm 工作在线性区（见 ``converters.rope_split.latent_scale``），
   它的 eps 必须是各推理引擎都一致的值；transformers 固定用 1e-6，vLLM/SGLang 读配置，两者由此一致。
+  转换一开始（基座测完之后）就把模型所有 RMSNorm 的 eps 换成 1e-6（``adopt_eps``），所以报告的保真度
+  已包含这一改动，导出的模型与 dsopt 的前向逐 logit 相同。
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ EXPORT_EPS = 1e-6
 
 class ExportError(ValueError):
     """补丁模型无法表达为 DeepSeek-V3 布局：消息说明哪一层、哪一项。"""
+
+
+def adopt_eps(model: nn.Module) -> float | None:
+    """Give every RMSNorm of ``model`` the export's eps, so the converted model is measured as it will be exported.
+
+    Returns the source's eps (None when it already was EXPORT_EPS)."""
+    old = getattr(model.config, "rms_norm_eps", None)
+    if old == EXPORT_EPS:
+        return None
+    model.config.rms_norm_eps = EXPORT_EPS
+    for mod in model.modules():
+        if "RMSNorm" in type(mod).__name__:
+            for attr in ("variance_epsilon", "eps"):
+                if isinstance(getattr(mod, attr, None), float):
+                    setattr(mod, attr, EXPORT_EPS)
+    return old
 
 
 def _plain_rms_weight(norm: nn.Module, where: str) -> torch.Tensor:

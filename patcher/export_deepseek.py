@@ -299,6 +299,7 @@ def write_deepseek_v3(model: nn.Module, mm, tokenizer, tmp: Path, max_shard_size
     if missing or unexpected:
         raise ExportError(f"DeepSeek-V3 映射不完整：缺少 {missing[:5]}，多出 {unexpected[:5]}")
     stock.tie_weights()
+    stock.generation_config = model.generation_config  # the source's stop tokens and sampling defaults
     stock.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     if mtp:
         _append_shard(tmp, "model-mtp.safetensors",

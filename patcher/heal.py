@@ -1,9 +1,9 @@
 """修复（healing）：用源模型做老师，在文本上做一小段 KL 蒸馏，把转换后的模型拉回基座的质量。
 
-- 缺省只训练转换改动过的模块（潜在注意力的投影、MoE 的路由器与专家；``--heal-scope converted``），
-  ``all`` 训练除嵌入与输出头外的全部参数，``--heal-lora R`` 改为在这些模块的线性层上加 LoRA、训练后合并回权重
+- 缺省只训练转换改动过的模块（潜在注意力的 KV 投影、MoE 的路由器与专家；``--scope converted``），
+  ``all`` 训练除嵌入与输出头外的全部参数，``--lora R`` 改为在这些模块的线性层上加 LoRA、训练后合并回权重
   （检查点格式不变）。MTP 模块的目标是基座自己的预测，修复之后用 ``dsopt train-mtp`` 重新训练它们。
-- 老师的 logits 在线计算，或（``--heal-top-k K``）先算一遍每个位置的 top-K 对数概率存盘，之后每轮、续训都从
+- 老师的 logits 在线计算，或（``--top-k K``）先算一遍每个位置的 top-K 对数概率存盘，之后每轮、续训都从
   磁盘读：KL 在 top-K 上精确计算，其余概率质量合并成一个"其他"类。
 - 建立在 accelerate 上（同一条命令在 CPU、单卡、多卡 ``accelerate launch`` 上运行）；每 ``save_every`` 步把
   可训练参数、优化器、调度器与步数原子地写到 ``OUT/heal-train/``，``--resume`` 精确续训。
@@ -24,8 +24,10 @@ from .recipe import Section
 from .training import cosine_with_warmup, load_state, save_state
 
 STATE_DIR = "heal-train"
-# the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export)
-CONVERTED = {"LatentAttention", "DecoupledLatentAttention", "MoEMLP", "DeepseekV3Attention", "DeepseekV3MoE"}
+# the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
+# with the parts conversion changed (None: all of it; the latent attention keeps the source's q and o projections)
+CONVERTED = {"LatentAttention": ("kv_a_proj", "k_b_proj", "v_b_proj"), "DecoupledLatentAttention": None,
+             "MoEMLP": None, "DeepseekV3Attention": None, "DeepseekV3MoE": None}
 
 
 class HealOptions(Section):
@@ -33,7 +35,7 @@ class HealOptions(Section):
     teacher: str | None = Field(None, description="老师：源检查点（目录、.gguf 或内置别名）；缺省为转换时的来源")
     data: str | None = Field(None, description="训练文本（.txt/.jsonl）；缺省为转换时的校准文本")
     tokens: int = Field(65536, ge=64, description="训练 token 数（决定步数）")
-    lr: float = Field(1e-4, gt=0.0, description="学习率")
+    lr: float = Field(5e-5, gt=0.0, description="学习率")
     seq_len: int = Field(256, ge=16, description="序列长度")
     batch_size: int = Field(4, ge=1, description="批大小")
     scope: str = Field("converted", pattern="^(converted|all)$",
@@ -116,9 +118,11 @@ def select_trainable(model: nn.Module, opts: HealOptions) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(False)
     if opts.scope == "converted":
-        roots = [m for _, m in converted_modules(model)]
+        roots = [part for _, m in converted_modules(model)
+                 for part in ([m] if CONVERTED[type(m).__name__] is None
+                              else [m.get_submodule(n) for n in CONVERTED[type(m).__name__]])]
         if not roots:
-            raise ValueError("模型里没有转换过的模块（MLA 注意力或 MoE）：没有可修复的部分；用 --heal-scope all 训练全部")
+            raise ValueError("模型里没有转换过的模块（MLA 注意力或 MoE）：没有可修复的部分；用 --scope all 训练全部")
     else:
         frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                   for p in m.parameters()}
@@ -126,16 +130,15 @@ def select_trainable(model: nn.Module, opts: HealOptions) -> list[nn.Parameter]:
         frozen |= {id(p) for p in mtp.parameters()} if mtp is not None else set()
         roots = [model]
     if opts.lora:
+        inside = {id(m) for root in roots for m in root.modules()}
+        head = model.get_output_embeddings()
         params = []
-        for root in roots:
-            for name, child in list(root.named_modules()):
-                if isinstance(child, nn.Linear) and child is not model.get_output_embeddings() \
-                        and not name.startswith("mtp"):
-                    if not name:
-                        continue
-                    wrapped = LoRALinear(child, min(opts.lora, child.in_features, child.out_features))
-                    root.set_submodule(name, wrapped)
-                    params += [wrapped.lora_a, wrapped.lora_b]
+        for name, child in list(model.named_modules()):
+            if isinstance(child, nn.Linear) and id(child) in inside and child is not head \
+                    and not name.startswith("mtp"):
+                wrapped = LoRALinear(child, min(opts.lora, child.in_features, child.out_features))
+                model.set_submodule(name, wrapped)
+                params += [wrapped.lora_a, wrapped.lora_b]
         for p in params:
             p.requires_grad_(True)
         return params

@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=65536, help="每种情况的修复 token 数")
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=0)

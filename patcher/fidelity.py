@@ -110,6 +110,19 @@ def _plots(folder: Path, report: dict) -> list[str]:
         fig.savefig(folder / "moe_balance.png", dpi=110)
         plt.close(fig)
         names.append("moe_balance.png")
+    mla = (report.get("plan") or {}).get("mla") or {}
+    if mla.get("rope_gain_per_pair"):
+        gain, kept = mla["rope_gain_per_pair"], set(mla["rope_pairs"])
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.bar(range(len(gain)), gain, color=["#cc6677" if i in kept else "#bbbbbb" for i in range(len(gain))])
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("source RoPE frequency pair (0 = highest frequency)")
+        ax.set_ylabel("score error saved by keeping position")
+        ax.set_title(f"Decoupled RoPE: measured gain per frequency, kept pairs in red ({mla['rope_method']})")
+        fig.tight_layout()
+        fig.savefig(folder / "rope_frequencies.png", dpi=110)
+        plt.close(fig)
+        names.append("rope_frequencies.png")
     layers = report.get("layers") or []
     if not layers or "rank" not in layers[0]:
         return names

@@ -129,6 +129,9 @@ def test_convert_writes_a_checked_export_with_biases(tmp_path):
     assert "q_bias_share_kept" in report["layers"][0]
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["attention_bias"] is True and cfg["first_k_dense_replace"] == 0
+    md = (tmp_path / "out" / "fidelity.md").read_text()
+    assert "解耦 RoPE" in md and "calibrated" in md and "rope_frequencies.png" in md  # the report names the method
+    assert (tmp_path / "out" / "rope_frequencies.png").exists()
 
 
 def test_recipe_rules_for_the_deepseek_format():

@@ -142,12 +142,12 @@ def select_trainable(model: nn.Module, opts: HealOptions) -> list[nn.Parameter]:
         for p in params:
             p.requires_grad_(True)
         return params
-    params = []
+    params, seen = [], set()
     for root in roots:
         for p in root.parameters():
-            if opts.scope == "converted" or id(p) not in frozen:
-                if p.is_floating_point() and id(p) not in {id(q) for q in params}:
-                    params.append(p)
+            if (opts.scope == "converted" or id(p) not in frozen) and p.is_floating_point() and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
     for p in params:
         p.requires_grad_(True)
     return params

@@ -60,6 +60,15 @@ def eager_attention(module, query, key, value, attention_mask, scaling, **_):
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
+def rope_tables(rotary: nn.Module, length: int, like: torch.Tensor, columns: list[int] | None = None):
+    """cos/sin of the family's rotary for positions 0..length-1, shaped (1, 1, length, rot); ``columns`` picks dims."""
+    cos, sin = rotary(like, torch.arange(length, device=like.device).unsqueeze(0))
+    if columns is not None:
+        cols = torch.tensor(columns, device=cos.device)
+        cos, sin = cos[..., cols], sin[..., cols]
+    return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)
+
+
 def attend(module, query, key, value, attention_mask, kwargs):
     """Attention through the kernel the config names (eager when transformers has none by that name), then o_proj."""
     impl = getattr(module.config, "_attn_implementation", None) or "eager"
@@ -134,10 +143,6 @@ class LatentAttention(nn.Module):
         out = out.reshape(bsz, groups * per, q_len, self.v_head_dim)
         return out.transpose(1, 2).contiguous()
 
-    def _rope_tables(self, length: int, like: torch.Tensor):
-        positions = torch.arange(length, device=like.device).unsqueeze(0)
-        cos, sin = self._rotary(like, positions)
-        return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)  # (1, 1, length, rot)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, past_key_values=None, layer_past=None, **kwargs):
@@ -160,7 +165,7 @@ class LatentAttention(nn.Module):
         key = key.transpose(1, 2)
 
         if self.rotary_dim:
-            cos, sin = self._rope_tables(kv_len, query)
+            cos, sin = rope_tables(self._rotary, kv_len, query)
             key = apply_rope(key, cos, sin)
             query = apply_rope(query, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])
 
@@ -207,11 +212,6 @@ class DecoupledLatentAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.v_head_dim, spec.get("out_size", hidden), bias=spec["o_bias"])
         self._rotary = None  # the family's rotary embedding (set by the model), not a submodule of ours
 
-    def _rope_tables(self, length: int, like: torch.Tensor):
-        positions = torch.arange(length, device=like.device).unsqueeze(0)
-        cos, sin = self._rotary(like, positions)
-        cols = torch.tensor(self.rope_columns, device=cos.device)
-        return cos[..., cols][:, None].to(like.dtype), sin[..., cols][:, None].to(like.dtype)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, past_key_values=None, layer_past=None, **kwargs):
@@ -226,7 +226,7 @@ class DecoupledLatentAttention(nn.Module):
             entry, _ = cache.update(entry, entry.new_empty(bsz, 1, q_len, 0), self.layer_idx, kwargs=kwargs)
         latent, k_rot = entry[:, 0].split([self.rank, rope], dim=-1)
         kv_len = latent.shape[1]
-        cos, sin = self._rope_tables(kv_len, query)
+        cos, sin = rope_tables(self._rotary, kv_len, query, self.rope_columns)
         k_rot = apply_rope(k_rot[:, None], cos, sin)
         q_pass, q_rot = query.split([nope, rope], dim=-1)
         q_rot = apply_rope(q_rot, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])

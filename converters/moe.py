@@ -287,7 +287,7 @@ class MoEConverter:
                 loads[lm.index] = torch.zeros(mod.num_experts)
 
                 def hook(m, _inp, _out, i=lm.index):
-                    loads[i] += torch.bincount(m.last_routing.reshape(-1), minlength=m.num_experts).float()
+                    loads[i] += routing_counts(m)
                 hooks.append(mod.register_forward_hook(hook))
         try:
             with torch.no_grad():
@@ -296,13 +296,20 @@ class MoEConverter:
         finally:
             for h in hooks:
                 h.remove()
-        balance = []
-        for i, c in loads.items():
-            p = c / c.sum().clamp_min(1)
-            ent = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(p))) if len(p) > 1 else 1.0
-            balance.append({"layer": i, "tokens_per_expert": c.tolist(), "max_over_mean": float(c.max() / c.mean()),
-                            "entropy": ent})
-        return {"balance": balance, "balance_text": "eval windows (held-out)"}
+        return {"balance": [balance_record(i, c) for i, c in loads.items()], "balance_text": "eval windows (held-out)"}
+
+
+def routing_counts(mlp: MoEMLP) -> torch.Tensor:
+    """Tokens per expert in the MoE layer's last forward."""
+    return torch.bincount(mlp.last_routing.reshape(-1), minlength=mlp.num_experts).float()
+
+
+def balance_record(layer: int, counts: torch.Tensor) -> dict:
+    """One layer's load: tokens per expert, max over mean, and the normalised entropy of the load."""
+    p = counts / counts.sum().clamp_min(1)
+    ent = float(-(p[p > 0] * p[p > 0].log()).sum() / math.log(len(p))) if len(p) > 1 else 1.0
+    return {"layer": layer, "tokens_per_expert": counts.tolist(), "max_over_mean": float(counts.max() / counts.mean()),
+            "entropy": ent}
 
 
 def _noisy(w: torch.Tensor, noise: float, g: torch.Generator) -> torch.Tensor:

@@ -20,7 +20,7 @@ import converters
 from converters import mtp as mtp_converter
 
 from . import __version__, checkpoint, export_deepseek, modeling
-from .calibrate import DataError, digest, read_text, stream, token_windows
+from .calibrate import DataError, digest, read_text, recipe_windows, stream, token_windows
 from .fidelity import cache_bytes_per_token, compare, evaluate_base, parameter_count, write_report
 from .locate import ModelMap, locate
 from . import mtp_train
@@ -100,13 +100,8 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         for conv in convs:
             conv.check(lm, recipe)  # raises, naming the layer and role, before any work is done
 
-    calib_text = read_text(recipe.calibration.data, "calibration")
-    eval_text = read_text(recipe.eval.data, "evaluation")
-    if digest(calib_text) == digest(eval_text):
-        raise DataError("评估文本与校准文本相同：保真度必须在未见过的文本上测量，请换一个 --eval-data")
     cal = recipe.calibration
-    calib_ids = token_windows(tokenizer, calib_text, cal.tokens, cal.seq_len, cal.seed)
-    eval_ids = token_windows(tokenizer, eval_text, recipe.eval.tokens, recipe.eval.seq_len, None)
+    calib_ids, eval_ids, provenance = recipe_windows(tokenizer, recipe)
     prompt = eval_ids[:1, :64]
 
     with stages("evaluate_base"):
@@ -193,10 +188,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
         "rms_norm_eps_changed": None if eps_from is None else {"from": eps_from, "to": export_deepseek.EXPORT_EPS},
         "layers": infos,
         **extra,
-        "calibration": {"data": cal.data or "builtin:calibration.txt", "tokens": int(calib_ids.numel()),
-                        "seq_len": cal.seq_len, "seed": cal.seed, "sha256": digest(calib_text)},
-        "eval": {"data": recipe.eval.data or "builtin:evaluation.txt", "tokens": int(eval_ids.numel()),
-                 "sha256": digest(eval_text)},
+        **provenance,
         "resources": {"conversion_seconds": time.perf_counter() - t_start, "peak_rss_mib": _peak_rss_mib(),
                       "stage_seconds": stages.seconds},
     }
@@ -383,11 +375,23 @@ def rebuild(model: nn.Module, mm: ModelMap, specs: dict) -> nn.Module:
     return patched.eval()
 
 
-def convert(source: str, recipe=None, out: str | Path | None = None, progress=None) -> dict:
-    """加载来源、转换、把检查点与报告原子地写到 ``out``；返回报告。"""
+def convert(source: str, recipe=None, out: str | Path | None = None, progress=None, resume: bool = False) -> dict:
+    """加载来源、转换、把检查点与报告原子地写到 ``out``；返回报告。
+
+    源权重大于 2 GiB（或 ``--streaming on``）时走流式转换：逐层读入与写出，内存约为一层；
+    ``resume`` 让中断的流式转换从最后完成的层接着做。
+    """
+    from . import streaming
+
     recipe = _as_recipe(recipe or Recipe())
     out = Path(out or f"{Path(source).name}-dsopt")
     checkpoint.check_output(out, recipe.output.overwrite)  # before any expensive work
+    src = checkpoint.resolve(source)
+    if streaming.wanted(checkpoint.weight_bytes(src), recipe):
+        return streaming.convert_streaming(checkpoint.local_folder(src), recipe, out, progress or _NullProgress(),
+                                           resume, source_name=source)
+    if resume:
+        raise RecipeError("--resume 只用于流式转换（--streaming on，或源权重大于 2 GiB 时自动开启）")
     t = time.perf_counter()
     model, tokenizer, src = checkpoint.load(source, trust_remote_code=recipe.output.trust_remote_code)
     load_seconds = time.perf_counter() - t

@@ -67,6 +67,26 @@ def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, seed: int |
     return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in starts])
 
 
+def recipe_windows(tokenizer, recipe) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Calibration and evaluation windows of a recipe, and their provenance for the report.
+
+    The evaluation text must differ from the calibration text: fidelity is measured on text the conversion never saw."""
+    calib_text = read_text(recipe.calibration.data, "calibration")
+    eval_text = read_text(recipe.eval.data, "evaluation")
+    if digest(calib_text) == digest(eval_text):
+        raise DataError("评估文本与校准文本相同：保真度必须在未见过的文本上测量，请换一个 --eval-data")
+    cal = recipe.calibration
+    calib_ids = token_windows(tokenizer, calib_text, cal.tokens, cal.seq_len, cal.seed)
+    eval_ids = token_windows(tokenizer, eval_text, recipe.eval.tokens, recipe.eval.seq_len, None)
+    provenance = {
+        "calibration": {"data": cal.data or "builtin:calibration.txt", "tokens": int(calib_ids.numel()),
+                        "seq_len": cal.seq_len, "seed": cal.seed, "sha256": digest(calib_text)},
+        "eval": {"data": recipe.eval.data or "builtin:evaluation.txt", "tokens": int(eval_ids.numel()),
+                 "sha256": digest(eval_text)},
+    }
+    return calib_ids, eval_ids, provenance
+
+
 class _Stop(Exception):
     pass
 

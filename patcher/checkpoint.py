@@ -88,21 +88,33 @@ def load(name: str, trust_remote_code: bool = False, dtype: torch.dtype | None =
     .bin 权重由 transformers 以 ``weights_only=True`` 读取；safetensors 优先。
     """
     src = resolve(name)
+    return _load_folder(local_folder(src), trust_remote_code and src.kind != "gguf", dtype, src)
+
+
+def local_folder(src: Source) -> Path:
+    """A local HF folder for any source: the folder itself, a .gguf's dequantized cache, or a Hub download."""
     if src.kind == "gguf":
-        folder = _dequantized_cache(src)
-        return _load_folder(folder, False, dtype, src)
+        return _dequantized_cache(src)
     if src.kind == "hub":
         if _offline():
-            raise SourceError(f"{name!r} 需要从 Hugging Face Hub 下载，但当前处于离线模式（HF_HUB_OFFLINE）。"
+            raise SourceError(f"{src.name!r} 需要从 Hugging Face Hub 下载，但当前处于离线模式（HF_HUB_OFFLINE）。"
                               f"请给出本地目录、.gguf 文件或内置别名（{', '.join(ALIASES)}）")
         try:
             from huggingface_hub import snapshot_download
-            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            return Path(snapshot_download(src.name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
         except Exception as e:  # network errors come in many types
-            raise SourceError(f"无法从 Hugging Face Hub 下载 {name!r}（网络不可达或名字不存在）：{type(e).__name__}: "
+            raise SourceError(f"无法从 Hugging Face Hub 下载 {src.name!r}（网络不可达或名字不存在）：{type(e).__name__}: "
                               f"{str(e)[:200]}。离线时请用本地目录、.gguf 或内置别名") from None
-        return _load_folder(folder, trust_remote_code, dtype, src)
-    return _load_folder(src.path, trust_remote_code, dtype, src)
+    return src.path
+
+
+def weight_bytes(src: Source) -> int:
+    """Size of the source's weight files on disk, without loading them (0 for a Hub name: not downloaded yet)."""
+    if src.kind == "gguf":
+        return src.path.stat().st_size
+    if src.kind == "hub":
+        return 0
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in src.path.glob(pattern))
 
 
 def _load_folder(folder: Path, trust_remote_code: bool, dtype, src: Source):
@@ -204,16 +216,20 @@ MODELING_FILE = "modeling_dsopt.py"
 def write_checkpoint(model: nn.Module, tokenizer, tmp: Path, max_shard_size: str = "200MB") -> None:
     """Weights (sharded safetensors + index), config with auto_map, the self-contained modeling file, tokenizer."""
     model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-    cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    stem = MODELING_FILE[:-3]
-    cfg["auto_map"] = {"AutoConfig": f"{stem}.{type(model.config).__name__}",
-                       "AutoModelForCausalLM": f"{stem}.{type(model).__name__}"}
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    shutil.copyfile(modeling.__file__, tmp / MODELING_FILE)
-    shutil.copyfile(Path(modeling.__file__).with_name("mtp.py"), tmp / "mtp.py")  # imported by the modeling file
+    add_dsopt_code(tmp, type(model.config).__name__, type(model).__name__)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+
+
+def add_dsopt_code(folder: Path, config_class: str, model_class: str) -> None:
+    """config.json's auto_map and the self-contained modeling files: the folder loads without dsopt installed."""
+    cfg_path = Path(folder) / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    stem = MODELING_FILE[:-3]
+    cfg["auto_map"] = {"AutoConfig": f"{stem}.{config_class}", "AutoModelForCausalLM": f"{stem}.{model_class}"}
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shutil.copyfile(modeling.__file__, Path(folder) / MODELING_FILE)
+    shutil.copyfile(Path(modeling.__file__).with_name("mtp.py"), Path(folder) / "mtp.py")  # imported by the modeling file
 
 
 def model_card(report: dict) -> str:

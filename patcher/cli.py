@@ -82,7 +82,7 @@ def _convert_impl(source: str, out: Optional[Path], recipe: Optional[str], **fla
     out = out or Path(f"{Path(source).name}-dsopt")
     try:
         with Progress(*_columns(), console=console, transient=False) as progress:
-            report = api.convert(source, rec, out, progress=RichProgress(progress))
+            report = api.convert(source, rec, out, progress=RichProgress(progress), resume=flags.get("resume", False))
     except (RecipeError, DataError, OutputError, SourceError, LocateError, PlanError) as e:
         _fail(str(e))
     _print_summary(report, out)
@@ -98,6 +98,9 @@ def _build_convert_command():
                           default=typer.Option(None, "-o", "--out", help="输出目录（缺省：<来源名>-dsopt）")),
         inspect.Parameter("recipe", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
                           default=typer.Option(None, "--recipe", help="配方 YAML 路径或预设名（如 mla-kv40）")),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--resume", help="流式转换被中断后，从最后完成的层接着做"
+                                                                       "（状态在 OUT 旁的 .OUT.partial/ 中）")),
     ]
     for sec, name, field in flag_fields():
         kind = _option_type(field.annotation)

@@ -27,27 +27,34 @@ class BaseEval:
     top1: list[torch.Tensor] = field(default_factory=list)  # from float32, before the float16 rounding
 
 
-def _logprobs(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+def model_logits(model: nn.Module):
+    """The usual source of logits: the whole model on one window (streaming conversion passes its own)."""
+    return lambda _i, window: model(input_ids=window[None], use_cache=False).logits[0]
+
+
+def _logprobs(logits, i: int, window: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()
-    return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(logits(i, window)[:-1].float(), dim=-1)
 
 
-def evaluate_base(model: nn.Module, windows: torch.Tensor) -> BaseEval:
+def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None) -> BaseEval:
+    """Per-token log-probs of the base on ``windows``; ``logits(i, window)`` replaces the model when given."""
+    logits = logits or model_logits(model)
     ev = BaseEval(windows)
-    for w in windows:
-        lp = _logprobs(model, w)
+    for i, w in enumerate(windows):
+        lp = _logprobs(logits, i, w)
         ev.nll.append(-lp.gather(1, w[1:, None])[:, 0])
         ev.top1.append(lp.argmax(-1))
         ev.logprobs.append(lp.half())
     return ev
 
 
-def compare(model: nn.Module, base: BaseEval) -> dict:
+def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
     """Perplexity of base and patched, mean KL(base‖patched) per token, top-1 agreement."""
+    logits = logits or model_logits(model)
     nll_b, nll_p, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
-    for w, lp_b16, nb, top1 in zip(base.windows, base.logprobs, base.nll, base.top1):
-        lp_p = _logprobs(model, w)
+    for i, (w, lp_b16, nb, top1) in enumerate(zip(base.windows, base.logprobs, base.nll, base.top1)):
+        lp_p = _logprobs(logits, i, w)
         lp_b = lp_b16.float()
         nll_b += float(nb.sum())
         nll_p += float(-lp_p.gather(1, w[1:, None]).sum())

@@ -135,6 +135,9 @@ class OutputOptions(Section):
     overwrite: bool = _flag("--overwrite", "允许覆盖已存在的非空输出目录", default=False)
     max_shard_size: str = _flag("--max-shard-size", "safetensors 分片大小", default="200MB")
     trust_remote_code: bool = _flag("--trust-remote-code", "信任源检查点的远程代码（默认不信任）", default=False)
+    streaming: Literal["auto", "on", "off"] = _flag(
+        "--streaming", "流式转换：逐层读入权重、转换、写出分片，内存约为一层加激活，中断后可 --resume；"
+        "auto（源权重超过 2 GiB 时开启）、on 或 off", default="auto")
 
 
 class Recipe(Section):

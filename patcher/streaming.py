@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -120,8 +121,9 @@ def _cache_elements(layer: nn.Module, prompt: list) -> int:
 
     hidden, kwargs = prompt[0]
     cache = DynamicCache()
+    name = "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"  # v5 renamed it
     with torch.no_grad():
-        layer(hidden, **{**kwargs, "past_key_values": cache, "use_cache": True})
+        layer(hidden, **{**kwargs, name: cache, "use_cache": True})
     total = sum(t.numel() for lay in cache.layers for t in (lay.keys, lay.values) if isinstance(t, torch.Tensor))
     return total // hidden.shape[1]
 

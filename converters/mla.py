@@ -48,9 +48,12 @@ GRAM_SVD_MIN = 2048  # from this size on (7B-class K+V), the SVD goes through th
 
 def thin_svd(m: torch.Tensor, rank: int | None = None):
     """Thin SVD (float64). Large matrices: eigendecomposition of the smaller Gram matrix, then only the ``rank``
-    leading singular vectors on the other side — the same leading factors, without LAPACK's full SVD."""
+    leading singular vectors on the other side — the same leading factors, without LAPACK's full SVD; a rank far
+    below the size (a router's 128 of 4096): randomized SVD with power iterations (only ``rank``+32 values)."""
     if min(m.shape) < GRAM_SVD_MIN:
         return torch.linalg.svd(m, full_matrices=False)
+    if rank is not None and rank * 8 <= min(m.shape):
+        return randomized_svd(m, rank)
     wide = m.shape[0] < m.shape[1]
     a = m.T if wide else m  # tall: the Gram matrix aᵀa is the small side
     evals, V = torch.linalg.eigh(a.T @ a)
@@ -61,7 +64,46 @@ def thin_svd(m: torch.Tensor, rank: int | None = None):
     return (V, S, U.T) if wide else (U, S, V.T)
 
 
-def factorize(w: torch.Tensor, cov: torch.Tensor | None, init: str, g: torch.Tensor | None = None,
+def randomized_svd(m: torch.Tensor, rank: int, oversample: int = 32, iters: int = 3):
+    """Leading ``rank``+``oversample`` singular triplets (Halko et al.), from a fixed seed: the same on every run."""
+    g = torch.Generator().manual_seed(0)
+    q = min(rank + oversample, min(m.shape))
+    Q = torch.linalg.qr(m @ torch.randn(m.shape[1], q, generator=g, dtype=m.dtype)).Q
+    for _ in range(iters):  # power iterations sharpen the decay, so the kept directions are the leading ones
+        Q = torch.linalg.qr(m @ torch.linalg.qr(m.T @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.T @ m, full_matrices=False)
+    return Q @ Ub, S, Vh
+
+
+class BlockDiagonal:
+    """A block-diagonal output weighting G (K rows: a diagonal; V rows: one block per KV group).
+
+    Kept as blocks: at 7B sizes the dense G (8192²) costs more to multiply and solve than the SVD itself."""
+
+    def __init__(self, blocks: list[torch.Tensor]):
+        self.blocks = blocks  # 1-D: a diagonal; 2-D: a square block
+        self.sizes = [b.shape[0] for b in blocks]
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([b[:, None] * xs if b.dim() == 1 else b @ xs for b, xs in zip(self.blocks, x.split(self.sizes))])
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """G⁻¹·x."""
+        return torch.cat([xs / b[:, None] if b.dim() == 1 else torch.linalg.solve(b, xs)
+                          for b, xs in zip(self.blocks, x.split(self.sizes))])
+
+    def dense(self) -> torch.Tensor:
+        return torch.block_diag(*[torch.diag(b) if b.dim() == 1 else b for b in self.blocks])
+
+
+def quad_diag(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """diag(A·C·Aᵀ): products in float32 (4× faster on CPU), result in float64. For weights and reported errors,
+    never for the factors themselves."""
+    a32 = a.float()
+    return ((a32 @ c.float()) * a32).sum(1).double()
+
+
+def factorize(w: torch.Tensor, cov: torch.Tensor | None, init: str, g: BlockDiagonal | None = None,
               rank: int | None = None):
     """SVD of G·W·L: L whitens the input side (init == 'whitened'), G weights the output side (or None).
 
@@ -78,20 +120,22 @@ def factorize(w: torch.Tensor, cov: torch.Tensor | None, init: str, g: torch.Ten
 
 
 def low_rank(w: torch.Tensor, cov: torch.Tensor | None, rank: int, init: str = "whitened",
-             g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             g: BlockDiagonal | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factors (up, down) with W ≈ up·down, minimising the (G-weighted, input-whitened) error."""
+    if rank >= w.shape[1]:  # full rank: W = W·I exactly, whatever the weighting (an MHA model at ≥ 50 % of its cache)
+        return w.double(), torch.eye(w.shape[1], dtype=torch.float64)
     U, S, Vh, L = factorize(w, cov, init, g, rank)
     root = S[:rank].sqrt()
     up = U[:, :rank] * root
     if g is not None:
-        up = torch.linalg.solve(g, up)
+        up = g.solve(up)
     down = root[:, None] * Vh[:rank]
     if L is not None:  # undo the whitening on the input side: down · L⁻¹
         down = torch.linalg.solve_triangular(L, down, upper=False, left=False)
     return up, down
 
 
-def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective: str) -> torch.Tensor | None:
+def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective: str) -> BlockDiagonal | None:
     """Output-side weighting of the joint [W_k; W_v] rows of a located layer (see ``weighting``)."""
     if objective == "kv":
         return None
@@ -100,7 +144,7 @@ def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective:
 
 
 def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
-              k_ref: torch.Tensor | None = None) -> torch.Tensor | None:
+              k_ref: torch.Tensor | None = None) -> BlockDiagonal | None:
     """Output-side weighting of the joint [W_k; W_v] rows for the SVD objective.
 
     ``kv``：不加权（K 与 V 输出误差的平方和）。``balanced``：K 块与 V 块各自归一到单位能量，
@@ -115,9 +159,9 @@ def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
     k_ref = wk if k_ref is None else k_ref
     nk, nv = wk.shape[0], wv.shape[0]
     gk = torch.ones(nk, dtype=torch.float64)
-    gv = torch.eye(nv, dtype=torch.float64)
+    gv = [torch.ones(nv, dtype=torch.float64)]
     if objective == "attention":
-        q_energy = torch.einsum("ij,jk,ik->i", wq.double(), c, wq.double()).view(lm.num_heads, lm.head_dim)
+        q_energy = quad_diag(wq, c).view(lm.num_heads, lm.head_dim)
         rot = lm.rotary_dim
         if rot:
             half = rot // 2
@@ -134,10 +178,10 @@ def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
                 m += cols.T @ cols
             evals, evecs = torch.linalg.eigh(m)
             blocks.append(evecs @ torch.diag(evals.clamp_min(1e-12).sqrt()) @ evecs.T)
-        gv = torch.block_diag(*blocks)
-    ek = torch.einsum("ij,jk,ik->", gk[:, None] * k_ref.double(), c, gk[:, None] * k_ref.double())
-    ev = torch.einsum("ij,jk,ik->", gv @ wv.double(), c, gv @ wv.double())
-    return torch.block_diag(torch.diag(gk) / ek.sqrt().clamp_min(1e-30), gv / ev.sqrt())
+        gv = blocks
+    ek = quad_diag(gk[:, None] * k_ref.double(), c).sum()
+    ev = quad_diag(BlockDiagonal(gv) @ wv.double(), c).sum()
+    return BlockDiagonal([gk / ek.sqrt().clamp_min(1e-30), *[b / ev.sqrt() for b in gv]])
 
 
 def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank: int, mode: str,
@@ -280,9 +324,13 @@ class MLAConverter:
         wq, bq = weight_of(layer, lm.q)
         wo, bo = weight_of(layer, lm.o, rows=False)
         w = torch.cat([wk, wv])
-        g = output_weights(layer, lm, cov, recipe.mla.objective)
-        up, down = low_rank(w, cov, rank, recipe.mla.init, g)
-        errors = _relative_errors(w, up @ down, cov, wk.shape[0])
+        if rank >= w.shape[1]:  # full rank is exact: no weighting, factorization or error to measure
+            up, down = low_rank(w, cov, rank)
+            errors = {"k_rel_error": 0.0, "v_rel_error": 0.0}
+        else:
+            g = output_weights(layer, lm, cov, recipe.mla.objective)
+            up, down = low_rank(w, cov, rank, recipe.mla.init, g)
+            errors = _relative_errors(w, up @ down, cov, wk.shape[0])
         attn = layer.get_submodule(lm.attention)
         spec = {
             "path": lm.attention, "hidden_size": wq.shape[1], "num_heads": lm.num_heads,
@@ -435,10 +483,10 @@ def _relative_errors(w: torch.Tensor, w_hat: torch.Tensor, cov: torch.Tensor | N
     c = cov.double() if cov is not None else torch.eye(w.shape[1], dtype=torch.float64)
     out = {}
     for name, sl in (("k", slice(0, k_rows)), ("v", slice(k_rows, None))):
-        d = (w - w_hat)[sl]
-        num = torch.einsum("ij,jk,ik->", d, c, d)
+        d = (w.double() - w_hat.double())[sl]  # the difference in float64; its energy may be computed in float32
+        num = quad_diag(d, c).sum()
         ref = k_ref if (name == "k" and k_ref is not None) else w[sl]
-        den = torch.einsum("ij,jk,ik->", ref.double(), c, ref.double()).clamp_min(1e-30)
+        den = quad_diag(ref.double(), c).sum().clamp_min(1e-30)
         out[f"{name}_rel_error"] = float((num / den).clamp_min(0).sqrt())
     return out
 

@@ -37,11 +37,17 @@ def balanced_kmeans(features: torch.Tensor, clusters: int, size: int, seed: int,
         sim = f.T @ centroids  # (n, clusters)
         order = sim.max(1).values.argsort(descending=True)
         room = torch.full((clusters,), size)
+        room_left = [size] * clusters
         assign = torch.empty(n, dtype=torch.long)
+        # each neuron's few best clusters as Python lists: most neurons find room among them without touching `sim`
+        prefs = sim.topk(min(8, clusters), dim=1).indices.tolist()
         for j in order.tolist():  # most confident neurons choose first; full clusters are skipped
-            c = int(sim[j].masked_fill(room == 0, float("-inf")).argmax())
+            c = next((c for c in prefs[j] if room_left[c]), None)
+            if c is None:
+                c = int(sim[j].masked_fill(room == 0, float("-inf")).argmax())
             assign[j] = c
             room[c] -= 1
+            room_left[c] -= 1
         centroids = torch.zeros(f.shape[0], clusters, dtype=f.dtype).index_add_(1, assign, f) / size
         centroids = centroids / centroids.norm(dim=0, keepdim=True).clamp_min(1e-12)
     groups = [[] for _ in range(clusters)]
@@ -421,7 +427,11 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
         if bd is not None:
             new.down_bias.copy_(bd)
         # each expert's true output energy on the calibration tokens: what the router should rank by
-        target = torch.stack([(h[:, grp].float() @ wd[:, grp].float().T).norm(dim=1) for grp in groups], 1)
+        # ‖W_g·h_g‖ = √(h_gᵀ·(W_gᵀW_g)·h_g): per-expert Gram matrices instead of per-expert (tokens × d) outputs
+        wg_ = wd[:, order].float().T.reshape(e, m, -1)
+        gram = wg_ @ wg_.transpose(1, 2)  # (e, m, m)
+        hx = h[:, order].float().view(h.shape[0], e, m)
+        target = torch.einsum("tea,eab,teb->te", hx, gram, hx).clamp_min(0).sqrt()
         if o.router == "linear":
             cov = ls.cov
             ridge = 1e-3 * cov.diagonal().mean()

@@ -75,10 +75,10 @@ class LazyWeights:
                 raise SourceError(f"无法读取 {path} 中的张量（损坏或被截断？）：{type(e).__name__}: {str(e)[:200]}") from None
         for n, t in out.items():
             if t.is_floating_point():
+                if dtype is not None:
+                    out[n] = t = t.to(dtype)  # check after the cast: bf16 elementwise ops are slow on CPU
                 if not torch.isfinite(t).all():
                     raise SourceError(f"权重 {n} 含 NaN 或 Inf：拒绝转换")
-                if dtype is not None:
-                    out[n] = t.to(dtype)
         return out
 
     def dtype(self) -> torch.dtype:

@@ -361,13 +361,18 @@ def structure_plan(mm: ModelMap, specs: dict) -> dict:
             **{key: {str(i): spec for i, spec in sorted(per_layer.items())} for key, per_layer in specs.items()}}
 
 
-def rebuild(model: nn.Module, mm: ModelMap, specs: dict) -> nn.Module:
-    """The converted model as an instance of its dsopt class, built the way loading builds it."""
-    config_cls, model_cls = modeling.register(model.config.model_type)
-    data = model.config.to_dict()
+def dsopt_config(config, plan: dict):
+    """The source config as its family's dsopt config class carrying ``plan``; returns (config, model class)."""
+    config_cls, model_cls = modeling.register(config.model_type)
+    data = config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "dsopt"):
         data.pop(key, None)
-    config = config_cls(**data, dsopt=structure_plan(mm, specs))
+    return config_cls(**data, dsopt=plan), model_cls
+
+
+def rebuild(model: nn.Module, mm: ModelMap, specs: dict) -> nn.Module:
+    """The converted model as an instance of its dsopt class, built the way loading builds it."""
+    config, model_cls = dsopt_config(model.config, structure_plan(mm, specs))
     config._attn_implementation = model.config._attn_implementation
     dtype = next(model.parameters()).dtype
     patched = model_cls(config).to(dtype)

@@ -31,8 +31,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import converters
+from converters.mla import PlanError
+from converters.mtp import final_norm_path
 
-from . import __version__, checkpoint, modeling
+from . import __version__, checkpoint
 from .calibrate import _call, capture_layer_inputs, collect, recipe_windows
 from .checkpoint import OutputError, SourceError
 from .fidelity import compare, evaluate_base, parameter_count, write_report
@@ -246,7 +248,7 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .api import Context, Stages, active_parameters, structure_plan
+    from .api import Context, Stages, active_parameters, dsopt_config, structure_plan
 
     t_start = time.perf_counter()
     stages, marks = Stages(), {}
@@ -295,8 +297,11 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
         raise SourceError(f"检查点缺少模型需要的张量（按模块名读取）：{', '.join(lacking[:4])}"
                           f"{' 等 ' + str(len(lacking)) + ' 个' if len(lacking) > 4 else ''}")
 
-    run = Run(out, _fingerprint(folder, store, recipe), resume)
     heads = recipe.mtp.heads if recipe.mtp.enabled else 0
+    src = recipe.mtp.init_layer if recipe.mtp.init_layer >= 0 else n + recipe.mtp.init_layer
+    if heads and not 0 <= src < n:  # checked before any layer is converted, not after all of them
+        raise PlanError(f"--mtp-init-layer {recipe.mtp.init_layer} 超出范围：模型只有 {n} 层")
+    run = Run(out, _fingerprint(folder, store, recipe), resume)
     total = n + 1 + (1 if heads else 0)
 
     with stages("outer"):  # embedding, final norm, head: in memory for the whole run (the head reads every window)
@@ -380,27 +385,17 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
             base = evaluate_base(None, eval_ids, logits=stack.logits(ev_base))
             fidelity = compare(None, base, logits=stack.logits(ev_patched))
             del base
-        from converters.mtp import final_norm_path
-
         norm_path = final_norm_path(model) if heads else None
 
-    config_cls, model_cls = modeling.register(config.model_type)
-    data = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "dsopt"):
-        data.pop(key, None)
     specs = {key: {int(i): s for i, s in per.items()} for key, per in record["specs"].items()}
     plan = structure_plan(mm, specs)
     mtp_record = None
     if heads:
-        src = recipe.mtp.init_layer if recipe.mtp.init_layer >= 0 else n + recipe.mtp.init_layer
-        if not 0 <= src < n:
-            from converters.mla import PlanError
-            raise PlanError(f"--mtp-init-layer {recipe.mtp.init_layer} 超出范围：模型只有 {n} 层")
         vocab = config.vocab_size
         mtp_record = {"heads": heads, "source_layer": src, "norm_path": norm_path,
                       "draft_vocab": recipe.mtp.draft_vocab if 0 < recipe.mtp.draft_vocab < vocab else 0}
         plan["mtp"] = mtp_record
-    final_config = config_cls(**data, dsopt=plan)
+    final_config, model_cls = dsopt_config(config, plan)
     with init_empty_weights(include_buffers=False):
         final = model_cls(final_config)
     final.eval()
@@ -418,7 +413,7 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
             missing, extra = sorted(want - set(weight_map)), sorted(set(weight_map) - want)
             raise RuntimeError(f"写出的张量与模型结构不符：缺 {missing[:4]}，多 {extra[:4]}")
         final_config.save_pretrained(run.dir)
-        checkpoint.add_dsopt_code(run.dir, config_cls.__name__, model_cls.__name__)
+        checkpoint.add_dsopt_code(run.dir, type(final_config).__name__, model_cls.__name__)
         tokenizer.save_pretrained(run.dir)
         if (folder / "generation_config.json").exists():
             shutil.copyfile(folder / "generation_config.json", run.dir / "generation_config.json")

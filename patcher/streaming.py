@@ -130,6 +130,11 @@ def _trim() -> None:
         pass
 
 
+def _weight_name(model: nn.Module, module: nn.Module) -> str:
+    path = next(name for name, m in model.named_modules(remove_duplicate=False) if m is module)
+    return f"{path}.weight"
+
+
 def _cache_elements(layer: nn.Module, prompt: list) -> int:
     """Elements per token that ``layer`` writes into a real cache object for a prompt."""
     from transformers import DynamicCache
@@ -155,6 +160,17 @@ class _Inject(nn.Module):
         return (out,) if self.as_tuple else out
 
 
+class _ZeroEmbedding(nn.Module):
+    """Stands in for the token embedding while ``_Inject`` supplies the hidden states (so it need not be loaded)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def forward(self, ids):
+        return torch.zeros(*ids.shape, self.hidden_size, dtype=COMPUTE_DTYPE)
+
+
 class _Stack:
     """Swap the decoder stack for one ``_Inject``: the family's own forward then does norm, head and any softcap."""
 
@@ -165,12 +181,14 @@ class _Stack:
         self.model = model
 
     def __enter__(self):
-        self.saved = getattr(self.parent, self.attr)
+        self.saved = getattr(self.parent, self.attr), self.model.get_input_embeddings()
         setattr(self.parent, self.attr, nn.ModuleList([self.inject]))
+        self.model.set_input_embeddings(_ZeroEmbedding(self.model.config.hidden_size))
         return self
 
     def __exit__(self, *exc):
-        setattr(self.parent, self.attr, self.saved)
+        setattr(self.parent, self.attr, self.saved[0])
+        self.model.set_input_embeddings(self.saved[1])
         return False
 
     def logits(self, hidden: list):
@@ -317,18 +335,20 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
     run = Run(out, _fingerprint(folder, store, recipe), resume)
     total = n + 1 + (1 if heads else 0)
 
-    with stages("outer"):  # embedding, final norm, head: in memory for the whole run (the head reads every window)
-        outer = store.read(outer_names)
-        model.load_state_dict({k: v.to(COMPUTE_DTYPE) if v.is_floating_point() else v for k, v in outer.items()},
-                              strict=False, assign=True)
-        if config.tie_word_embeddings and "lm_head.weight" not in store.weight_map:
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        if not (run.dir / shard_name(n, total)).exists():
-            write_shard(run.dir, shard_name(n, total), outer)
-        del outer
+    # A 128k vocabulary makes the embedding and the head 2 GiB each in float32: the embedding is in memory only
+    # until layer 0's inputs are captured, the head only for the final logits.
+    emb_name = _weight_name(model, model.get_input_embeddings())
+    head_name = _weight_name(model, model.get_output_embeddings())
+    head_name = head_name if head_name in store.weight_map else emb_name  # tied: the head is the embedding
+    with stages("outer"):
+        if not (run.dir / shard_name(n, total)).exists():  # the outer tensors as stored, for the output
+            write_shard(run.dir, shard_name(n, total), store.read(outer_names))
+        small = [k for k in outer_names if k not in (emb_name, head_name)]
+        model.load_state_dict(store.read(small + [emb_name], COMPUTE_DTYPE), strict=False, assign=True)
         calib = capture_layer_inputs(model, layers, calib_ids, recipe.calibration.batch_size)
         evals = capture_layer_inputs(model, layers, eval_ids, 1) if recipe.eval.enabled else []
         prompt = capture_layer_inputs(model, layers, eval_ids[:1, :PROMPT_TOKENS], 1)
+        _release(model.get_input_embeddings())
     marks["outer"] = _rss_mib()
 
     record = run.saved or {"infos": [], "specs": {c.structure_key: {} for c in convs}, "kv_base": [],
@@ -393,12 +413,15 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
     marks["layers"] = _rss_mib()
 
     fidelity = None
+    head = model.get_output_embeddings()
     with stages("verify"), _Stack(model, mm.layers_path, record["as_tuple"]) as stack:
+        head.weight = nn.Parameter(store.read([head_name], COMPUTE_DTYPE)[head_name], requires_grad=False)
         if evals:
             base = evaluate_base(None, eval_ids, logits=stack.logits(ev_base))
             fidelity = compare(None, base, logits=stack.logits(ev_patched))
             del base
         norm_path = final_norm_path(model) if heads else None
+        _release(head)
 
     specs = {key: {int(i): s for i, s in per.items()} for key, per in record["specs"].items()}
     plan = structure_plan(mm, specs)

@@ -168,3 +168,25 @@ def test_bad_weights_are_named_and_nothing_looks_whole(source, tmp_path):
     with pytest.raises(SourceError, match="截断"):
         convert(str(cut), {**RECIPE, "output": {"streaming": "on"}}, tmp_path / "out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_tied_embeddings_qwen2_biases_stream_like_in_memory(tmp_path, tokenizer):
+    """A family with q/k/v biases and a head tied to the embedding: the head is read from the embedding's tensor."""
+    from conftest import tiny_model
+
+    from patcher.api import convert
+
+    model = tiny_model("qwen2", tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    recipe = {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "allocation": "uniform"}, "mtp": {"heads": 1}}
+    streamed = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "on"}}, tmp_path / "s")
+    in_memory = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "off"}}, tmp_path / "m")
+    from patcher import modeling
+    from transformers import AutoModelForCausalLM
+
+    modeling.register("qwen2")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed["fidelity"] == in_memory["fidelity"]

@@ -1,8 +1,11 @@
-"""分片权重：惰性读取源检查点的张量（用到哪一层读哪一层），逐分片写出输出。
+"""分片权重：惰性读取源检查点的张量（用到哪一层读哪一层），逐分片写出输出，内存有界。
 
-读取只经 safetensors：每次打开一个分片、读出需要的张量、立即关闭，所以常驻内存只有正在处理的那部分，
-不会把整个检查点映射进来。写出时每个分片先写成临时文件再改名，索引（``model.safetensors.index.json``）
-最后从磁盘上实际存在的分片头部生成，中断后续做也得到同样的索引。
+safetensors 格式很简单：8 字节小端的头部长度、JSON 头部（每个张量的 dtype、形状、数据区内的字节区间）、
+原始数据。这里直接按这个格式读写，而不经 safetensors 库的 mmap：映射进来的页面也算常驻内存，一个 1 GiB 的
+嵌入读一次就要 2 GiB（映射页 + 副本），写一次又要一份完整的字节副本。这里读时按块 ``readinto`` 并逐块转换
+dtype、逐块检查 NaN/Inf，写时逐个张量直接写出，复制层外张量时逐块拷贝字节：峰值只比张量本身多一块（64 MiB）。
+写出的文件是标准 safetensors（测试里用 safetensors 库读回）。每个分片先写临时名再改名；索引最后从磁盘上
+实际存在的分片头部生成，中断后续做也得到同样的索引。
 """
 
 from __future__ import annotations
@@ -10,17 +13,37 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .checkpoint import OutputError, SourceError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+CHUNK = 64 * 2 ** 20  # bytes per read/copy block
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+CODES = {v: k for k, v in DTYPES.items()}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, byte offset of the data area); a short or malformed file is a ``SourceError``."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"头部长度 {n} 超出文件大小 {size}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"无法读取 {path}（损坏或被截断？）：{e}") from None
+    header.pop("__metadata__", None)
+    end = max((e["data_offsets"][1] for e in header.values()), default=0)
+    if 8 + n + end > size:
+        raise SourceError(f"{path} 被截断：数据区应有 {end} 字节，文件只有 {size - 8 - n} 字节")
+    return header, 8 + n
 
 
 class LazyWeights:
@@ -35,21 +58,25 @@ class LazyWeights:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise SourceError(f"{index} 无法解析（损坏？）：{e}") from None
         elif (self.folder / SINGLE).exists():
-            self.weight_map = {name: SINGLE for name in self._keys(self.folder / SINGLE)}
+            self.weight_map = {name: SINGLE for name in read_header(self.folder / SINGLE)[0]}
         else:
             raise SourceError(f"{self.folder} 没有 safetensors 权重（{SINGLE} 或 {INDEX}）：流式转换只读 safetensors；"
                               "其他格式请先用 transformers 另存为 safetensors，或关掉流式（--streaming off）")
         missing = sorted({f for f in self.weight_map.values() if not (self.folder / f).exists()})
         if missing:
             raise SourceError(f"索引列出的分片不存在：{', '.join(missing[:3])}（下载不完整？）")
+        self._headers: dict[str, tuple[dict, int]] = {}
 
-    @staticmethod
-    def _keys(path: Path) -> list[str]:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors raises its own error types for bad headers and short files
-            raise SourceError(f"无法读取 {path}（损坏或被截断？）：{type(e).__name__}: {str(e)[:200]}") from None
+    def _entry(self, name: str) -> tuple[Path, dict, int]:
+        if name not in self.weight_map:
+            raise SourceError(f"检查点中没有张量 {name}")
+        fname = self.weight_map[name]
+        if fname not in self._headers:
+            self._headers[fname] = read_header(self.folder / fname)
+        header, start = self._headers[fname]
+        if name not in header:
+            raise SourceError(f"{fname} 中没有索引所说的张量 {name}（索引与分片不符）")
+        return self.folder / fname, header[name], start
 
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
@@ -58,39 +85,92 @@ class LazyWeights:
         return list(self.weight_map)
 
     def read(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors (floating ones cast to ``dtype`` when given); NaN/Inf and unreadable data are errors."""
-        by_file = defaultdict(list)
-        for n in names:
-            if n not in self.weight_map:
-                raise SourceError(f"检查点中没有张量 {n}")
-            by_file[self.weight_map[n]].append(n)
-        out = {}
-        for fname, group in by_file.items():
-            path = self.folder / fname
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for n in group:
-                        out[n] = f.get_tensor(n)
-            except Exception as e:
-                raise SourceError(f"无法读取 {path} 中的张量（损坏或被截断？）：{type(e).__name__}: {str(e)[:200]}") from None
-        for n, t in out.items():
-            if t.is_floating_point():
-                if dtype is not None:
-                    out[n] = t = t.to(dtype)  # check after the cast: bf16 elementwise ops are slow on CPU
-                if not torch.isfinite(t).all():
-                    raise SourceError(f"权重 {n} 含 NaN 或 Inf：拒绝转换")
-        return out
+        """The named tensors (floating ones cast to ``dtype`` when given), read block by block; NaN/Inf is an error."""
+        return {n: self.read_one(n, dtype) for n in names}
+
+    def read_one(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        path, entry, start = self._entry(name)
+        return read_tensor(path, name, entry, start, dtype)
+
+    def copy_to(self, names: list[str], dest: Path) -> None:
+        """Write the named tensors, as stored, into one safetensors file, copying their bytes block by block."""
+        entries = [(n, *self._entry(n)) for n in names]
+        header, offset = {}, 0
+        for n, _, entry, _ in entries:
+            size = entry["data_offsets"][1] - entry["data_offsets"][0]
+            header[n] = {"dtype": entry["dtype"], "shape": entry["shape"], "data_offsets": [offset, offset + size]}
+            offset += size
+
+        def body(f):
+            for n, path, entry, start in entries:
+                b, e = entry["data_offsets"]
+                with open(path, "rb") as src:
+                    src.seek(start + b)
+                    left = e - b
+                    while left:
+                        chunk = src.read(min(CHUNK, left))
+                        if not chunk:
+                            raise SourceError(f"{path} 被截断：读不完张量 {n}")
+                        f.write(chunk)
+                        left -= len(chunk)
+
+        _write_file(dest, header, body)
 
     def dtype(self) -> torch.dtype:
-        """The dtype the checkpoint stores its floating weights in (read from one tensor's header)."""
-        name = next(iter(self.weight_map))
-        with safe_open(str(self.folder / self.weight_map[name]), framework="pt") as f:
-            for n in f.keys():
-                t = f.get_slice(n).get_dtype()
-                if t in ("BF16", "F16", "F32", "F64"):
-                    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                            "F64": torch.float64}[t]
+        """The dtype the checkpoint stores its floating weights in (from the headers)."""
+        for name in self.weight_map:
+            t = DTYPES[self._entry(name)[1]["dtype"]]
+            if t.is_floating_point:
+                return t
         return torch.float32
+
+
+def read_tensor(path: Path, name: str, entry: dict, start: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor, read and cast block by block (floating tensors to ``dtype``); NaN/Inf is a ``SourceError``."""
+    src = DTYPES[entry["dtype"]]
+    floating = src.is_floating_point
+    out = torch.empty(entry["shape"], dtype=dtype if (dtype is not None and floating) else src)
+    flat = out.view(-1)
+    item = torch.empty(0, dtype=src).element_size()
+    per = max(1, CHUNK // item)
+    buf = bytearray(per * item)
+    with open(path, "rb") as f:
+        f.seek(start + entry["data_offsets"][0])
+        done = 0
+        while done < flat.numel():
+            k = min(per, flat.numel() - done)
+            if f.readinto(memoryview(buf)[: k * item]) != k * item:
+                raise SourceError(f"{path} 被截断：读不完张量 {name}")
+            part = torch.frombuffer(buf, dtype=src, count=k).to(out.dtype)
+            if floating and not torch.isfinite(part).all():
+                raise SourceError(f"权重 {name} 含 NaN 或 Inf：拒绝转换")
+            flat[done:done + k] = part
+            done += k
+    return out
+
+
+def read_shard(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file (read as ``LazyWeights.read`` does)."""
+    header, start = read_header(Path(path))
+    return {n: read_tensor(Path(path), n, e, start, dtype) for n, e in header.items()}
+
+
+def _write_file(dest: Path, header: dict, body) -> None:
+    """A safetensors file: header (padded to 8 bytes, as the library does) then ``body(f)``; temp name, then rename."""
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            body(f)
+        os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"磁盘已满，写分片 {dest.name} 失败；已完成的层保留在 {dest.parent}，腾出空间后加 --resume 续做") from e
+        raise
 
 
 def shard_name(k: int, total: int) -> str:
@@ -98,18 +178,25 @@ def shard_name(k: int, total: int) -> str:
 
 
 def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
-    """One shard, written to a temporary name and renamed (floating tensors cast to ``dtype``)."""
-    data = {k: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).detach().contiguous()
-            for k, t in tensors.items()}
-    tmp = Path(folder) / f".{name}.tmp"
-    try:
-        save_file(data, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, Path(folder) / name)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise OutputError(f"磁盘已满，写分片 {name} 失败；已完成的层保留在 {folder}，腾出空间后加 --resume 续做") from e
-        raise
+    """One shard (floating tensors cast to ``dtype``), each tensor written straight from its memory: no byte copy of
+    the whole shard."""
+    header, offset, items = {}, 0, []
+    for k in sorted(tensors):
+        t = tensors[k].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        t = t.contiguous().cpu()
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        items.append(t)
+
+    def body(f):
+        for t in items:
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+
+    _write_file(Path(folder) / name, header, body)
 
 
 def write_index(folder: Path) -> dict[str, str]:
@@ -117,15 +204,10 @@ def write_index(folder: Path) -> dict[str, str]:
     folder = Path(folder)
     weight_map, total = {}, 0
     for path in sorted(folder.glob("model-*-of-*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for n in f.keys():
-                sl = f.get_slice(n)
-                size = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "BOOL": 1, "U8": 1, "I8": 1}
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                total += numel * size[sl.get_dtype()]
-                weight_map[n] = path.name
+        header, _ = read_header(path)
+        for n, entry in header.items():
+            total += entry["data_offsets"][1] - entry["data_offsets"][0]
+            weight_map[n] = path.name
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map

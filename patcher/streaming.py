@@ -40,7 +40,7 @@ from .checkpoint import OutputError, SourceError
 from .fidelity import compare, evaluate_base, parameter_count, write_report
 from .locate import locate
 from .recipe import Recipe, RecipeError
-from .shards import LazyWeights, shard_name, write_index, write_shard
+from .shards import LazyWeights, read_shard, shard_name, write_index, write_shard
 
 COMPUTE_DTYPE = torch.float32
 AUTO_BYTES = 2 * 1024 ** 3  # --streaming auto: sources whose weights exceed this are streamed
@@ -342,7 +342,7 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
     head_name = head_name if head_name in store.weight_map else emb_name  # tied: the head is the embedding
     with stages("outer"):
         if not (run.dir / shard_name(n, total)).exists():  # the outer tensors as stored, for the output
-            write_shard(run.dir, shard_name(n, total), store.read(outer_names))
+            store.copy_to(outer_names, run.dir / shard_name(n, total))
         small = [k for k in outer_names if k not in (emb_name, head_name)]
         model.load_state_dict(store.read(small + [emb_name], COMPUTE_DTYPE), strict=False, assign=True)
         calib = capture_layer_inputs(model, layers, calib_ids, recipe.calibration.batch_size)
@@ -422,6 +422,7 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
             del base
         norm_path = final_norm_path(model) if heads else None
         _release(head)
+    marks["verify"] = _rss_mib()
 
     specs = {key: {int(i): s for i, s in per.items()} for key, per in record["specs"].items()}
     plan = structure_plan(mm, specs)
@@ -440,6 +441,7 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
         if heads:
             _write_mtp(final, model, mm, run, store, mtp_record, calib_ids, shard_name(n + 1, total), source_dtype,
                        prefix, total)
+    marks["mtp"] = _rss_mib()
 
     with stages("save"):
         weight_map = write_index(run.dir)
@@ -522,8 +524,8 @@ def _write_mtp(final: nn.Module, model: nn.Module, mm, run: Run, store: LazyWeig
     from .mtp import choose_draft_vocab
 
     src = rec["source_layer"]
-    block = load_file(str(run.dir / shard_name(src, total)))
-    block = {k[len(f"{prefix}{src}."):]: v.to(COMPUTE_DTYPE) if v.is_floating_point() else v for k, v in block.items()}
+    block = read_shard(run.dir / shard_name(src, total), COMPUTE_DTYPE)
+    block = {k[len(f"{prefix}{src}."):]: v for k, v in block.items()}
     norm = {k: v.detach().clone() for k, v in model.get_submodule(rec["norm_path"]).state_dict().items()}
     d = final.config.hidden_size
     final.mtp.to_empty(device="cpu")

@@ -28,13 +28,13 @@ DEFAULT_FLAGS = ["--mla", "--moe", "--mtp", "1", "--calib-tokens", "1024", "--ca
                  "--eval-tokens", "1024", "--eval-seq-len", "512", "--streaming", "on"]
 
 
-def run_shape(shape: str, work: Path, flags: list[str], keep_output: bool) -> dict:
-    src = work / f"synthetic-{shape}"
+def run_shape(shape: str, work: Path, flags: list[str], keep_output: bool, layers: int | None = None) -> dict:
+    src = work / (f"synthetic-{shape}" + (f"-{layers}l" if layers else ""))
     if not (src / "model.safetensors.index.json").exists():
         shutil.rmtree(src, ignore_errors=True)
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic_checkpoint.py"), "--shape", shape,
-                        "--dtype", "bfloat16", str(src)], check=True)
-    out = work / f"synthetic-{shape}-dsopt"
+                        "--dtype", "bfloat16", str(src), *(["--layers", str(layers)] if layers else [])], check=True)
+    out = work / f"{src.name}-dsopt"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work / f".{out.name}.partial", ignore_errors=True)
     cmd = [sys.executable, "-c", "from patcher.cli import main; main()", "convert", str(src), "-o", str(out), *flags]
@@ -48,7 +48,7 @@ def run_shape(shape: str, work: Path, flags: list[str], keep_output: bool) -> di
     per_layer = r["layer_seconds"]
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     result = {
-        "shape": shape, "command": "dsopt convert SRC -o OUT " + " ".join(flags),
+        "shape": shape, "layers": layers or "all", "command": "dsopt convert SRC -o OUT " + " ".join(flags),
         "source_weight_bytes": report["streaming"]["source_weight_bytes"], "output_weight_bytes": out_bytes,
         "peak_rss_gib": peak_kib / 2 ** 20, "peak_rss_gib_reported": r["peak_rss_mib"] / 1024,
         "peak_rss_children_before_kib": before,
@@ -73,13 +73,14 @@ def main(argv=None):
     ap.add_argument("--shape", action="append", choices=["llama-7b", "llama-3-8b"])
     ap.add_argument("--work", type=Path, default=ROOT.parent / "scale-work")
     ap.add_argument("--keep-output", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="只用前 N 层（层外张量与每层大小不变：测内存峰值更快）")
     ap.add_argument("flags", nargs="*", help="覆盖 dsopt convert 的参数（缺省：" + " ".join(DEFAULT_FLAGS) + "）")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     for shape in args.shape or ["llama-7b", "llama-3-8b"]:
-        res = run_shape(shape, args.work, args.flags or DEFAULT_FLAGS, args.keep_output)
-        path = RESULTS / f"scale-{shape}.json"
+        res = run_shape(shape, args.work, args.flags or DEFAULT_FLAGS, args.keep_output, args.layers)
+        path = RESULTS / (f"scale-{shape}" + (f"-{args.layers}layers" if args.layers else "") + ".json")
         path.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
         print(f"{shape}: peak RSS {res['peak_rss_gib']:.2f} GiB, {res['seconds_per_layer']['mean']:.1f} s/layer, "
               f"{res['wall_seconds'] / 60:.1f} min → {path}")

@@ -76,6 +76,22 @@ def test_shards_round_trip_and_index(tmp_path):
         lw.read(["c.weight"])
 
 
+def test_our_shards_and_the_safetensors_library_read_each_other(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"w": torch.randn(300, 7).to(torch.bfloat16), "ids": torch.arange(5), "flag": torch.tensor([True, False])}
+    write_shard(tmp_path, "ours.safetensors", tensors)
+    back = load_file(str(tmp_path / "ours.safetensors"))
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    lw = LazyWeights(tmp_path)
+    assert torch.equal(lw.read_one("w"), tensors["w"]) and torch.equal(lw.read_one("w", torch.float32),
+                                                                        tensors["w"].float())
+    lw.copy_to(["w", "ids"], tmp_path / "copy.safetensors")
+    copied = load_file(str(tmp_path / "copy.safetensors"))
+    assert set(copied) == {"w", "ids"} and torch.equal(copied["w"], tensors["w"])
+
+
 def test_lazy_weights_refuse_what_they_cannot_read(tmp_path):
     with pytest.raises(SourceError, match="safetensors"):
         LazyWeights(tmp_path)
@@ -86,3 +102,7 @@ def test_lazy_weights_refuse_what_they_cannot_read(tmp_path):
     (tmp_path / "model.safetensors.index.json").unlink()
     with pytest.raises(SourceError, match="NaN 或 Inf"):
         LazyWeights(tmp_path).read(["x"])
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(SourceError, match="截断"):
+        LazyWeights(tmp_path)

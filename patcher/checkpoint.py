@@ -188,14 +188,19 @@ class atomic_dir:
             if isinstance(exc, OSError) and exc.errno == 28:
                 raise OutputError(f"磁盘已满，写 {self.out} 失败；临时文件已删除，原有内容未动") from exc
             return False
-        if self.out.exists():
-            trash = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(trash)
-            self.tmp.rename(self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out)
+        replace_dir(self.tmp, self.out)
         return False
+
+
+def replace_dir(done: Path, out: Path) -> None:
+    """Put the finished folder ``done`` at ``out`` by renames; an existing ``out`` is removed only afterwards."""
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(trash)
+        done.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        done.rename(out)
 
 
 class OutputError(ValueError):

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import converters
@@ -230,12 +229,10 @@ class Run:
         return self.saved["done"] if self.saved else -1
 
     def hidden(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.state / f"hidden-{self.done}.safetensors"))
+        return read_shard(self.state / f"hidden-{self.done}.safetensors")
 
     def commit(self, i: int, hidden: dict[str, torch.Tensor], record: dict) -> None:
-        tmp = self.state / ".hidden.tmp"
-        save_file({k: v.contiguous() for k, v in hidden.items()}, str(tmp))
-        os.replace(tmp, self.state / f"hidden-{i}.safetensors")
+        write_shard(self.state, f"hidden-{i}.safetensors", hidden)  # temporary name, then renamed
         self.saved = {"fingerprint": self.fingerprint, "done": i, **record}
         tmp = self.state / ".progress.tmp"
         tmp.write_text(json.dumps(self.saved))
@@ -249,13 +246,7 @@ class Run:
     def finish(self, overwrite: bool) -> None:
         shutil.rmtree(self.state)
         checkpoint.check_output(self.out, overwrite)
-        if self.out.exists():
-            trash = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(trash)
-            self.dir.rename(self.out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            self.dir.rename(self.out)
+        checkpoint.replace_dir(self.dir, self.out)
 
 
 def _fingerprint(folder: Path, store: LazyWeights, recipe: Recipe) -> dict:

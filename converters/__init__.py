@@ -20,6 +20,10 @@ from __future__ import annotations
 REGISTRY: dict[str, object] = {}
 
 
+class PlanError(ValueError):
+    """配方中的秩或预算不可能实现时抛出。"""
+
+
 def register(converter):
     REGISTRY[converter.section] = converter
     return converter

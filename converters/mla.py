@@ -16,13 +16,9 @@ from torch import nn
 from patcher.locate import LayerMap, ModelMap
 from patcher.modeling import DecoupledLatentAttention, LatentAttention
 
-from . import register
+from . import PlanError, register  # noqa: F401  (PlanError re-exported: callers import it from here)
 from . import rope_split
 from .weights import weight_of
-
-
-class PlanError(ValueError):
-    """配方中的秩或预算不可能实现时抛出。"""
 
 
 def kv_width(lm: LayerMap) -> int:

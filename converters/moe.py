@@ -5,9 +5,10 @@
 - ``split``（DeepSeekMoE 风格的细粒度切分）：中间层神经元中贡献能量最大的一部分成为共享专家（始终激活），
   其余按校准数据上的共激活聚类成大小相同的路由专家（``random`` 划分作基线）。选中的专家权重为 1
   （它们本来就是稠密 MLP 的一部分），因此未训练时的误差只来自没被选中的专家。
-  路由器不经训练、直接从校准数据初始化：``lowrank`` 读取 MLP 自己 gate 投影的白化低秩近似，按每个专家
-  神经元的 |act(g̃)|·‖W_down 列‖ 求和打分；``linear`` 用最小二乘把层输入线性映射到每个专家的输出能量
-  （DeepSeek-V3 格式的线性路由器）。
+  路由器不经训练、直接从校准数据初始化：``gate`` 精确算出全部路由神经元的 gate 投影（FFN 参数的 1/3，
+  始终激活），按 |act(g)|·‖W_down 列‖ 打分，被选中的专家只再算 up 与 down——预算宽时最准；
+  ``lowrank`` 读取 gate 投影的白化低秩近似（便宜，预算紧时更好）；``auto`` 对每层在校准数据上量两者的输出
+  误差，取小者；``linear`` 用最小二乘把层输入线性映射到每个专家的输出能量（DeepSeek-V3 格式的线性路由器）。
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from torch import nn
 from patcher.locate import LayerMap, LocateError, ModelMap
 from patcher.modeling import MoEMLP
 
-from . import register
-from .mla import PlanError, low_rank
+from . import PlanError, register
+from .mla import low_rank
 from .weights import weight_of
 
 
@@ -62,17 +63,27 @@ GRID = tuple(round(0.05 * i, 2) for i in range(2, 20))
 
 @dataclass
 class Analysis:
-    """规划轮中一层的结果：该层各候选激活比例下（神经元级路由）的相对输出误差，及均匀比例下实测的 KL。"""
+    """规划轮中一层的结果：各路由器、各候选激活比例下（神经元级路由）的相对输出误差，及均匀切分下实测的 KL。"""
     ffn_params: int
-    options: dict  # neuron fraction -> {"sizing", "params" (active, router included), "error"}
-    probe_fraction: float | None = None
+    options: dict  # (router, neuron fraction) -> {"sizing", "params" (active, router included), "error"}
+    uniform: dict  # router -> its neuron fraction under a uniform split
+    probe: tuple | None = None  # the option whose KL was measured
     kl: float | None = None
+
+
+def routers(lm: LayerMap, o) -> list[str]:
+    """Router kinds a layer may get: ``auto`` tries the exact gate reader (gated MLPs only) and the low-rank one."""
+    if o.router != "auto":
+        return [o.router]
+    return ["gate", "lowrank"] if lm.gate is not None else ["lowrank"]
 
 
 def _router_params(d: int, sizing: dict, o) -> int:
     routed = sizing["experts"] * sizing["expert_size"]
-    if o.router == "linear":
+    if sizing["router"] == "linear":
         return d * sizing["experts"]
+    if sizing["router"] == "gate":
+        return routed  # per-neuron scale; the gate rows are counted with the experts (see active_params)
     r = min(o.router_rank, d, routed)
     return d * r + routed * r + routed  # down, up, per-neuron scale
 
@@ -81,9 +92,20 @@ def _neuron_params(lm: LayerMap, d: int) -> int:
     return d * (3 if lm.gate is not None else 2)  # gate, up and down rows of one intermediate neuron
 
 
-def split_sizing(inter: int, frac: float, o) -> dict:
+def active_params(lm: LayerMap, d: int, sizing: dict, o) -> int:
+    """FFN parameters one token uses at ``sizing``, router included."""
+    per_neuron = _neuron_params(lm, d)
+    chosen = sizing["top_k"] * sizing["expert_size"]
+    if sizing["router"] == "gate":  # every routed gate row runs to route; a chosen neuron adds its up and down
+        routed = sizing["experts"] * sizing["expert_size"]
+        return sizing["shared_size"] * per_neuron + routed * d + chosen * (per_neuron - d) + _router_params(d, sizing, o)
+    return (sizing["shared_size"] + chosen) * per_neuron + _router_params(d, sizing, o)
+
+
+def split_sizing(inter: int, frac: float, o, router: str) -> dict:
     """Experts, top-k and shared size for a layer that should run ``frac`` of its neurons per token."""
-    sigma = o.shared if o.shared is not None else frac / 2
+    # exact gate routing picks the best neurons per token already: a fixed shared part would only constrain it
+    sigma = o.shared if o.shared is not None else (0.0 if router == "gate" else frac / 2)
     shared = int(round(sigma * inter))
     # default: experts of two neurons — the finest grain measured best, and the low-rank router
     # scores neurons anyway, so granularity costs no router capacity
@@ -96,7 +118,7 @@ def split_sizing(inter: int, frac: float, o) -> dict:
     if not 1 <= k <= e:
         raise PlanError(f"--moe-active {o.active} 与共享比例 {sigma:.3f} 不相容：该层应激活 {frac:.3f} 的神经元，"
                         f"推出的 top-k={k}（须在 1 与 {e} 之间）")
-    return {"experts": e, "top_k": k, "expert_size": size, "shared_size": shared}
+    return {"experts": e, "top_k": k, "expert_size": size, "shared_size": shared, "router": router}
 
 
 class MoEConverter:
@@ -124,21 +146,45 @@ class MoEConverter:
     def needs_probe(self, recipe) -> bool:
         return self.needs_analysis(recipe)
 
-    def uniform(self, lm: LayerMap, d: int, o) -> dict:
+    def uniform(self, lm: LayerMap, d: int, o, router: str) -> dict:
         """The split of a layer that, router included, uses ``--moe-active`` of its FFN parameters."""
-        inter = len(lm.up.flat_rows)
-        frac, router = o.active, 0.0
+        inter, per_neuron = len(lm.up.flat_rows), _neuron_params(lm, d)
+        if router == "gate":
+            if lm.gate is None:
+                raise PlanError(f"--moe-router gate 需要门控 MLP（SwiGLU/GeGLU）：第 {lm.index} 层没有 gate 投影")
+            # all gate rows (d per neuron) and a scale per neuron always run; each chosen neuron adds per_neuron − d
+            frac = (o.active * per_neuron - d - 1) / (per_neuron - d)
+            if frac * inter < 1:
+                raise PlanError(f"--moe-router gate 路由时要算出全部 gate 投影（FFN 参数的 {d / per_neuron:.2f}），"
+                                f"--moe-active {o.active} 不够；请增大它或用 --moe-router lowrank")
+            sizing = split_sizing(inter, frac, o, router)
+            while sizing["top_k"] > 1 and active_params(lm, d, sizing, o) > o.active * inter * per_neuron:
+                sizing["top_k"] -= 1  # top-k was rounded: never over the budget
+            return sizing
+        frac, share = o.active, 0.0
         for _ in range(3):  # the router's size depends (weakly) on the split: settle it by fixed point
             try:
-                sizing = split_sizing(inter, frac, o)
+                sizing = split_sizing(inter, frac, o, router)
             except PlanError as err:
-                if not router:
+                if not share:
                     raise
-                raise PlanError(f"{err}；路由器本身占该层 FFN 参数的 {router:.3f}"
+                raise PlanError(f"{err}；路由器本身占该层 FFN 参数的 {share:.3f}"
                                 f"（减小 --moe-router-rank 或增大 --moe-active）") from None
-            router = _router_params(d, sizing, o) / (inter * _neuron_params(lm, d))
-            frac = o.active - router
+            share = _router_params(d, sizing, o) / (inter * per_neuron)
+            frac = o.active - share
         return sizing
+
+    def uniforms(self, lm: LayerMap, d: int, o) -> dict:
+        """Uniform split per router kind the layer may get (kinds the budget cannot fit are left out)."""
+        out, errors = {}, []
+        for router in routers(lm, o):
+            try:
+                out[router] = self.uniform(lm, d, o, router)
+            except PlanError as err:
+                errors.append(err)
+        if not out:
+            raise errors[-1]
+        return out
 
     def analyse(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
         """Planning pass: this layer's output error at each candidate fraction, and the KL the whole model pays
@@ -149,28 +195,29 @@ class MoEConverter:
         wd, _ = weight_of(layer, lm.down, rows=False)
         inter, d = wu.shape[0], wu.shape[1]
         ffn = sum(p.numel() for p in mlp.parameters())
-        per_neuron = _neuron_params(lm, d)
         ls = LayerStats.of(lm, stats)
         wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
-        reader = Reader.fit(ls, wu, bu, wg, wd, mlp.get_submodule(lm.act_module), min(o.router_rank, d))
-        uniform = self.uniform(lm, d, o)
-        uniform_frac = (uniform["shared_size"] + uniform["top_k"] * uniform["expert_size"]) / inter
-        fracs = {f: None for f in GRID}
-        fracs[uniform_frac] = uniform
-        options = {}
-        for f, sizing in fracs.items():
-            try:
-                sizing = sizing or split_sizing(inter, f, o)
-            except PlanError:
-                continue
-            n_active = sizing["shared_size"] + sizing["top_k"] * sizing["expert_size"]
-            options[f] = {"sizing": sizing, "params": n_active * per_neuron + _router_params(d, sizing, o),
-                          "error": ls.masked_error(sizing, reader, wd)}
-        out = Analysis(ffn, options)
+        act = mlp.get_submodule(lm.act_module)
+        options, uniform = {}, {}
+        for router, sizing_u in self.uniforms(lm, d, o).items():
+            reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(router, o, d))
+            uniform[router] = neuron_fraction(sizing_u, inter)
+            fracs = {f: None for f in GRID}
+            fracs[uniform[router]] = sizing_u
+            for f, sizing in fracs.items():
+                try:
+                    sizing = sizing or split_sizing(inter, f, o, router)
+                except PlanError:
+                    continue
+                options[(router, f)] = {"sizing": sizing, "params": active_params(lm, d, sizing, o),
+                                        "error": ls.masked_error(sizing, reader, wd)}
+        out = Analysis(ffn, options, uniform)
         if probe is not None:
-            out.probe_fraction = uniform_frac
+            # the KL is measured at the uniform split of the router that fits this layer best
+            out.probe = min(((r, f) for r, f in uniform.items()), key=lambda key: options[key]["error"])
             # the probe measures the layer, not the partition: a random one is as telling and much quicker
-            module, _, _ = self.build(probe.config, layer, lm, ls, uniform, recipe, partition="random")
+            module, _, _ = self.build(probe.config, layer, lm, ls, options[out.probe]["sizing"], recipe,
+                                      partition="random")
             out.kl = probe(lm.index, lm.mlp, module)
         return out
 
@@ -186,21 +233,23 @@ class MoEConverter:
                 e, k = o.experts or 8, o.top_k or 2
                 if k > e:
                     raise PlanError(f"--moe-top-k {k} 大于专家数 {e}")
-                out.append({"experts": e, "top_k": k, "expert_size": inter, "shared_size": 0})
-            else:
-                out.append(self.uniform(lm, d, o))  # also validates the recipe before any allocation
+                out.append({"experts": e, "top_k": k, "expert_size": inter, "shared_size": 0, "router": "linear"})
+            else:  # also validates the recipe before any allocation
+                choices = list(self.uniforms(lm, d, o).values())
+                # several router kinds: the conversion measures each on the layer's own calibration data
+                out.append(choices[0] if len(choices) == 1 else {"router": "auto", "candidates": choices})
         if o.mode == "copy" or o.allocation == "uniform":
             if o.first_dense > len(out):
                 raise PlanError(f"--moe-first-dense {o.first_dense} 超过层数 {len(out)}")
             return [{"dense": True} if i < o.first_dense else p for i, p in enumerate(out)]
         costs = []
         for a in analyses:
-            weight = max(a.kl, 1e-12) / max(a.options[a.probe_fraction]["error"], 1e-12)
+            weight = max(a.kl, 1e-12) / max(a.options[a.probe]["error"], 1e-12)
             # "KL ∝ output error" holds near the measured point only: a layer may move at most SPREAD below the
             # uniform fraction (error compounds through the later layers far from it), or become dense
-            floor = a.probe_fraction - self.SPREAD
             opts = [({"dense": True}, a.ffn_params, 0.0)]
-            opts += [(v["sizing"], v["params"], weight * v["error"]) for f, v in a.options.items() if f >= floor]
+            opts += [(v["sizing"], v["params"], weight * v["error"]) for (r, f), v in a.options.items()
+                     if f >= a.uniform[r] - self.SPREAD]
             costs.append(sorted(opts, key=lambda t: t[1]))
         budget = o.active * sum(a.ffn_params for a in analyses)
 
@@ -236,6 +285,7 @@ class MoEConverter:
             frac = (p["shared_size"] + p["top_k"] * p["expert_size"]) / inter if o.mode == "split" else None
             layers.append({"layer": lm.index, **p, "active_ffn_fraction_nominal": frac})
         return {"mode": o.mode, "routing": o.routing, "router": o.router if o.mode == "split" else "linear",
+                "routers": {r: sum(1 for p in plans if p.get("router") == r) for r in ("gate", "lowrank", "linear")},
                 "partition": o.partition if o.mode == "split" else None,
                 "allocation": o.allocation if o.mode == "split" else None,
                 "dense_layers": [l["layer"] for l in layers if l.get("dense")], "layers": layers}
@@ -265,7 +315,7 @@ class MoEConverter:
             # over the top-k and scaled by routed_scaling_factor. With scaling = top_k and router logits squeezed
             # near 0 (σ ≈ ½ ± 10⁻³) every chosen expert gets 1 ± 10⁻³, and the ranking is unchanged.
             deepseek = recipe.output.format == "deepseek-v3"
-            spec.update(router=o.router, weights="prob" if deepseek else "one",
+            spec.update(router=sizing["router"], weights="prob" if deepseek else "one",
                         routed_scaling=float(sizing["top_k"]) if deepseek else 1.0,
                         router_rank=min(o.router_rank, wu.shape[1], sizing["experts"] * sizing["expert_size"]),
                         router_bias=(wg is None and bu is not None))
@@ -279,9 +329,24 @@ class MoEConverter:
         if sizing.get("dense"):
             return None, {"moe_dense": True}
         ls = LayerStats.of(lm, stats) if recipe.moe.mode == "split" else None
+        if "candidates" in sizing:
+            # `--moe-router auto` under a uniform split: the router kind with the smaller output error on this
+            # layer's calibration data; the plan keeps the choice (the report's summary reads it)
+            chosen = min(sizing["candidates"], key=lambda c: self.error(layer, lm, ls, c, recipe.moe))
+            sizing.clear()
+            sizing.update(chosen)
         new, spec, info = self.build(ctx.config, layer, lm, ls, sizing, recipe)
         layer.set_submodule(lm.mlp, new)
         return spec, {f"moe_{k}": v for k, v in info.items()}
+
+    def error(self, layer: nn.Module, lm: LayerMap, ls: "LayerStats", sizing: dict, o) -> float:
+        """Relative output error of the layer's split at ``sizing`` on calibration rows (neuron-level routing)."""
+        wu, bu = weight_of(layer, lm.up)
+        wd, _ = weight_of(layer, lm.down, rows=False)
+        wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
+        act = layer.get_submodule(lm.mlp).get_submodule(lm.act_module)
+        reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(sizing["router"], o, wu.shape[1]))
+        return ls.masked_error(sizing, reader, wd)
 
     def verify(self, model: nn.Module, mm: ModelMap, eval_ids: torch.Tensor, infos) -> dict:
         """Tokens per expert on held-out text, per layer: max/mean and normalised entropy."""
@@ -303,6 +368,15 @@ class MoEConverter:
             for h in hooks:
                 h.remove()
         return {"balance": [balance_record(i, c) for i, c in loads.items()], "balance_text": "eval windows (held-out)"}
+
+
+def router_rank(router: str, o, d: int) -> int:
+    """Rank of the gate reader a router kind uses: the exact gate is full rank."""
+    return d if router == "gate" else min(o.router_rank, d)
+
+
+def neuron_fraction(sizing: dict, inter: int) -> float:
+    return (sizing["shared_size"] + sizing["top_k"] * sizing["expert_size"]) / inter
 
 
 def routing_counts(mlp: MoEMLP) -> torch.Tensor:
@@ -370,6 +444,13 @@ class LayerStats:
         return float(((h * (1 - keep)) @ wd.float().T).pow(2).sum() / full.pow(2).sum().clamp_min(1e-30))
 
 
+def neuron_scale(ls: LayerStats, wu, wg, wd, rows=slice(None)) -> torch.Tensor:
+    """What multiplies |act(pre-activation)| in a neuron's output: ‖W_down[:, j]‖ (how much neuron j can move the
+    output) times its mean |up| on calibration data when the MLP is gated."""
+    col = wd.float().norm(dim=0)[rows]
+    return col * (ls.x @ wu[rows].float().T).abs().mean(0) if wg is not None else col
+
+
 @dataclass
 class Reader:
     """Low-rank router reading the MLP's own pre-activation: score_j = |act(x·Dᵀ·Uᵀ + b)_j|·scale_j."""
@@ -384,10 +465,8 @@ class Reader:
         rows = slice(None) if rows is None else rows
         reader = (wg if wg is not None else wu)[rows].double()  # the pre-activation that decides firing
         up, down = low_rank(reader, ls.cov, rank)
-        col = wd.float().norm(dim=0)[rows]  # ‖W_down[:, j]‖: how much neuron j can move the output
-        up_mag = (ls.x @ wu[rows].float().T).abs().mean(0) if wg is not None else torch.ones_like(col)
         bias = bu[rows].float() if wg is None and bu is not None else None
-        return cls(down.float(), up.float(), bias, col * up_mag, act)
+        return cls(down.float(), up.float(), bias, neuron_scale(ls, wu, wg, wd, rows), act)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -432,7 +511,7 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
         gram = wg_ @ wg_.transpose(1, 2)  # (e, m, m)
         hx = h[:, order].float().view(h.shape[0], e, m)
         target = torch.einsum("tea,eab,teb->te", hx, gram, hx).clamp_min(0).sqrt()
-        if o.router == "linear":
+        if new.router == "linear":
             cov = ls.cov
             ridge = 1e-3 * cov.diagonal().mean()
             r = torch.linalg.solve(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype),
@@ -441,6 +520,8 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
             if new.weights == "prob":
                 spread = (x.to(new.gate.weight.dtype) @ new.gate.weight.T).std().clamp_min(1e-12)
                 new.gate.weight.mul_(DEEPSEEK_LOGIT_SPREAD / spread)
+        elif new.router == "gate":  # the experts' own gate rows route; only the per-neuron scale is new
+            new.router_scale.copy_(neuron_scale(ls, wu, wg, wd, order))
         else:
             rd = Reader.fit(ls, wu, bu, wg, wd, new.act, new.router_down.weight.shape[0], order)
             new.router_down.weight.copy_(rd.down)

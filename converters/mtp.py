@@ -15,7 +15,7 @@ from patcher.locate import LocateError, ModelMap
 from patcher.modeling import apply_structure
 from patcher.mtp import choose_draft_vocab
 
-from .mla import PlanError
+from . import PlanError
 
 
 def final_norm_path(model: nn.Module) -> str:

@@ -208,10 +208,7 @@ def active_parameters(model: nn.Module, mm: ModelMap) -> dict:
             continue
         n = sum(p.numel() for p in mlp.parameters())
         if isinstance(mlp, MoEMLP):
-            per_expert = sum(p[0].numel() for p in (mlp.experts_up, mlp.experts_gate, mlp.experts_down)
-                             if p is not None) + (mlp.experts_up_bias[0].numel() if mlp.experts_up_bias is not None
-                                                  else 0)
-            unused = per_expert * (mlp.num_experts - mlp.top_k)
+            unused = mlp.params_per_expert() * (mlp.num_experts - mlp.top_k)
             inactive += unused
             ffn_total += n
             ffn_active += n - unused

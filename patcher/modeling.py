@@ -261,6 +261,8 @@ class MoEMLP(nn.Module):
             r = spec["router_rank"]
             self.router_down = nn.Linear(d, r, bias=False)
             self.router_up = nn.Linear(r, e * m, bias=spec.get("router_bias", False))
+        if self.router in ("lowrank", "gate"):
+            # "gate": the experts' own gate rows, all computed, are the router (scores Σ_expert |act(x·W_g)|·c)
             self.router_scale = nn.Parameter(torch.zeros(e * m))
         self.register_buffer("e_score_correction_bias", torch.zeros(e))
         self.experts_up = nn.Parameter(torch.zeros(e, m, d))
@@ -273,11 +275,24 @@ class MoEMLP(nn.Module):
         self.shared_gate = nn.Linear(d, s, bias=False) if s and self.gated else None
         self.shared_down = nn.Linear(s, d, bias=False) if s else None
         self.last_routing = None  # (tokens, top_k) expert ids of the last forward, for balance statistics
+        self._gate_pre = None  # the gate router's pre-activations of the current forward (reused by the experts)
+
+    def params_per_expert(self) -> int:
+        """Parameters of one routed expert that run only when it is chosen (the gate router runs every gate row)."""
+        parts = [self.experts_up, self.experts_down, self.experts_up_bias]
+        if self.router != "gate":
+            parts.append(self.experts_gate)
+        return sum(p[0].numel() for p in parts if p is not None)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             return self.gate(x).float()
-        h = self.act(self.router_up(self.router_down(x))).abs() * self.router_scale
+        if self.router == "gate":
+            e, m, d = self.experts_gate.shape
+            self._gate_pre = x @ self.experts_gate.reshape(e * m, d).T
+            h = self.act(self._gate_pre).abs() * self.router_scale
+        else:
+            h = self.act(self.router_up(self.router_down(x))).abs() * self.router_scale
         return h.float().view(x.shape[0], self.num_experts, -1).sum(-1)
 
     def route(self, x: torch.Tensor):
@@ -317,11 +332,20 @@ class MoEMLP(nn.Module):
         h = self.act(x @ self.experts_gate[e].T) * h if self.gated else self.act(h)
         return h @ self.experts_down[e].T
 
+    def _gates(self, x, idx=None):
+        """Gate pre-activations of all experts (``idx`` None) or of the chosen ones; the gate router has them."""
+        if self._gate_pre is not None:
+            g = self._gate_pre.view(x.shape[0], self.num_experts, -1)
+            return g.reshape(x.shape[0], -1) if idx is None else g.gather(1, idx[..., None].expand(-1, -1, g.shape[-1]))
+        if idx is None:
+            return x @ self.experts_gate.reshape(-1, x.shape[1]).T
+        return torch.einsum("td,tkmd->tkm", x, self.experts_gate[idx])
+
     def _gathered(self, x, idx, w):
         h = torch.einsum("td,tkmd->tkm", x, self.experts_up[idx])
         if self.experts_up_bias is not None:
             h = h + self.experts_up_bias[idx]
-        h = self.act(torch.einsum("td,tkmd->tkm", x, self.experts_gate[idx])) * h if self.gated else self.act(h)
+        h = self.act(self._gates(x, idx)) * h if self.gated else self.act(h)
         return torch.einsum("tkm,tkdm->td", h * w[..., None], self.experts_down[idx])
 
     def _masked_dense(self, x, idx, w):
@@ -334,7 +358,7 @@ class MoEMLP(nn.Module):
         h = x @ self.experts_up.reshape(e * m, d).T
         if self.experts_up_bias is not None:
             h = h + self.experts_up_bias.reshape(-1)
-        h = self.act(x @ self.experts_gate.reshape(e * m, d).T) * h if self.gated else self.act(h)
+        h = self.act(self._gates(x)) * h if self.gated else self.act(h)
         weight = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
         h = (h.view(-1, e, m) * weight[..., None]).reshape(-1, e * m)
         return h @ self.experts_down.permute(1, 0, 2).reshape(d, e * m).T
@@ -342,6 +366,7 @@ class MoEMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        self._gate_pre = None
         idx, w = self.route(x)
         self.last_routing = idx.detach()
         if x.shape[0] <= self.GATHER_MAX_TOKENS:
@@ -359,6 +384,7 @@ class MoEMLP(nn.Module):
             out = out + self.shared_down(h)
         if self.down_bias is not None:
             out = out + self.down_bias
+        self._gate_pre = None
         return out.view(shape)
 
 

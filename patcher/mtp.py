@@ -97,8 +97,10 @@ def choose_draft_vocab(model, ids: torch.Tensor) -> None:
             mod.draft_ids.copy_(counts.topk(n).indices.to(mod.draft_ids.device))
 
 
-class _DraftHead:
-    """The shared output head restricted to a module's draft vocabulary (full head when it has none)."""
+class DraftHead:
+    """The shared output head restricted to a module's draft vocabulary (full head when it has none).
+
+    Training and acceptance measurement use it too: a draft can only ever be one of these tokens."""
 
     def __init__(self, head: nn.Module, ids: torch.Tensor):
         self.ids = ids if ids.numel() else None
@@ -107,9 +109,15 @@ class _DraftHead:
         self.bias = bias if bias is None or self.ids is None else bias[self.ids]
         self.vocab = head.weight.shape[0]
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (index i is token ``token_ids(i)``)."""
+        return nn.functional.linear(h, self.weight, self.bias)
+
+    def token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        return index if self.ids is None else self.ids[index]
+
     def pick(self, h: torch.Tensor, temperature: float, generator) -> tuple[int, torch.Tensor | None]:
-        logits = nn.functional.linear(h, self.weight, self.bias)
-        i, q = _pick(logits, temperature, generator)
+        i, q = _pick(self.logits(h), temperature, generator)
         if self.ids is None:
             return i, q
         full = None if q is None else torch.zeros(self.vocab, dtype=q.dtype, device=q.device).index_copy_(0, self.ids, q)
@@ -162,7 +170,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
     hid = [h] + [h[:0]] * k_max         # per depth: hidden states of positions 0.. (depth 0 is the base)
     final = [0] * (k_max + 1)            # per depth: leading positions whose cache entries used verified tokens only
     mcaches = [DynamicCache() for _ in mtp]
-    draft_heads = [_DraftHead(head, mod.draft_ids) for mod in mtp]
+    draft_heads = [DraftHead(head, mod.draft_ids) for mod in mtp]
     steps, produced, accepted = 0, [], [0] * k_max
     while len(tokens) - prompt_len < max_new_tokens and tokens[-1] not in eos:
         m = len(tokens) - 1  # the base has seen positions 0..m-1; tokens[m] is verified but not yet fed

@@ -3,6 +3,9 @@
 训练建立在 accelerate 上：同一条命令在 CPU、单卡或多卡（``accelerate launch``）上运行。目标是基座自己的
 预测分布（``distill``，自蒸馏：MTP 学的正是投机解码要猜中的东西）或文本中的真实 token（``text``）。
 输出头很大（SmolLM2 的词表有 49k），所以每个序列只在抽样的一部分位置上算损失。
+训练 token 数可以超过文本：多出的部分按轮次（epoch）重复这些窗口，每轮顺序不同。重复时基座最后一层的
+隐藏状态只算一次、留在内存里（基座冻结，它们不变），之后每一步只跑 MTP 模块，所以多轮训练比第一轮快得多；
+缓存放不下（超过 ``CACHE_BYTES``）时每步重算。
 可续训：每 ``save_every`` 步把优化器、调度器、随机状态与步数写到 ``<OUT>/mtp-train/``，``--resume`` 从那里接着训。
 """
 
@@ -16,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mtp import choose_draft_vocab
+from .mtp import DraftHead, choose_draft_vocab
 from .training import cosine_with_warmup, load_state, save_state
 
 STATE_DIR = "mtp-train"
+CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
 
 
 def mtp_hiddens(model, ids: torch.Tensor, base_hidden: torch.Tensor) -> list[torch.Tensor]:
@@ -41,28 +45,63 @@ class MTPObjective(nn.Module):
         super().__init__()
         self.model, self.target, self.loss_positions = model, target, loss_positions
 
-    def forward(self, ids: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, ids: torch.Tensor, generator: torch.Generator | None = None,
+                base_h: torch.Tensor | None = None):
         model = self.model
         head = model.get_output_embeddings()
-        with torch.no_grad():
-            base_h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        if base_h is None:
+            base_h = base_hidden(model, ids)
         losses, accs = [], []
         t = ids.shape[1]
         for k, (mod, g) in enumerate(zip(model.mtp, mtp_hiddens(model, ids, base_h)), start=1):
             n = t - k - 1  # positions whose target (token i+k+1) lies inside the window
             pick = torch.randperm(n, generator=generator)[: max(1, int(n * self.loss_positions))].sort().values
             pick = pick.to(ids.device)
-            logits = head(mod.norm(g[:, pick])).float()
+            # only the draft vocabulary: drafts come from it, and the head shrinks (8192 of 49k rows for SmolLM2);
+            # the teacher is the base's distribution conditioned on that vocabulary
+            draft = DraftHead(head, mod.draft_ids)
+            logits = draft.logits(mod.norm(g[:, pick])).float()
             with torch.no_grad():
-                teacher = head(base_h[:, pick + k]).float()  # the base's own prediction of token i+k+1
+                teacher = draft.logits(base_h[:, pick + k]).float()  # the base's prediction of token i+k+1
             if self.target == "distill":
                 loss = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
                                 reduction="batchmean") / len(pick)
             else:
-                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, pick + k + 1].flatten())
+                loss = F.cross_entropy(model.get_output_embeddings()(mod.norm(g[:, pick])).float().flatten(0, 1),
+                                       ids[:, pick + k + 1].flatten())
             losses.append(loss)
             accs.append((logits.argmax(-1) == teacher.argmax(-1)).float().mean())
         return torch.stack(losses).sum(), torch.stack(losses).detach(), torch.stack(accs).detach()
+
+
+@torch.no_grad()
+def base_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The frozen base's last hidden states (what MTP depth 1 reads and the teacher's logits come from)."""
+    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+class HiddenCache:
+    """Base hidden states per training window, computed on first use and kept when the windows repeat."""
+
+    def __init__(self, model, windows: torch.Tensor, keep: bool):
+        self.model, self.windows, self.keep, self.store = model, windows, keep, {}
+
+    def __call__(self, rows: torch.Tensor, device) -> torch.Tensor:
+        missing = [int(r) for r in rows if int(r) not in self.store]
+        if missing:
+            fresh = base_hidden(self.model, self.windows[missing].to(device))
+            if not self.keep:
+                self.store.clear()
+            self.store.update(zip(missing, fresh))
+        return torch.stack([self.store[int(r)] for r in rows])
+
+
+def training_order(n_windows: int, batch_size: int, tokens: int, seq_len: int) -> tuple[torch.Tensor, int]:
+    """Window indices for every step (epochs repeat the windows in a new order each) and the number of epochs."""
+    steps = max(1, math.ceil(max(tokens, 1) / (batch_size * seq_len)))
+    epochs = math.ceil(steps * batch_size / n_windows)
+    order = torch.cat([torch.randperm(n_windows, generator=torch.Generator().manual_seed(e)) for e in range(epochs)])
+    return order[: steps * batch_size].view(steps, batch_size), epochs
 
 
 @torch.no_grad()
@@ -76,10 +115,11 @@ def mtp_acceptance(model, windows: torch.Tensor) -> list[float]:
     count = [0] * len(model.mtp)
     for w in windows:
         ids = w[None]
-        base_h = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        base_h = base_hidden(model, ids)
         base_top = head(base_h).argmax(-1)
         for k, (mod, g) in enumerate(zip(model.mtp, mtp_hiddens(model, ids, base_h)), start=1):
-            guess = head(mod.norm(g)).argmax(-1)  # position i guesses token i+k+1
+            draft = DraftHead(head, mod.draft_ids)
+            guess = draft.token_ids(draft.logits(mod.norm(g)).argmax(-1))  # position i guesses token i+k+1
             hits[k - 1] += float((guess == base_top[:, k:]).sum())
             count[k - 1] += guess.numel()
     return [h / max(c, 1) for h, c in zip(hits, count)]
@@ -96,7 +136,8 @@ def expected_tokens_per_step(acceptance: list[float]) -> float:
 
 def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume: bool = False,
               progress=None) -> dict:
-    """Train ``model.mtp`` on ``windows`` (N × seq_len token ids) with the base frozen; returns a summary."""
+    """Train ``model.mtp`` for ``opts.train_tokens`` tokens on ``windows`` (N × seq_len token ids, repeated in
+    epochs when the budget is larger) with the base frozen; returns a summary."""
     from accelerate import Accelerator
 
     acc = Accelerator()
@@ -106,25 +147,30 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     for p in params:
         p.requires_grad_(True)
     model.mtp.float()  # MTP modules train in fp32 even when the base is half precision
+    choose_draft_vocab(model, windows)  # the training text is the best estimate of which tokens drafts need
     objective = MTPObjective(model, opts.target, opts.loss_positions)
-    steps = max(1, math.ceil(len(windows) / opts.batch_size))
+    batch_size = min(opts.batch_size, len(windows))
+    order, epochs = training_order(len(windows), batch_size, opts.train_tokens or windows.numel(), windows.shape[1])
+    steps = len(order)
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     schedule = cosine_with_warmup(optimizer, steps)
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
     objective, optimizer, schedule = acc.prepare(objective, optimizer, schedule)
     done = 0
     if resume:
         saved, done = load_state(state_dir, optimizer, schedule)
         model.mtp.load_state_dict(saved)
     model.train()
+    hidden = HiddenCache(model, windows,
+                         keep=epochs > 1 and windows.numel() * model.config.hidden_size * 4 <= CACHE_BYTES)
     history = []
     t0 = time.perf_counter()
     if progress:
         progress.start("训练 MTP", steps, done)
     for step in range(done, steps):
-        batch = windows[order[step * opts.batch_size:(step + 1) * opts.batch_size]].to(acc.device)
+        rows = order[step]
+        batch = windows[rows].to(acc.device)
         gen = torch.Generator().manual_seed(1 + step)  # loss positions depend on the step only: resumable exactly
-        loss, per_head, accs = objective(batch, gen)
+        loss, per_head, accs = objective(batch, gen, hidden(rows, acc.device))
         acc.backward(loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -136,11 +182,11 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
             save_state(state_dir, model.mtp.state_dict(), optimizer, schedule, step + 1, steps)
     model.eval()
-    choose_draft_vocab(model, windows)  # the training text is the best estimate of which tokens drafts need
     for p in params:
         p.requires_grad_(False)
     model.mtp.to(next(model.base_model.parameters()).dtype)
-    return {"steps": steps, "resumed_from_step": done, "tokens": int(windows.numel()),
+    return {"steps": steps, "resumed_from_step": done, "tokens": steps * batch_size * windows.shape[1],
+            "distinct_tokens": int(windows.numel()), "epochs": epochs, "hidden_cached": hidden.keep,
             "seconds": time.perf_counter() - t0, "target": opts.target,
             "final_loss": history[-1]["loss"] if history else None,
             "final_train_accuracy": history[-1]["accuracy"] if history else None}

@@ -72,9 +72,10 @@ class MoEOptions(Section):
                                  default=None, ge=0.0, lt=1.0)
     partition: Literal["coactivation", "random"] = _flag(
         "--moe-partition", "split：神经元划分，coactivation（共激活聚类）或 random（基线）", default="coactivation")
-    router: Literal["lowrank", "linear"] = _flag(
-        "--moe-router", "split 的路由器：lowrank（读 gate 投影的低秩近似）或 linear（最小二乘线性，DeepSeek 格式）",
-        default="lowrank")
+    router: Literal["auto", "gate", "lowrank", "linear"] = _flag(
+        "--moe-router", "split 的路由器：gate（精确算出全部 gate 投影来选专家，预算宽时最准）、lowrank（读 gate "
+        "投影的低秩近似，便宜）、auto（每层按校准数据上的输出误差在两者中取优）或 linear（最小二乘线性，DeepSeek 格式）",
+        default="auto")
     router_rank: int = _flag("--moe-router-rank", "lowrank 路由器的秩", default=128, ge=1)
     routing: Literal["sigmoid", "softmax"] = _flag(
         "--moe-routing", "打分：sigmoid（DeepSeek-V3，带只用于选择的偏置）或 softmax", default="sigmoid")

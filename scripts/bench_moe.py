@@ -91,6 +91,8 @@ def main():
             res["split"][key] = {
                 "active_target": active, "partition": partition, "allocation": allocation, "plan": rep["plan"]["moe"],
                 "active_ffn_fraction": rep["parameters"]["patched_active_per_token"]["active_ffn_fraction"],
+                "active_ffn_fraction_vs_dense": rep["parameters"]["active_ffn_fraction_vs_dense"],
+                "routers": rep["plan"]["moe"]["routers"],
                 "dense_layers": rep["plan"]["moe"]["dense_layers"],
                 "ppl_base": f["ppl_base"], "ppl_patched": f["ppl_patched"], "ppl_increase_pct": f["ppl_increase_pct"],
                 "kl_mean": f["kl_mean"], "top1_agreement": f["top1_agreement"],
@@ -100,8 +102,9 @@ def main():
                 "balance_max_over_mean": statistics.mean(b["max_over_mean"] for b in rep["moe"]["balance"]),
                 "balance_entropy": statistics.mean(b["entropy"] for b in rep["moe"]["balance"]),
                 "seconds": time.perf_counter() - t}
-            print(f"split {key}: ppl {f['ppl_increase_pct']:+.2f} %  active "
-                  f"{res['split'][key]['active_ffn_fraction']:.3f}  dense layers {res['split'][key]['dense_layers']}",
+            print(f"split {key}: ppl {f['ppl_increase_pct']:+.2f} %  active (vs dense FFN) "
+                  f"{res['split'][key]['active_ffn_fraction_vs_dense']:.3f}  dense layers "
+                  f"{res['split'][key]['dense_layers']}  routers {res['split'][key]['routers']}",
                   flush=True)
             if [partition, allocation] == variants[0] and active == 0.5:
                 split_models["split-0.5"] = patched

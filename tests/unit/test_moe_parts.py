@@ -80,16 +80,54 @@ def test_sensitivity_allocation_spends_the_budget_where_the_model_is_sensitive()
     from converters.moe import Analysis
 
     mm = locate(tiny_model("llama"))  # 2 layers
-    recipe = parse_recipe({"moe": {"enabled": True, "active": 0.6, "router_rank": 2}})
+    recipe = parse_recipe({"moe": {"enabled": True, "active": 0.6, "router_rank": 2, "router": "lowrank"}})
     conv = MoEConverter()
     uniform = conv.plan(mm, parse_recipe({"moe": {**recipe.moe.model_dump(), "allocation": "uniform"}}), None)
 
     def analysis(kl):  # error falls as the fraction grows; the same curve for both layers, only the KL differs
-        opts = {f: {"sizing": {"f": f}, "params": 1000 * f + 20, "error": (1 - f) ** 2} for f in (0.2, 0.4, 0.6, 0.8)}
-        return Analysis(1000, opts, probe_fraction=0.4, kl=kl)
+        opts = {("lowrank", f): {"sizing": {"f": f}, "params": 1000 * f + 20, "error": (1 - f) ** 2}
+                for f in (0.2, 0.4, 0.6, 0.8)}
+        return Analysis(1000, opts, {"lowrank": 0.4}, probe=("lowrank", 0.4), kl=kl)
 
     plans = conv.plan(mm, recipe, [analysis(1.0), analysis(0.001)])
     assert plans[0] in ({"dense": True}, {"f": 0.8}) and plans[1] in ({"f": 0.2}, {"f": 0.4})
     spent = sum(1000 if p.get("dense") else 1000 * p["f"] + 20 for p in plans)
     assert spent <= 0.6 * 2000  # the budget holds, router parameters included
     assert all("top_k" in p for p in uniform)
+
+
+def test_gate_router_reuses_the_experts_gate_rows_and_counts_them_as_always_active():
+    torch.manual_seed(0)
+    moe = MoEMLP(_spec(router="gate", weights="one", top_k=8, shared_size=0), None, torch.nn.SiLU())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(40, 8)
+    g, u, dn = moe.experts_gate.reshape(32, 8), moe.experts_up.reshape(32, 8), moe.experts_down
+    dense = (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ dn.permute(1, 0, 2).reshape(8, 32).T
+    torch.testing.assert_close(moe(x), dense, atol=1e-4, rtol=1e-4)  # all experts chosen: the dense MLP
+    torch.testing.assert_close(torch.cat([moe(x[:20]), moe(x[20:])]), dense, atol=1e-4, rtol=1e-4)  # gathered
+    assert moe.params_per_expert() == 2 * 4 * 8  # up and down only; every gate row runs to route
+    moe.top_k = 2
+    idx, _ = moe.route(x)
+    scores = (torch.nn.functional.silu(x @ g.T).abs() * moe.router_scale).view(40, 8, 4).sum(-1)
+    assert torch.equal(idx.sort(1).values, scores.topk(2, 1).indices.sort(1).values)
+
+
+def test_gate_router_split_fits_the_budget_and_auto_keeps_both_candidates():
+    from converters.moe import active_params
+
+    mm = locate(tiny_model("llama"))
+    lm, d = mm.layers[0], mm.hidden_size
+    conv = MoEConverter()
+    o = parse_recipe({"moe": {"enabled": True, "active": 0.75, "router": "gate"}}).moe
+    sizing = conv.uniform(lm, d, o, "gate")
+    ffn = len(lm.up.flat_rows) * 3 * d
+    assert 0.7 * ffn < active_params(lm, d, sizing, o) <= 0.75 * ffn and sizing["shared_size"] == 0
+    auto = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.75, "allocation": "uniform"}}), None)
+    assert [c["router"] for c in auto[0]["candidates"]] == ["gate", "lowrank"]
+    low = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router_rank": 4,
+                                              "allocation": "uniform"}}), None)
+    assert low[0]["router"] == "lowrank"  # the gate rows alone are 1/3 of the FFN: only the low-rank router fits
+    with pytest.raises(PlanError, match="--moe-router lowrank"):
+        conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router": "gate",
+                                            "allocation": "uniform"}}), None)

@@ -200,7 +200,7 @@ class MoEConverter:
         act = mlp.get_submodule(lm.act_module)
         options, uniform = {}, {}
         for router, sizing_u in self.uniforms(lm, d, o).items():
-            reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(router, o, d))
+            score = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(router, o, d)).scores(ls.x[: ls.ERROR_ROWS])
             uniform[router] = neuron_fraction(sizing_u, inter)
             fracs = {f: None for f in GRID}
             fracs[uniform[router]] = sizing_u
@@ -210,7 +210,7 @@ class MoEConverter:
                 except PlanError:
                     continue
                 options[(router, f)] = {"sizing": sizing, "params": active_params(lm, d, sizing, o),
-                                        "error": ls.masked_error(sizing, reader, wd)}
+                                        "error": ls.masked_error(sizing, score, wd)}
         out = Analysis(ffn, options, uniform)
         if probe is not None:
             # the KL is measured at the uniform split of the router that fits this layer best
@@ -346,7 +346,7 @@ class MoEConverter:
         wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
         act = layer.get_submodule(lm.mlp).get_submodule(lm.act_module)
         reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(sizing["router"], o, wu.shape[1]))
-        return ls.masked_error(sizing, reader, wd)
+        return ls.masked_error(sizing, reader.scores(ls.x[: ls.ERROR_ROWS]), wd)
 
     def verify(self, model: nn.Module, mm: ModelMap, eval_ids: torch.Tensor, infos) -> dict:
         """Tokens per expert on held-out text, per layer: max/mean and normalised entropy."""
@@ -418,6 +418,8 @@ class LayerStats:
     """Calibration rows of one MLP: its input ``x`` and the activations ``h`` that enter the down projection."""
     x: torch.Tensor
     h: torch.Tensor
+    _energy: tuple | None = None  # (rows, output energy) of the dense layer, cached for masked_error
+    ERROR_ROWS = 4096  # calibration rows the neuron-level error is measured on
 
     @classmethod
     def of(cls, lm: LayerMap, stats: dict) -> "LayerStats":
@@ -431,17 +433,19 @@ class LayerStats:
         """Each neuron's mean output energy on the calibration text: E[h_j²]·‖W_down[:, j]‖²."""
         return (self.h ** 2).mean(0) * wd.float().norm(dim=0) ** 2
 
-    def masked_error(self, sizing: dict, reader: "Reader", wd: torch.Tensor, rows: int = 4096) -> float:
+    def masked_error(self, sizing: dict, score: torch.Tensor, wd: torch.Tensor) -> float:
         """Relative output error of the layer when each token keeps the shared neurons plus the routed neurons
-        the low-rank reader scores highest (neuron-level, so it ignores how neurons are grouped into experts)."""
-        x, h = self.x[:rows], self.h[:rows]
+        with the highest router ``score`` (neuron level, so it ignores how neurons are grouped into experts).
+        ``score``: the router's neuron scores on the first ``len(score)`` calibration rows (``Reader.scores``)."""
+        h = self.h[: len(score)]
         s = sizing["shared_size"]
-        score = reader.scores(x)
-        shared = self.importance(wd).argsort(descending=True)[:s]
-        score[:, shared] = float("inf")
+        if s:
+            score = score.clone()
+            score[:, self.importance(wd).argsort(descending=True)[:s]] = float("inf")
         keep = torch.zeros_like(h).scatter_(1, score.topk(s + sizing["top_k"] * sizing["expert_size"], dim=1)[1], 1.0)
-        full = h @ wd.float().T
-        return float(((h * (1 - keep)) @ wd.float().T).pow(2).sum() / full.pow(2).sum().clamp_min(1e-30))
+        if self._energy is None or self._energy[0] != len(score):  # the same for every option of the layer
+            self._energy = (len(score), float((h @ wd.float().T).pow(2).sum().clamp_min(1e-30)))
+        return float(((h * (1 - keep)) @ wd.float().T).pow(2).sum()) / self._energy[1]
 
 
 def neuron_scale(ls: LayerStats, wu, wg, wd, rows=slice(None)) -> torch.Tensor:

@@ -275,7 +275,6 @@ class MoEMLP(nn.Module):
         self.shared_gate = nn.Linear(d, s, bias=False) if s and self.gated else None
         self.shared_down = nn.Linear(s, d, bias=False) if s else None
         self.last_routing = None  # (tokens, top_k) expert ids of the last forward, for balance statistics
-        self._gate_pre = None  # the gate router's pre-activations of the current forward (reused by the experts)
 
     def params_per_expert(self) -> int:
         """Parameters of one routed expert that run only when it is chosen (the gate router runs every gate row)."""
@@ -284,19 +283,22 @@ class MoEMLP(nn.Module):
             parts.append(self.experts_gate)
         return sum(p[0].numel() for p in parts if p is not None)
 
-    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def all_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Gate pre-activations of every routed neuron (tokens × E·m)."""
+        return x @ self.experts_gate.reshape(-1, x.shape[1]).T
+
+    def router_logits(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert scores; the gate router reads ``gates`` (``all_gates(x)``, computed here when not given)."""
         if self.gate is not None:
             return self.gate(x).float()
         if self.router == "gate":
-            e, m, d = self.experts_gate.shape
-            self._gate_pre = x @ self.experts_gate.reshape(e * m, d).T
-            h = self.act(self._gate_pre).abs() * self.router_scale
+            h = self.act(self.all_gates(x) if gates is None else gates).abs() * self.router_scale
         else:
             h = self.act(self.router_up(self.router_down(x))).abs() * self.router_scale
         return h.float().view(x.shape[0], self.num_experts, -1).sum(-1)
 
-    def route(self, x: torch.Tensor):
-        logits = self.router_logits(x)
+    def route(self, x: torch.Tensor, gates: torch.Tensor | None = None):
+        logits = self.router_logits(x, gates)
         if self.gate is None:  # scores of the low-rank reader are already magnitudes: rank them as they are
             scores = logits
             choice = scores + self.e_score_correction_bias
@@ -332,23 +334,19 @@ class MoEMLP(nn.Module):
         h = self.act(x @ self.experts_gate[e].T) * h if self.gated else self.act(h)
         return h @ self.experts_down[e].T
 
-    def _gates(self, x, idx=None):
-        """Gate pre-activations of all experts (``idx`` None) or of the chosen ones; the gate router has them."""
-        if self._gate_pre is not None:
-            g = self._gate_pre.view(x.shape[0], self.num_experts, -1)
-            return g.reshape(x.shape[0], -1) if idx is None else g.gather(1, idx[..., None].expand(-1, -1, g.shape[-1]))
-        if idx is None:
-            return x @ self.experts_gate.reshape(-1, x.shape[1]).T
-        return torch.einsum("td,tkmd->tkm", x, self.experts_gate[idx])
-
-    def _gathered(self, x, idx, w):
+    def _gathered(self, x, idx, w, gates=None):
         h = torch.einsum("td,tkmd->tkm", x, self.experts_up[idx])
         if self.experts_up_bias is not None:
             h = h + self.experts_up_bias[idx]
-        h = self.act(self._gates(x, idx)) * h if self.gated else self.act(h)
+        if self.gated:  # the chosen experts' gates: taken from the router's when it computed them all
+            g = (torch.einsum("td,tkmd->tkm", x, self.experts_gate[idx]) if gates is None else
+                 gates.view(x.shape[0], self.num_experts, -1).gather(1, idx[..., None].expand(-1, -1, h.shape[-1])))
+            h = self.act(g) * h
+        else:
+            h = self.act(h)
         return torch.einsum("tkm,tkdm->td", h * w[..., None], self.experts_down[idx])
 
-    def _masked_dense(self, x, idx, w):
+    def _masked_dense(self, x, idx, w, gates=None):
         """Many tokens (prefill, evaluation): all experts as one dense product, unchosen ones weighted 0.
 
         Same result as running only the chosen experts; on CPU one large product beats a loop over many
@@ -358,7 +356,10 @@ class MoEMLP(nn.Module):
         h = x @ self.experts_up.reshape(e * m, d).T
         if self.experts_up_bias is not None:
             h = h + self.experts_up_bias.reshape(-1)
-        h = self.act(self._gates(x)) * h if self.gated else self.act(h)
+        if self.gated:
+            h = self.act(self.all_gates(x) if gates is None else gates) * h
+        else:
+            h = self.act(h)
         weight = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
         h = (h.view(-1, e, m) * weight[..., None]).reshape(-1, e * m)
         return h @ self.experts_down.permute(1, 0, 2).reshape(d, e * m).T
@@ -366,13 +367,13 @@ class MoEMLP(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        self._gate_pre = None
-        idx, w = self.route(x)
+        gates = self.all_gates(x) if self.router == "gate" else None  # routing needs them all: compute once
+        idx, w = self.route(x, gates)
         self.last_routing = idx.detach()
         if x.shape[0] <= self.GATHER_MAX_TOKENS:
-            out = self._gathered(x, idx, w)
+            out = self._gathered(x, idx, w, gates)
         elif self.experts_up.shape[1] < self.LOOP_MIN_EXPERT_SIZE:
-            out = self._masked_dense(x, idx, w)
+            out = self._masked_dense(x, idx, w, gates)
         else:  # large experts (copy upcycling): run each chosen expert on its own tokens
             out = torch.zeros_like(x)
             for e in idx.unique().tolist():
@@ -384,7 +385,6 @@ class MoEMLP(nn.Module):
             out = out + self.shared_down(h)
         if self.down_bias is not None:
             out = out + self.down_bias
-        self._gate_pre = None
         return out.view(shape)
 
 

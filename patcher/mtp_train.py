@@ -67,7 +67,7 @@ class MTPObjective(nn.Module):
                 loss = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
                                 reduction="batchmean") / len(pick)
             else:
-                loss = F.cross_entropy(model.get_output_embeddings()(mod.norm(g[:, pick])).float().flatten(0, 1),
+                loss = F.cross_entropy(head(mod.norm(g[:, pick])).float().flatten(0, 1),
                                        ids[:, pick + k + 1].flatten())
             losses.append(loss)
             accs.append((logits.argmax(-1) == teacher.argmax(-1)).float().mean())

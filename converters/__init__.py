@@ -12,7 +12,8 @@
 - ``plan(model_map, recipe, analyses)``：全局预算下的逐层计划；
 - ``convert(ctx, layer, layer_map, stats, plan_i, recipe)``：就地替换第 i 层的模块，返回 (结构记录, 报告信息)；
   结构记录为 None 表示按计划保持该层不变；
-- ``summary(...)``：写进报告的计划摘要；可选 ``verify(...)``：转换后在评估文本上的额外测量。
+- ``summary(model_map, recipe, plans, specs)``：写进报告的计划摘要（``specs``：各层的结构记录，计划留到转换时才定的
+  选择从这里读）；可选 ``verify(...)``：转换后在评估文本上的额外测量。
 """
 
 from __future__ import annotations

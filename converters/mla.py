@@ -456,7 +456,7 @@ class MLAConverter:
         layer.set_submodule(lm.attention, new)
         return spec, {"rank": rank, "kv_width": kv_width(lm), **errors}
 
-    def summary(self, mm: ModelMap, recipe, ranks: list) -> dict:
+    def summary(self, mm: ModelMap, recipe, ranks: list, specs: dict) -> dict:
         o = recipe.mla
         if decoupled(recipe):
             p = ranks[0]

@@ -191,16 +191,13 @@ class MoEConverter:
         when only this layer is split uniformly (the layer's sensitivity)."""
         o = recipe.moe
         mlp = layer.get_submodule(lm.mlp)
-        wu, bu = weight_of(layer, lm.up)
-        wd, _ = weight_of(layer, lm.down, rows=False)
+        wu, _ = weight_of(layer, lm.up)
         inter, d = wu.shape[0], wu.shape[1]
         ffn = sum(p.numel() for p in mlp.parameters())
         ls = LayerStats.of(lm, stats)
-        wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
-        act = mlp.get_submodule(lm.act_module)
         options, uniform = {}, {}
         for router, sizing_u in self.uniforms(lm, d, o).items():
-            score = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(router, o, d)).scores(ls.x[: ls.ERROR_ROWS])
+            score, wd = self.scores(layer, lm, ls, router, o)
             uniform[router] = neuron_fraction(sizing_u, inter)
             fracs = {f: None for f in GRID}
             fracs[uniform[router]] = sizing_u
@@ -274,10 +271,13 @@ class MoEConverter:
             _, i, u = max(moves, key=lambda m: m[0])
             chosen[i] = u
 
-    def summary(self, mm: ModelMap, recipe, plans: list[dict]) -> dict:
+    def summary(self, mm: ModelMap, recipe, plans: list[dict], specs: dict) -> dict:
         o = recipe.moe
-        layers = []
+        layers, resolved = [], []
         for lm, p in zip(mm.layers, plans):
+            if "candidates" in p:  # `auto` under a uniform split: the layer's structure record says what was chosen
+                p = next(c for c in p["candidates"] if c["router"] == specs[lm.index]["router"])
+            resolved.append(p)
             if p.get("dense"):
                 layers.append({"layer": lm.index, "dense": True, "active_ffn_fraction_nominal": 1.0})
                 continue
@@ -285,7 +285,7 @@ class MoEConverter:
             frac = (p["shared_size"] + p["top_k"] * p["expert_size"]) / inter if o.mode == "split" else None
             layers.append({"layer": lm.index, **p, "active_ffn_fraction_nominal": frac})
         return {"mode": o.mode, "routing": o.routing, "router": o.router if o.mode == "split" else "linear",
-                "routers": {r: sum(1 for p in plans if p.get("router") == r) for r in ("gate", "lowrank", "linear")},
+                "routers": {r: sum(1 for p in resolved if p.get("router") == r) for r in ("gate", "lowrank", "linear")},
                 "partition": o.partition if o.mode == "split" else None,
                 "allocation": o.allocation if o.mode == "split" else None,
                 "dense_layers": [l["layer"] for l in layers if l.get("dense")], "layers": layers}
@@ -331,22 +331,21 @@ class MoEConverter:
         ls = LayerStats.of(lm, stats) if recipe.moe.mode == "split" else None
         if "candidates" in sizing:
             # `--moe-router auto` under a uniform split: the router kind with the smaller output error on this
-            # layer's calibration data; the plan keeps the choice (the report's summary reads it)
-            chosen = min(sizing["candidates"], key=lambda c: self.error(layer, lm, ls, c, recipe.moe))
-            sizing.clear()
-            sizing.update(chosen)
+            # layer's calibration data (the structure record keeps the choice; the summary reads it there)
+            sizing = min(sizing["candidates"],
+                         key=lambda c: ls.masked_error(c, *self.scores(layer, lm, ls, c["router"], recipe.moe)))
         new, spec, info = self.build(ctx.config, layer, lm, ls, sizing, recipe)
         layer.set_submodule(lm.mlp, new)
         return spec, {f"moe_{k}": v for k, v in info.items()}
 
-    def error(self, layer: nn.Module, lm: LayerMap, ls: "LayerStats", sizing: dict, o) -> float:
-        """Relative output error of the layer's split at ``sizing`` on calibration rows (neuron-level routing)."""
+    def scores(self, layer: nn.Module, lm: LayerMap, ls: "LayerStats", router: str, o) -> tuple:
+        """(neuron scores of a router kind on the first calibration rows, W_down): what ``masked_error`` takes."""
         wu, bu = weight_of(layer, lm.up)
         wd, _ = weight_of(layer, lm.down, rows=False)
         wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
         act = layer.get_submodule(lm.mlp).get_submodule(lm.act_module)
-        reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(sizing["router"], o, wu.shape[1]))
-        return ls.masked_error(sizing, reader.scores(ls.x[: ls.ERROR_ROWS]), wd)
+        reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(router, o, wu.shape[1]))
+        return reader.scores(ls.x[: ls.ERROR_ROWS]), wd
 
     def verify(self, model: nn.Module, mm: ModelMap, eval_ids: torch.Tensor, infos) -> dict:
         """Tokens per expert on held-out text, per layer: max/mean and normalised entropy."""

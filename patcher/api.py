@@ -184,7 +184,7 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
                        "patched_active_per_token": (patched_active := active_parameters(patched, mm)),
                        # the --moe-active budget's own measure: FFN parameters a token uses over the dense FFN's
                        "active_ffn_fraction_vs_dense": patched_active["ffn_active"] / max(base_active["ffn_total"], 1)},
-        "plan": {c.section: c.summary(mm, recipe, plans[c.section]) for c in convs},
+        "plan": {c.section: c.summary(mm, recipe, plans[c.section], specs[c.structure_key]) for c in convs},
         "rms_norm_eps_changed": None if eps_from is None else {"from": eps_from, "to": export_deepseek.EXPORT_EPS},
         "layers": infos,
         **extra,

@@ -105,12 +105,16 @@ def _plots(folder: Path, report: dict) -> list[str]:
     names = []
     balance = (report.get("moe") or {}).get("balance") or []
     if balance:
-        grid = torch.tensor([b["tokens_per_expert"] for b in balance])
-        grid = grid / grid.sum(1, keepdim=True).clamp_min(1) * grid.shape[1]  # 1.0 = perfectly even
+        # layers may have different expert counts (per-layer budgets and router kinds): rows padded with NaN
+        grid = torch.full((len(balance), max(len(b["tokens_per_expert"]) for b in balance)), float("nan"))
+        for row, b in zip(grid, balance):
+            counts = torch.tensor(b["tokens_per_expert"])
+            row[: len(counts)] = counts / counts.sum().clamp_min(1) * len(counts)  # 1.0 = perfectly even
         fig, ax = plt.subplots(figsize=(9, 4))
         im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
+        ax.set_yticks(range(len(balance)), [str(b["layer"]) for b in balance])  # dense layers have no row
         ax.set_title("MoE load on held-out text (tokens per expert / mean)")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()

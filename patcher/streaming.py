@@ -467,7 +467,7 @@ def convert_streaming(folder: Path, recipe: Recipe, out: Path, progress, resume:
         "parameters": {"base": base_params, "patched": parameter_count(final),
                        "base_active_per_token": base_active, "patched_active_per_token": patched_active,
                        "active_ffn_fraction_vs_dense": patched_active["ffn_active"] / max(base_active["ffn_total"], 1)},
-        "plan": {c.section: c.summary(mm, recipe, plans[c.section]) for c in convs},
+        "plan": {c.section: c.summary(mm, recipe, plans[c.section], specs[c.structure_key]) for c in convs},
         "layers": record["infos"],
         **({"moe": {"balance": record["balance"], "balance_text": "eval windows (held-out)"}} if record["balance"] else {}),
         **({"mtp": {**mtp_record, "note": "流式转换不在整模型上测 MTP 接受率与速度（模型放不进内存预算）；"

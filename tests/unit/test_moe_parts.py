@@ -131,3 +131,12 @@ def test_gate_router_split_fits_the_budget_and_auto_keeps_both_candidates():
     with pytest.raises(PlanError, match="--moe-router lowrank"):
         conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router": "gate",
                                             "allocation": "uniform"}}), None)
+
+
+def test_balance_plot_takes_layers_with_different_expert_counts(tmp_path):
+    from patcher.fidelity import write_report
+
+    balance = [{"layer": 1, "tokens_per_expert": [3.0, 1.0, 0.0], "max_over_mean": 2.25, "entropy": 0.5},
+               {"layer": 4, "tokens_per_expert": [2.0, 2.0], "max_over_mean": 1.0, "entropy": 1.0}]
+    write_report(tmp_path, {"moe": {"balance": balance}})
+    assert (tmp_path / "moe_balance.png").stat().st_size > 0

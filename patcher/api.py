@@ -268,11 +268,13 @@ def heal_checkpoint(out: str | Path, opts=None, resume: bool = False, progress=N
     eval_text = read_text(recipe.eval.data, "evaluation")
     if digest(train_text) == digest(eval_text):
         raise DataError("修复用的文本与评估文本相同：保真度必须在未见过的文本上测量，请换一个 --data")
-    windows = token_windows(tokenizer, train_text, opts.tokens, opts.seq_len, opts.seed)
+    windows, val = heal.split_validation(
+        token_windows(tokenizer, train_text, opts.tokens + opts.val_tokens, opts.seq_len, opts.seed), opts)
     eval_ids = token_windows(tokenizer, eval_text, recipe.eval.tokens, recipe.eval.seq_len, None)
     base_eval = evaluate_base(teacher, eval_ids)
     before = compare(student, base_eval)
-    training = heal.distill(student, teacher, windows, opts, out / heal.STATE_DIR, resume, progress or _NullProgress())
+    training = heal.distill(student, teacher, windows, opts, out / heal.STATE_DIR, resume, progress or _NullProgress(),
+                            val)
     after = compare(student, base_eval)
     del teacher
     report.setdefault("fidelity_converted", before)

@@ -43,6 +43,8 @@ class HealOptions(Section):
     lora: int = Field(0, ge=0, description="LoRA 秩（0 表示直接训练权重）；训练后合并回权重")
     top_k: int = Field(0, ge=0, description="老师 logits 的 top-K 存盘（0 表示每步在线计算完整分布）")
     save_every: int = Field(50, ge=1, description="每隔多少步保存可续训的状态")
+    val_tokens: int = Field(2048, ge=0, description="从训练文本中留出、不参与训练的验证 token 数（0 表示不验证）")
+    val_every: int = Field(25, ge=1, description="每隔多少步在留出窗口上量一次 KL；最后保留 KL 最小的权重")
     seed: int = Field(0, description="随机种子（窗口顺序）")
 
 
@@ -200,10 +202,24 @@ def kl_topk(values: torch.Tensor, indices: torch.Tensor, student_logits: torch.T
     return ((pt * (lt - ls)).sum(-1) + rest_t * (rest_t.log() - rest_s.log())).mean()
 
 
+def split_validation(windows: torch.Tensor, opts: HealOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(training windows, held-out validation windows: the last ones). Training keeps its ``tokens`` when the text
+    has them; a shorter text gives validation at most a fifth of its windows."""
+    n_val = min(opts.val_tokens // opts.seq_len, max(len(windows) - opts.tokens // opts.seq_len, len(windows) // 5))
+    return (windows[:-n_val], windows[-n_val:]) if n_val else (windows, None)
+
+
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts: HealOptions,
-            state_dir: Path | None = None, resume: bool = False, progress=None) -> dict:
-    """KL(teacher‖student) distillation on ``windows`` (N × seq_len ids); returns the training summary."""
+            state_dir: Path | None = None, resume: bool = False, progress=None, val: torch.Tensor | None = None) -> dict:
+    """KL(teacher‖student) distillation on ``windows`` (N × seq_len ids); returns the training summary.
+
+    With ``val`` (held-out windows of the training text), the KL on them is measured before training and every
+    ``val_every`` steps, and the weights with the lowest one are kept: healing never leaves the model worse on
+    text it did not train on than it found it.
+    """
     from accelerate import Accelerator
+
+    from .fidelity import compare, evaluate_base
 
     acc = Accelerator()
     rescaled = rescale_latents(student)
@@ -224,6 +240,24 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(saved[f"p{i}"])
+    val_base = evaluate_base(teacher, val) if val is not None else None
+
+    def validate():
+        student.eval()
+        with torch.no_grad():
+            kl = compare(student, val_base)["kl_mean"]
+        student.train()
+        return kl
+
+    # the best weights so far and their validation KL; a resumed run takes them from the saved state
+    from_state = resume and "best_kl" in saved
+    best = {"step": int(saved["best_step"]) if from_state else done,
+            "kl": float(saved["best_kl"]) if from_state else None,
+            "params": [saved[f"best{i}"] for i in range(len(params))] if from_state else None}
+    val_curve = []
+    if val_base is not None and best["kl"] is None:
+        best.update(kl=validate(), params=[p.detach().clone() for p in params])
+        val_curve.append((done, best["kl"]))
     student.train()
     losses = []
     t0 = time.perf_counter()
@@ -247,9 +281,20 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         losses.append(float(loss.detach()))
         if progress:
             progress.update(step + 1, losses[-1], [])
+        if val_base is not None and ((step + 1) % opts.val_every == 0 or step + 1 == steps):
+            val_curve.append((step + 1, validate()))
+            if val_curve[-1][1] < best["kl"]:
+                best.update(step=step + 1, kl=val_curve[-1][1], params=[p.detach().clone() for p in params])
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
-            save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)}, optimizer, schedule, step + 1, steps,
-                       keep=("teacher-*.safetensors",))  # the teacher cache outlives the state it sits next to
+            kept = {f"best{i}": p for i, p in enumerate(best["params"])} | {
+                "best_kl": torch.tensor(best["kl"]), "best_step": torch.tensor(best["step"])} \
+                if best["params"] is not None else {}
+            save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)} | kept, optimizer, schedule, step + 1,
+                       steps, keep=("teacher-*.safetensors",))  # the teacher cache outlives the state it sits next to
+    if best["params"] is not None:
+        with torch.no_grad():
+            for p, b in zip(params, best["params"]):
+                p.copy_(b)
     student = acc.unwrap_model(student).eval()
     for p in params:
         p.requires_grad_(False)
@@ -260,4 +305,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
             "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)], "teacher_logits": f"top-{opts.top_k} cached"
-            if opts.top_k else "full, on the fly"}
+            if opts.top_k else "full, on the fly",
+            "validation": None if val_base is None else {"tokens": int(val.numel()), "kl_curve": val_curve,
+                                                         "best_step": best["step"], "best_kl": best["kl"]}}

@@ -74,7 +74,8 @@ def main():
             "ppl_base": a["ppl_base"], "converted": b, "healed": a,
             "budget": {"tokens": rec["tokens"], "steps": rec["steps"], "seconds": rec["seconds"],
                        "trainable_parameters": rec["trainable_parameters"], "teacher_logits": rec["teacher_logits"]},
-            "loss_curve": rec["loss_curve"], "convert_seconds": convert_s}
+            "loss_curve": rec["loss_curve"], "validation": rec["validation"], "lr": args.lr,
+            "convert_seconds": convert_s}
         print(f"{name}: ppl {b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %  KL {b['kl_mean']:.4f} → "
               f"{a['kl_mean']:.4f}  ({rec['tokens']} tokens, {rec['seconds']:.0f} s)", flush=True)
         out_path.write_text(json.dumps(results, indent=2) + "\n")

@@ -93,6 +93,7 @@ def main():
                 "active_ffn_fraction": rep["parameters"]["patched_active_per_token"]["active_ffn_fraction"],
                 "active_ffn_fraction_vs_dense": rep["parameters"]["active_ffn_fraction_vs_dense"],
                 "routers": rep["plan"]["moe"]["routers"],
+                "down_refit_layers": sum(1 for l in layers if l.get("moe_down_refit")),
                 "dense_layers": rep["plan"]["moe"]["dense_layers"],
                 "ppl_base": f["ppl_base"], "ppl_patched": f["ppl_patched"], "ppl_increase_pct": f["ppl_increase_pct"],
                 "kl_mean": f["kl_mean"], "top1_agreement": f["top1_agreement"],
@@ -104,7 +105,8 @@ def main():
                 "seconds": time.perf_counter() - t}
             print(f"split {key}: ppl {f['ppl_increase_pct']:+.2f} %  active (vs dense FFN) "
                   f"{res['split'][key]['active_ffn_fraction_vs_dense']:.3f}  dense layers "
-                  f"{res['split'][key]['dense_layers']}  routers {res['split'][key]['routers']}",
+                  f"{res['split'][key]['dense_layers']}  routers {res['split'][key]['routers']}  down refit on "
+                  f"{res['split'][key]['down_refit_layers']} layers",
                   flush=True)
             if [partition, allocation] == variants[0] and active == 0.5:
                 split_models["split-0.5"] = patched

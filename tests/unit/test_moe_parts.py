@@ -140,3 +140,26 @@ def test_balance_plot_takes_layers_with_different_expert_counts(tmp_path):
                {"layer": 4, "tokens_per_expert": [2.0, 2.0], "max_over_mean": 1.0, "entropy": 1.0}]
     write_report(tmp_path, {"moe": {"balance": balance}})
     assert (tmp_path / "moe_balance.png").stat().st_size > 0
+
+
+def test_refit_down_recovers_part_of_the_dropped_output_on_unseen_tokens():
+    from converters.moe import refit_down
+
+    torch.manual_seed(0)
+    moe = MoEMLP(_spec(router="gate", weights="one", top_k=8, shared_size=0), None, torch.nn.SiLU())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(600, 8)
+    g, u = moe.experts_gate.reshape(32, 8), moe.experts_up.reshape(32, 8)
+    wd = moe.experts_down.permute(1, 0, 2).reshape(8, 32).detach().clone()
+    h = torch.nn.functional.silu(x @ g.T) * (x @ u.T)  # the dense MLP's activations, in expert order
+    dense = h @ wd.T
+    fit, test = slice(0, 400), slice(400, 600)
+    with torch.no_grad():
+        refit_down(moe, h[fit], torch.arange(32), torch.arange(0), wd, moe.route(x[fit])[0])
+        torch.testing.assert_close(moe(x), dense, atol=1e-3, rtol=1e-3)  # every expert runs: nothing to refit
+        moe.top_k = 3
+        before = (moe(x[test]) - dense[test]).pow(2).sum()
+        refit_down(moe, h[fit], torch.arange(32), torch.arange(0), wd, moe.route(x[fit])[0])
+        after = (moe(x[test]) - dense[test]).pow(2).sum()
+    assert after < 0.9 * before

@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--val-every", type=int, default=25, help="每隔多少步在留出窗口上量一次 KL（保留最好的权重）")
     args = ap.parse_args()
     torch.manual_seed(0)
     out_path = Path(args.out)
@@ -57,7 +58,7 @@ def main():
                "model": "smollm2-135m", "train_data": args.data or "builtin", "eval_data": args.eval_data or "builtin",
                "command": " ".join(sys.argv), "cases": {}}
     opts = HealOptions(data=args.data, tokens=args.tokens, lr=args.lr, seq_len=args.seq_len,
-                       batch_size=args.batch, top_k=args.top_k)
+                       batch_size=args.batch, top_k=args.top_k, val_every=args.val_every)
     for name in args.cases.split(","):
         recipe = {**CASES[name], "calibration": {"data": args.data, "tokens": args.calib_tokens},
                   "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}

@@ -203,10 +203,15 @@ def kl_topk(values: torch.Tensor, indices: torch.Tensor, student_logits: torch.T
 
 
 def split_validation(windows: torch.Tensor, opts: HealOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(training windows, held-out validation windows: the last ones). Training keeps its ``tokens`` when the text
-    has them; a shorter text gives validation at most a fifth of its windows."""
+    """(training windows, held-out validation windows). Training keeps its ``tokens`` when the text has them; a
+    shorter text gives validation at most a fifth of its windows. Validation windows are spread evenly over the
+    (position-sorted) windows: the end of a book alone can be unlike the rest (a licence, an index)."""
     n_val = min(opts.val_tokens // opts.seq_len, max(len(windows) - opts.tokens // opts.seq_len, len(windows) // 5))
-    return (windows[:-n_val], windows[-n_val:]) if n_val else (windows, None)
+    if not n_val:
+        return windows, None
+    held = torch.zeros(len(windows), dtype=torch.bool)
+    held[torch.arange(n_val) * len(windows) // n_val] = True
+    return windows[~held], windows[held]
 
 
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts: HealOptions,

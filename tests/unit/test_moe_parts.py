@@ -96,14 +96,22 @@ def test_sensitivity_allocation_spends_the_budget_where_the_model_is_sensitive()
     assert all("top_k" in p for p in uniform)
 
 
-def test_gate_router_reuses_the_experts_gate_rows_and_counts_them_as_always_active():
+def _gate_moe(tokens: int):
+    """A gate-routed MoE with every expert chosen, random weights, and the dense MLP it was cut from:
+    (moe, x, gate rows, dense activations in expert order, W_down, dense output)."""
     torch.manual_seed(0)
     moe = MoEMLP(_spec(router="gate", weights="one", top_k=8, shared_size=0), None, torch.nn.SiLU())
     for p in moe.parameters():
         torch.nn.init.normal_(p)
-    x = torch.randn(40, 8)
-    g, u, dn = moe.experts_gate.reshape(32, 8), moe.experts_up.reshape(32, 8), moe.experts_down
-    dense = (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ dn.permute(1, 0, 2).reshape(8, 32).T
+    x = torch.randn(tokens, 8)
+    g, u = moe.experts_gate.detach().reshape(32, 8), moe.experts_up.detach().reshape(32, 8)
+    wd = moe.experts_down.detach().permute(1, 0, 2).reshape(8, 32).clone()
+    h = torch.nn.functional.silu(x @ g.T) * (x @ u.T)
+    return moe, x, g, h, wd, h @ wd.T
+
+
+def test_gate_router_reuses_the_experts_gate_rows_and_counts_them_as_always_active():
+    moe, x, g, _, _, dense = _gate_moe(40)
     torch.testing.assert_close(moe(x), dense, atol=1e-4, rtol=1e-4)  # all experts chosen: the dense MLP
     torch.testing.assert_close(torch.cat([moe(x[:20]), moe(x[20:])]), dense, atol=1e-4, rtol=1e-4)  # gathered
     assert moe.params_per_expert() == 2 * 4 * 8  # up and down only; every gate row runs to route
@@ -145,15 +153,7 @@ def test_balance_plot_takes_layers_with_different_expert_counts(tmp_path):
 def test_refit_down_recovers_part_of_the_dropped_output_on_unseen_tokens():
     from converters.moe import refit_down
 
-    torch.manual_seed(0)
-    moe = MoEMLP(_spec(router="gate", weights="one", top_k=8, shared_size=0), None, torch.nn.SiLU())
-    for p in moe.parameters():
-        torch.nn.init.normal_(p)
-    x = torch.randn(600, 8)
-    g, u = moe.experts_gate.reshape(32, 8), moe.experts_up.reshape(32, 8)
-    wd = moe.experts_down.permute(1, 0, 2).reshape(8, 32).detach().clone()
-    h = torch.nn.functional.silu(x @ g.T) * (x @ u.T)  # the dense MLP's activations, in expert order
-    dense = h @ wd.T
+    moe, x, _, h, wd, dense = _gate_moe(600)
     fit, test = slice(0, 400), slice(400, 600)
     with torch.no_grad():
         refit_down(moe, h[fit], torch.arange(32), torch.arange(0), wd, moe.route(x[fit])[0])

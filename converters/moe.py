@@ -538,9 +538,11 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
         oracle = target.topk(new.top_k, dim=1)[1]
         kept = float((target * hit).sum() / target.sum().clamp_min(1e-12))
         best = float(target.gather(1, oracle).sum() / target.sum().clamp_min(1e-12))
-        if o.balance and new.routing == "sigmoid":
+        balanced = o.balance and new.routing == "sigmoid"
+        if balanced:
             _balance(new, x)
-        refit = o.refit_down and refit_down(new, h, order, shared, wd, _choose(new, x))
+        # the refit needs the routing the model will use: the balance bias changes it, otherwise it is `chosen`
+        refit = o.refit_down and refit_down(new, h, order, shared, wd, _choose(new, x) if balanced else chosen)
     return {"router_recall": float(hit.gather(1, oracle).float().mean()), "energy_kept": kept,
             "energy_kept_oracle": best, "down_refit": refit}
 

@@ -34,7 +34,8 @@ class HealOptions(Section):
     """修复的选项（``dsopt heal`` 的参数与 ``heal()`` 的输入是同一个模型）。"""
     teacher: str | None = Field(None, description="老师：源检查点（目录、.gguf 或内置别名）；缺省为转换时的来源")
     data: str | None = Field(None, description="训练文本（.txt/.jsonl）；缺省为转换时的校准文本")
-    tokens: int = Field(65536, ge=64, description="训练 token 数（决定步数）")
+    tokens: int = Field(65536, ge=64, description="训练 token 数（决定步数）；多于文本时按轮次重复整篇文本")
+    max_minutes: float = Field(0.0, ge=0.0, description="训练时间上限（分钟，0 表示不限）；到时停在当前步，保留最好的权重")
     lr: float = Field(5e-5, gt=0.0, description="学习率")
     seq_len: int = Field(256, ge=16, description="序列长度")
     batch_size: int = Field(4, ge=1, description="批大小")
@@ -214,6 +215,13 @@ def split_validation(windows: torch.Tensor, opts: HealOptions) -> tuple[torch.Te
     return windows[~held], windows[held]
 
 
+def epoch_order(n_windows: int, opts: HealOptions) -> torch.Tensor:
+    """The order windows are visited in: ``tokens`` worth of them, reshuffled each time the text runs out."""
+    visits = max(n_windows, opts.tokens // opts.seq_len)
+    gen = torch.Generator().manual_seed(opts.seed)
+    return torch.cat([torch.randperm(n_windows, generator=gen) for _ in range(math.ceil(visits / n_windows))])[:visits]
+
+
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts: HealOptions,
             state_dir: Path | None = None, resume: bool = False, progress=None, val: torch.Tensor | None = None) -> dict:
     """KL(teacher‖student) distillation on ``windows`` (N × seq_len ids); returns the training summary.
@@ -234,10 +242,10 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     if opts.top_k:
         cache = teacher_topk(teacher, windows, opts.top_k,
                              state_dir / f"teacher-top{opts.top_k}.safetensors" if state_dir else None)
-    steps = max(1, math.ceil(len(windows) / opts.batch_size))
+    order = epoch_order(len(windows), opts)
+    steps = max(1, math.ceil(len(order) / opts.batch_size))
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
     schedule = cosine_with_warmup(optimizer, steps)
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(opts.seed))
     student, optimizer, schedule = acc.prepare(student, optimizer, schedule)
     done = 0
     if resume:
@@ -286,16 +294,20 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         losses.append(float(loss.detach()))
         if progress:
             progress.update(step + 1, losses[-1], [])
-        if val_base is not None and ((step + 1) % opts.val_every == 0 or step + 1 == steps):
+        out_of_time = opts.max_minutes > 0 and time.perf_counter() - t0 >= 60 * opts.max_minutes
+        last = step + 1 == steps or out_of_time
+        if val_base is not None and ((step + 1) % opts.val_every == 0 or last):
             val_curve.append((step + 1, validate()))
             if val_curve[-1][1] < best["kl"]:
                 best.update(step=step + 1, kl=val_curve[-1][1], params=[p.detach().clone() for p in params])
-        if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
+        if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or last):
             kept = {f"best{i}": p for i, p in enumerate(best["params"])} | {
                 "best_kl": torch.tensor(best["kl"]), "best_step": torch.tensor(best["step"])} \
                 if best["params"] is not None else {}
             save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)} | kept, optimizer, schedule, step + 1,
                        steps, keep=("teacher-*.safetensors",))  # the teacher cache outlives the state it sits next to
+        if out_of_time:
+            break
     if best["params"] is not None:
         with torch.no_grad():
             for p, b in zip(params, best["params"]):
@@ -306,7 +318,10 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     restore_latents(rescaled)
     if opts.lora:
         merge_lora(student)
-    return {"steps": steps, "resumed_from_step": done, "tokens": int(windows.numel()),
+    ran = done + len(losses)
+    return {"steps": ran, "planned_steps": steps, "resumed_from_step": done,
+            "tokens": int(min(len(order), ran * opts.batch_size) * windows.shape[1]),
+            "epochs": round(min(len(order), ran * opts.batch_size) / len(windows), 3),
             "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)], "teacher_logits": f"top-{opts.top_k} cached"

@@ -29,9 +29,8 @@ from patcher.heal import HealOptions  # noqa: E402
 
 CASES = {
     "mla": {"mla": {"enabled": True, "kv_keep": 0.6}},
-    "moe": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"}},
-    "both": {"mla": {"enabled": True, "kv_keep": 0.6},
-             "moe": {"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"}},
+    "moe": {"moe": {"enabled": True, "mode": "split", "active": 0.5}},
+    "both": {"mla": {"enabled": True, "kv_keep": 0.6}, "moe": {"enabled": True, "mode": "split", "active": 0.5}},
 }
 
 
@@ -48,6 +47,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="每种情况的训练时间上限（分钟，0 不限）")
+    ap.add_argument("--moe-allocation", default="sensitivity", help="MoE 切分的逐层分配（sensitivity 或 uniform）")
     ap.add_argument("--val-every", type=int, default=25, help="每隔多少步在留出窗口上量一次 KL（保留最好的权重）")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -58,9 +59,11 @@ def main():
                "model": "smollm2-135m", "train_data": args.data or "builtin", "eval_data": args.eval_data or "builtin",
                "command": " ".join(sys.argv), "cases": {}}
     opts = HealOptions(data=args.data, tokens=args.tokens, lr=args.lr, seq_len=args.seq_len,
-                       batch_size=args.batch, top_k=args.top_k, val_every=args.val_every)
+                       batch_size=args.batch, top_k=args.top_k, val_every=args.val_every,
+                       max_minutes=args.max_minutes)
     for name in args.cases.split(","):
-        recipe = {**CASES[name], "calibration": {"data": args.data, "tokens": args.calib_tokens},
+        case = {k: ({**v, "allocation": args.moe_allocation} if k == "moe" else v) for k, v in CASES[name].items()}
+        recipe = {**case, "calibration": {"data": args.data, "tokens": args.calib_tokens},
                   "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
@@ -73,7 +76,8 @@ def main():
             "kv_ratio": rep["kv_cache"]["ratio"],
             "ffn_active_fraction": rep["parameters"]["patched_active_per_token"].get("active_ffn_fraction"),
             "ppl_base": a["ppl_base"], "converted": b, "healed": a,
-            "budget": {"tokens": rec["tokens"], "steps": rec["steps"], "seconds": rec["seconds"],
+            "budget": {"tokens": rec["tokens"], "steps": rec["steps"], "planned_steps": rec["planned_steps"],
+                       "epochs": rec["epochs"], "seconds": rec["seconds"], "max_minutes": args.max_minutes,
                        "trainable_parameters": rec["trainable_parameters"], "teacher_logits": rec["teacher_logits"]},
             "loss_curve": rec["loss_curve"], "validation": rec["validation"], "lr": args.lr,
             "convert_seconds": convert_s}

@@ -125,3 +125,13 @@ def test_healing_keeps_the_best_weights_on_held_out_windows(source, tmp_path):
     assert val["best_step"] == 0 and val["best_kl"] == min(kl for _, kl in val["kl_curve"])
     # the converted weights come back untouched: the fidelity on the evaluation text is what it was
     assert rec["after"]["kl_mean"] == pytest.approx(rec["before"]["kl_mean"], rel=1e-5)
+
+
+def test_healing_stops_at_its_time_budget_and_keeps_a_resumable_state(source, tmp_path):
+    out = converted(source, tmp_path)
+    # far more tokens than the text has (so epochs repeat) and a budget that ends after the first step
+    rec = heal_checkpoint(out, HealOptions(**{**FAST, "tokens": 2 ** 20, "max_minutes": 1e-6, "val_every": 1000}))
+    assert rec["steps"] == 1 and rec["planned_steps"] == 2 ** 20 // (64 * 4)
+    assert rec["tokens"] == 4 * 64 and rec["epochs"] < 1
+    assert [s for s, _ in rec["validation"]["kl_curve"]] == [0, 1]  # the step it stopped at is validated
+    assert (out / "heal-train").exists()

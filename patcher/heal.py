@@ -267,7 +267,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     best = {"step": int(saved["best_step"]) if from_state else done,
             "kl": float(saved["best_kl"]) if from_state else None,
             "params": [saved[f"best{i}"] for i in range(len(params))] if from_state else None}
-    val_curve = []
+    val_curve = saved["val_curve"].tolist() if resume and "val_curve" in saved else []
+    val_curve = [(int(s), kl) for s, kl in val_curve]
     if val_base is not None and best["kl"] is None:
         best.update(kl=validate(), params=[p.detach().clone() for p in params])
         val_curve.append((done, best["kl"]))
@@ -302,8 +303,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
                 best.update(step=step + 1, kl=val_curve[-1][1], params=[p.detach().clone() for p in params])
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or last):
             kept = {f"best{i}": p for i, p in enumerate(best["params"])} | {
-                "best_kl": torch.tensor(best["kl"]), "best_step": torch.tensor(best["step"])} \
-                if best["params"] is not None else {}
+                "best_kl": torch.tensor(best["kl"]), "best_step": torch.tensor(best["step"]),
+                "val_curve": torch.tensor(val_curve, dtype=torch.float64)} if best["params"] is not None else {}
             save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)} | kept, optimizer, schedule, step + 1,
                        steps, keep=("teacher-*.safetensors",))  # the teacher cache outlives the state it sits next to
         if out_of_time:

@@ -62,7 +62,8 @@ def test_healing_resumes_exactly(source, tmp_path, monkeypatch):
 
     a = converted(source, tmp_path / "a")
     b = converted(source, tmp_path / "b")
-    full = heal_checkpoint(a, HealOptions(**FAST))
+    opts = HealOptions(**FAST, val_every=4)
+    full = heal_checkpoint(a, opts)
     calls = {"n": 0}
     real_step = torch.optim.AdamW.step
 
@@ -74,12 +75,17 @@ def test_healing_resumes_exactly(source, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", crash_after_eleven)
     with pytest.raises(RuntimeError, match="simulated"):
-        heal_checkpoint(b, HealOptions(**FAST))
+        heal_checkpoint(b, opts)
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert json.loads((b / heal.STATE_DIR / "progress.json").read_text())["step"] == 8
-    resumed = heal_checkpoint(b, HealOptions(**FAST), resume=True)
+    resumed = heal_checkpoint(b, opts, resume=True)
     assert resumed["resumed_from_step"] == 8
     assert resumed["after"]["kl_mean"] == pytest.approx(full["after"]["kl_mean"], rel=1e-4)
+    # the validation curve carries over the resume: checks before the crash come from the saved state
+    ran, back = full["validation"], resumed["validation"]
+    assert [s for s, _ in back["kl_curve"]] == [s for s, _ in ran["kl_curve"]] == list(range(0, 33, 4))
+    assert [kl for _, kl in back["kl_curve"]] == pytest.approx([kl for _, kl in ran["kl_curve"]], rel=1e-4)
+    assert back["best_step"] == ran["best_step"]
 
 
 def test_healing_a_deepseek_export_keeps_it_stock(source, tmp_path):

@@ -59,6 +59,53 @@ def timed(fn):
     return out, time.perf_counter() - t
 
 
+def median_ms(fn, repeats: int = 15) -> float:
+    fn()
+    times = sorted(timed(fn)[1] for _ in range(repeats))
+    return 1000 * times[len(times) // 2]
+
+
+@torch.no_grad()
+def step_cost(model, ids, heads: int) -> dict:
+    """What one plain decode step and one speculative step cost, part by part (median of repeats, after a prompt
+    of ``ids`` is cached): the base forward on 1 and on 1 + heads tokens, the output head on as many rows, one MTP
+    module on one position with its draft head. ``break_even_accepted_per_step`` is the number of tokens a
+    speculative step must yield to match plain decoding."""
+    from transformers import DynamicCache
+
+    from patcher.mtp import DraftHead
+
+    base, head, embed = model.base_model, model.get_output_embeddings(), model.get_input_embeddings()
+    cache = DynamicCache(config=model.config)
+    h = base(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]
+
+    def forward(n):
+        def run():
+            base(input_ids=ids[:, -n:], cache=cache, use_cache=True)
+            cache.crop(-n)
+        return run
+
+    mod = model.mtp[0]
+    mcache = DynamicCache()
+    pos = torch.arange(ids.shape[1])
+    mod(model, h[None], embed(ids[0])[None], pos, mcache)
+    draft = DraftHead(head, mod.draft_ids)
+
+    def module_step():
+        out = mod(model, h[-1:][None], embed(ids[0, -1:])[None], pos[-1:] + 1, mcache)[0]
+        draft.pick(mod.norm(out[-1]), 0.0, None)
+        mcache.crop(-1)
+
+    n = 1 + heads
+    out = {"base_forward_1": median_ms(forward(1)), f"base_forward_{n}": median_ms(forward(n)),
+           "head_1": median_ms(lambda: head(h[-1:])), f"head_{n}": median_ms(lambda: head(h[-n:])),
+           "mtp_module_with_draft_head": median_ms(module_step), "heads": heads}
+    plain = out["base_forward_1"] + out["head_1"]
+    spec = out[f"base_forward_{n}"] + out[f"head_{n}"] + heads * out["mtp_module_with_draft_head"]
+    out.update(plain_step=plain, speculative_step=spec, break_even_accepted_per_step=spec / plain)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out/mtp.json")
@@ -69,6 +116,7 @@ def main():
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--book-prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--decode-heads", type=int, default=0, help="解码时只用前几个 MTP 模块起草（0 表示全部）")
     ap.add_argument("--save-model", default=None, help="也把训练好的检查点写到这里（供 dsopt generate 使用）")
     ap.add_argument("--load-model", default=None, help="不训练，加载 --save-model 写出的检查点只做测量")
     ap.add_argument("--train-result", default=None, help="与 --load-model 同用：训练那次运行的 JSON（取训练预算）")
@@ -109,7 +157,8 @@ def main():
         patched.generate(prompts[0][1], use_mtp=False, **common)  # warm-up
         for kind, ids in prompts:
             plain, t_plain = timed(lambda: patched.generate(ids, use_mtp=False, **common))
-            spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n))
+            spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
+                                                          **({"mtp_heads": args.decode_heads} if args.decode_heads else {})))
             stats = patched.last_mtp_stats
             lookup, t_lookup = timed(lambda: patched.generate(ids, use_mtp=False, prompt_lookup_num_tokens=10,
                                                                **common))
@@ -139,7 +188,8 @@ def main():
         "training_budget": ({"tokens": mtp_report["training"]["tokens"], "seconds": mtp_report["training"]["seconds"],
                              "cores": torch.get_num_threads()} if mtp_report else None),
     }
-    print(json.dumps(res["summary"], indent=1), flush=True)
+    res["step_cost_ms"] = step_cost(patched, prompts[0][1], args.decode_heads or len(patched.mtp))
+    print(json.dumps(res["summary"], indent=1), json.dumps(res["step_cost_ms"], indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")

@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from .recipe import Section
-from .training import cosine_with_warmup, load_state, save_state
+from .training import cosine_with_warmup, load_state, reshuffled_epochs, save_state
 
 STATE_DIR = "heal-train"
 # the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
@@ -216,10 +216,9 @@ def split_validation(windows: torch.Tensor, opts: HealOptions) -> tuple[torch.Te
 
 
 def epoch_order(n_windows: int, opts: HealOptions) -> torch.Tensor:
-    """The order windows are visited in: ``tokens`` worth of them, reshuffled each time the text runs out."""
-    visits = max(n_windows, opts.tokens // opts.seq_len)
-    gen = torch.Generator().manual_seed(opts.seed)
-    return torch.cat([torch.randperm(n_windows, generator=gen) for _ in range(math.ceil(visits / n_windows))])[:visits]
+    """The order windows are visited in: ``tokens`` worth of them (the whole text at least once), reshuffled each
+    time the text runs out."""
+    return reshuffled_epochs(n_windows, max(n_windows, opts.tokens // opts.seq_len), opts.seed)
 
 
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts: HealOptions,
@@ -320,9 +319,9 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     if opts.lora:
         merge_lora(student)
     ran = done + len(losses)
+    visited = min(len(order), ran * opts.batch_size)  # windows trained on (the last batch may be short)
     return {"steps": ran, "planned_steps": steps, "resumed_from_step": done,
-            "tokens": int(min(len(order), ran * opts.batch_size) * windows.shape[1]),
-            "epochs": round(min(len(order), ran * opts.batch_size) / len(windows), 3),
+            "tokens": visited * windows.shape[1], "epochs": round(visited / len(windows), 3),
             "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)], "teacher_logits": f"top-{opts.top_k} cached"

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mtp import DraftHead, choose_draft_vocab
-from .training import cosine_with_warmup, load_state, save_state
+from .training import cosine_with_warmup, load_state, reshuffled_epochs, save_state
 
 STATE_DIR = "mtp-train"
 CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
@@ -99,9 +99,8 @@ class HiddenCache:
 def training_order(n_windows: int, batch_size: int, tokens: int, seq_len: int) -> tuple[torch.Tensor, int]:
     """Window indices for every step (epochs repeat the windows in a new order each) and the number of epochs."""
     steps = max(1, math.ceil(max(tokens, 1) / (batch_size * seq_len)))
-    epochs = math.ceil(steps * batch_size / n_windows)
-    order = torch.cat([torch.randperm(n_windows, generator=torch.Generator().manual_seed(e)) for e in range(epochs)])
-    return order[: steps * batch_size].view(steps, batch_size), epochs
+    order = reshuffled_epochs(n_windows, steps * batch_size)
+    return order.view(steps, batch_size), math.ceil(steps * batch_size / n_windows)
 
 
 @torch.no_grad()

@@ -20,6 +20,13 @@ def cosine_with_warmup(optimizer, steps: int):
         optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
+def reshuffled_epochs(n_windows: int, visits: int, seed: int = 0) -> torch.Tensor:
+    """Window indices for ``visits`` visits: every window once per epoch, epoch e shuffled with seed ``seed + e``."""
+    epochs = math.ceil(visits / n_windows)
+    return torch.cat([torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed + e))
+                      for e in range(epochs)])[:visits]
+
+
 def save_state(state_dir: Path, tensors: dict, optimizer, schedule, step: int, steps: int,
                keep: tuple[str, ...] = ()) -> None:
     """Write the resumable state atomically; files named in ``keep`` (globs) move over from the previous state."""

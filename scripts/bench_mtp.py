@@ -61,8 +61,7 @@ def timed(fn):
 
 def median_ms(fn, repeats: int = 15) -> float:
     fn()
-    times = sorted(timed(fn)[1] for _ in range(repeats))
-    return 1000 * times[len(times) // 2]
+    return 1000 * statistics.median(timed(fn)[1] for _ in range(repeats))
 
 
 @torch.no_grad()

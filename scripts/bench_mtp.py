@@ -157,7 +157,7 @@ def main():
         for kind, ids in prompts:
             plain, t_plain = timed(lambda: patched.generate(ids, use_mtp=False, **common))
             spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
-                                                          **({"mtp_heads": args.decode_heads} if args.decode_heads else {})))
+                                                          mtp_heads=args.decode_heads or None))
             stats = patched.last_mtp_stats
             lookup, t_lookup = timed(lambda: patched.generate(ids, use_mtp=False, prompt_lookup_num_tokens=10,
                                                                **common))

@@ -234,7 +234,8 @@ def add_dsopt_code(folder: Path, config_class: str, model_class: str) -> None:
     cfg["auto_map"] = {"AutoConfig": f"{stem}.{config_class}", "AutoModelForCausalLM": f"{stem}.{model_class}"}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(modeling.__file__, Path(folder) / MODELING_FILE)
-    shutil.copyfile(Path(modeling.__file__).with_name("mtp.py"), Path(folder) / "mtp.py")  # imported by the modeling file
+    for companion in ("mtp.py", "packed_linear.py"):  # imported by the modeling file
+        shutil.copyfile(Path(modeling.__file__).with_name(companion), Path(folder) / companion)
 
 
 def model_card(report: dict) -> str:

@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - older layouts
     ALL_ATTENTION_FUNCTIONS = None
 
 from .mtp import RMSNorm, build_mtp, speculative_generate  # in an output folder, mtp.py sits next to modeling_dsopt.py
+from .packed_linear import packed_linears  # likewise
 
 DSOPT_PREFIX = "dsopt_"
 
@@ -404,7 +405,12 @@ class DsoptPatchedMixin:
         apply_structure(self, config)
         self.last_mtp_stats = None
 
-    def generate(self, inputs=None, use_mtp: bool | None = None, **kwargs):
+    def generate(self, inputs=None, use_mtp: bool | None = None, packed_cpu: bool = True, **kwargs):
+        """``packed_cpu``：在 CPU 上用预打包的 oneDNN 权重解码（见 ``packed_linear``），普通与投机解码都用。"""
+        with packed_linears(self, enabled=packed_cpu):
+            return self._generate(inputs, use_mtp, **kwargs)
+
+    def _generate(self, inputs, use_mtp, **kwargs):
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         mask = kwargs.get("attention_mask")
         usable = (getattr(self, "mtp", None) is not None and ids is not None and ids.shape[0] == 1

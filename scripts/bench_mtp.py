@@ -2,7 +2,8 @@
 
 1. 追加 MTP 模块，在一本书上训练（基座冻结，自蒸馏），记录训练 token 数与耗时（即训练预算）；
 2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、MTP 投机解码、
-   transformers 的提示查找解码（``prompt_lookup_num_tokens``）；都在模型的结束符处自然停下；
+   transformers 的提示查找解码（``prompt_lookup_num_tokens``）；都在模型的结束符处自然停下；三者都用
+   ``generate()`` 默认的预打包 CPU 权重，另测一遍不打包的普通贪心（``packed_cpu=False``）作对照；
 3. 记录：输出是否与普通贪心逐 token 相同、每个验证步平均产出的 token 数、逐头接受率、tokens/s 与加速比。
 
 用法：python scripts/bench_mtp.py --out bench-out/mtp.json [--train-tokens 262144] [--save-model out/smol-mtp]
@@ -25,6 +26,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 from patcher import checkpoint, patch_model  # noqa: E402
 from patcher.calibrate import read_text, token_windows  # noqa: E402
+from patcher.packed_linear import packed_linears  # noqa: E402
 
 CHAT = ["What is the capital of France, and why is it famous?",
         "Write a short poem about the sea.",
@@ -156,6 +158,7 @@ def main():
         patched.generate(prompts[0][1], use_mtp=False, **common)  # warm-up
         for kind, ids in prompts:
             plain, t_plain = timed(lambda: patched.generate(ids, use_mtp=False, **common))
+            unpacked, t_unpacked = timed(lambda: patched.generate(ids, use_mtp=False, packed_cpu=False, **common))
             spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
                                                           mtp_heads=args.decode_heads or None))
             stats = patched.last_mtp_stats
@@ -164,19 +167,21 @@ def main():
             row = {"kind": kind, "prompt_tokens": ids.shape[1], "new_tokens": plain.shape[1] - ids.shape[1],
                    "identical_mtp": bool(torch.equal(plain, spec)),
                    "identical_prompt_lookup": bool(torch.equal(plain, lookup)),
-                   "seconds_plain": t_plain, "seconds_mtp": t_spec, "seconds_prompt_lookup": t_lookup,
+                   "identical_unpacked": bool(torch.equal(plain, unpacked)),
+                   "seconds_plain": t_plain, "seconds_plain_unpacked": t_unpacked, "seconds_mtp": t_spec, "seconds_prompt_lookup": t_lookup,
                    "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"]}
             res["prompts"].append(row)
             m = row["new_tokens"]
             print(f"{kind:4s} identical={row['identical_mtp']} accepted/step {row['accepted_per_step']:.2f} "
-                  f"plain {m / t_plain:.1f} tok/s, mtp {m / t_spec:.1f}, lookup {m / t_lookup:.1f}", flush=True)
+                  f"plain {m / t_plain:.1f} tok/s (unpacked {m / t_unpacked:.1f}), mtp {m / t_spec:.1f}, lookup {m / t_lookup:.1f}", flush=True)
 
     rows = res["prompts"]
-    tot = {k: sum(r[f"seconds_{k}"] for r in rows) for k in ("plain", "mtp", "prompt_lookup")}
+    tot = {k: sum(r[f"seconds_{k}"] for r in rows) for k in ("plain", "plain_unpacked", "mtp", "prompt_lookup")}
     res["summary"] = {
         "prompts": len(rows),
         "greedy_identical_fraction": sum(r["identical_mtp"] for r in rows) / len(rows),
         "prompt_lookup_identical_fraction": sum(r["identical_prompt_lookup"] for r in rows) / len(rows),
+        "unpacked_identical_fraction": sum(r["identical_unpacked"] for r in rows) / len(rows),
         "accepted_per_step_mean": statistics.mean(r["accepted_per_step"] for r in rows),
         "accepted_per_step_book": statistics.mean(r["accepted_per_step"] for r in rows if r["kind"] == "book"),
         "accepted_per_step_chat": statistics.mean(r["accepted_per_step"] for r in rows if r["kind"] == "chat"),
@@ -184,11 +189,17 @@ def main():
         "speedup_mtp_vs_plain": tot["plain"] / tot["mtp"],
         "speedup_mtp_vs_prompt_lookup": tot["prompt_lookup"] / tot["mtp"],
         "speedup_prompt_lookup_vs_plain": tot["plain"] / tot["prompt_lookup"],
+        "speedup_mtp_vs_plain_unpacked": tot["plain_unpacked"] / tot["mtp"],
+        "speedup_packed_vs_unpacked_plain": tot["plain_unpacked"] / tot["plain"],
         "training_budget": ({"tokens": mtp_report["training"]["tokens"], "seconds": mtp_report["training"]["seconds"],
                              "cores": torch.get_num_threads()} if mtp_report else None),
     }
-    res["step_cost_ms"] = step_cost(patched, prompts[0][1], args.decode_heads or len(patched.mtp))
-    print(json.dumps(res["summary"], indent=1), json.dumps(res["step_cost_ms"], indent=1), flush=True)
+    heads = args.decode_heads or len(patched.mtp)
+    with packed_linears(patched):  # what generate() runs on
+        res["step_cost_ms"] = step_cost(patched, prompts[0][1], heads)
+    res["step_cost_ms_unpacked"] = step_cost(patched, prompts[0][1], heads)
+    print(json.dumps(res["summary"], indent=1), json.dumps(res["step_cost_ms"], indent=1),
+          json.dumps(res["step_cost_ms_unpacked"], indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")

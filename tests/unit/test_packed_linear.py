@@ -1,0 +1,50 @@
+"""CPU 解码用的预打包线性层：结果与 F.linear 一致、只在不求梯度时启用、权重变了就重新打包、退出后复原。"""
+
+import pytest
+import torch
+from torch import nn
+
+from patcher.packed_linear import pack, packed_linears
+from tests.conftest import tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN missing")
+
+
+def test_packed_forward_matches_linear_for_every_row_count_and_restores_the_module():
+    model = tiny_model("qwen2")  # q/k/v carry biases
+    ids = torch.randint(4, 250, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with packed_linears(model):
+            assert all("forward" in m.__dict__ for m in model.modules() if type(m) is nn.Linear)
+            got = model(input_ids=ids).logits
+            one = model.lm_head(model.model.norm.weight)  # a 1-D input keeps its shape
+        assert one.shape == (model.config.vocab_size,)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the class forward is back
+
+
+def test_gradients_bypass_the_packed_weights():
+    model = tiny_model()
+    ids = torch.randint(4, 250, (1, 6))
+    with packed_linears(model):
+        loss = model(input_ids=ids).logits.float().square().mean()
+    loss.backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_weights_are_packed_once_and_again_after_a_change():
+    model = tiny_model()
+    first = pack(model)
+    assert len(first) == sum(type(m) is nn.Linear for m in model.modules())
+    again = pack(model)
+    assert all(again[n] is first[n] for n in first)  # reused
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)
+    third = pack(model)
+    assert third["model.layers.0.mlp.up_proj"] is not first["model.layers.0.mlp.up_proj"]
+    assert third["model.layers.0.mlp.down_proj"] is first["model.layers.0.mlp.down_proj"]
+    x = torch.randn(3, model.config.hidden_size)
+    with torch.no_grad(), packed_linears(model):
+        got = model.model.layers[0].mlp.up_proj(x)
+    assert torch.allclose(got, nn.functional.linear(x, model.model.layers[0].mlp.up_proj.weight), atol=1e-5)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +22,9 @@ from torch import nn
 # oneDNN picks its weight layout for an expected row count; with 2 the cost stayed flat from 1 to 5 rows here
 # (hints 1, 4 and 8 grew with the rows; measured interleaved on SmolLM2)
 ROWS_HINT = 2
+# model -> {module name: (weight key, packed weight)}; kept beside the model, not on it, so that copying or
+# pickling a model never meets oneDNN's opaque tensors
+_STORE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _available_bytes() -> int | None:
@@ -32,14 +36,16 @@ def _available_bytes() -> int | None:
 
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return type(m) is nn.Linear and w is not None and w.device.type == "cpu" and w.dtype == torch.float32
+    # a forward already set on the instance belongs to someone else (accelerate's offload hooks): leave it
+    return (type(m) is nn.Linear and w is not None and w.device.type == "cpu" and w.dtype == torch.float32
+            and "forward" not in m.__dict__)
 
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or x.dtype != torch.float32:
         return nn.functional.linear(x, module.weight, module.bias)
     bias = None if module.bias is None else module.bias.detach()
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -49,7 +55,7 @@ def pack(model: nn.Module) -> dict:
     if not torch.backends.mkldnn.is_available():
         return {}
     linears = {name: m for name, m in model.named_modules() if _packable(m)}
-    store = model.__dict__.setdefault("_dsopt_packed", {})
+    store = _STORE.setdefault(model, {})
     for name in set(store) - set(linears):
         del store[name]
     missing = {n: m for n, m in linears.items() if store.get(n, (None,))[0] != _key(m)}

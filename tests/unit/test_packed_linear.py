@@ -48,3 +48,18 @@ def test_weights_are_packed_once_and_again_after_a_change():
     with torch.no_grad(), packed_linears(model):
         got = model.model.layers[0].mlp.up_proj(x)
     assert torch.allclose(got, nn.functional.linear(x, model.model.layers[0].mlp.up_proj.weight), atol=1e-5)
+
+
+def test_a_model_with_packed_weights_still_copies_and_foreign_forwards_are_kept():
+    import copy
+
+    model = tiny_model()
+    pack(model)
+    twin = copy.deepcopy(model)  # the packed weights live beside the model, not in it
+    hooked = model.model.layers[0].mlp.up_proj
+    hooked.forward = foreign = lambda x: nn.functional.linear(x, hooked.weight)  # as accelerate's hooks do
+    with torch.no_grad(), packed_linears(model):
+        assert hooked.forward is foreign
+        assert "forward" in model.model.layers[0].mlp.down_proj.__dict__
+    assert hooked.forward is foreign and "forward" not in model.model.layers[0].mlp.down_proj.__dict__
+    assert torch.equal(twin.lm_head.weight, model.lm_head.weight)

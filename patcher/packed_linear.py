@@ -36,9 +36,7 @@ def _available_bytes() -> int | None:
 
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    # a forward already set on the instance belongs to someone else (accelerate's offload hooks): leave it
-    return (type(m) is nn.Linear and w is not None and w.device.type == "cpu" and w.dtype == torch.float32
-            and "forward" not in m.__dict__)
+    return type(m) is nn.Linear and w is not None and w.device.type == "cpu" and w.dtype == torch.float32
 
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -54,10 +52,13 @@ def pack(model: nn.Module) -> dict:
     unchanged; ``{}`` where oneDNN is missing or memory is short."""
     if not torch.backends.mkldnn.is_available():
         return {}
-    linears = {name: m for name, m in model.named_modules() if _packable(m)}
+    candidates = {name: m for name, m in model.named_modules() if _packable(m)}
     store = _STORE.setdefault(model, {})
-    for name in set(store) - set(linears):
+    for name in set(store) - set(candidates):
         del store[name]
+    # a forward already set on the instance is someone else's (accelerate's offload hooks, or an enclosing
+    # packed_linears block): leave it
+    linears = {name: m for name, m in candidates.items() if "forward" not in m.__dict__}
     missing = {n: m for n, m in linears.items() if store.get(n, (None,))[0] != _key(m)}
     need = sum(m.weight.numel() * 4 for m in missing.values())
     free = _available_bytes()

@@ -63,3 +63,18 @@ def test_a_model_with_packed_weights_still_copies_and_foreign_forwards_are_kept(
         assert "forward" in model.model.layers[0].mlp.down_proj.__dict__
     assert hooked.forward is foreign and "forward" not in model.model.layers[0].mlp.down_proj.__dict__
     assert torch.equal(twin.lm_head.weight, model.lm_head.weight)
+
+
+def test_nested_blocks_keep_the_outer_packing():
+    model = tiny_model()
+    down = model.model.layers[0].mlp.down_proj
+    with torch.no_grad(), packed_linears(model):
+        outer = down.forward
+        with packed_linears(model):
+            assert down.forward is outer  # the inner block leaves the outer's override alone
+        assert down.forward is outer
+    first = pack(model)
+    with packed_linears(model), packed_linears(model):
+        pass
+    assert all(pack(model)[n] is first[n] for n in first)  # nothing was dropped and repacked
+    assert "forward" not in down.__dict__

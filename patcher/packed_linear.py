@@ -42,7 +42,7 @@ def _packable(m: nn.Module) -> bool:
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() or x.dtype != torch.float32:
-        return nn.functional.linear(x, module.weight, module.bias)
+        return nn.Linear.forward(module, x)  # the class's own forward
     bias = None if module.bias is None else module.bias.detach()
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
@@ -62,8 +62,8 @@ def pack(model: nn.Module) -> dict:
     linears = {name: m for name, m in candidates.items() if "forward" not in m.__dict__}
     missing = {n: m for n, m in linears.items() if store.get(n, (None,))[0] != _key(m)}
     need = sum(m.weight.numel() * 4 for m in missing.values())
-    free = _available_bytes()
-    if need and free is not None and 2 * need > free:
+    free = _available_bytes() if need else None  # every generate() comes here; most find nothing to pack
+    if free is not None and 2 * need > free:
         store.clear()
         return {}
     for name, m in missing.items():

@@ -168,12 +168,14 @@ def main():
                    "identical_mtp": bool(torch.equal(plain, spec)),
                    "identical_prompt_lookup": bool(torch.equal(plain, lookup)),
                    "identical_unpacked": bool(torch.equal(plain, unpacked)),
-                   "seconds_plain": t_plain, "seconds_plain_unpacked": t_unpacked, "seconds_mtp": t_spec, "seconds_prompt_lookup": t_lookup,
+                   "seconds_plain": t_plain, "seconds_plain_unpacked": t_unpacked, "seconds_mtp": t_spec,
+                   "seconds_prompt_lookup": t_lookup,
                    "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"]}
             res["prompts"].append(row)
             m = row["new_tokens"]
             print(f"{kind:4s} identical={row['identical_mtp']} accepted/step {row['accepted_per_step']:.2f} "
-                  f"plain {m / t_plain:.1f} tok/s (unpacked {m / t_unpacked:.1f}), mtp {m / t_spec:.1f}, lookup {m / t_lookup:.1f}", flush=True)
+                  f"plain {m / t_plain:.1f} tok/s (unpacked {m / t_unpacked:.1f}), mtp {m / t_spec:.1f}, "
+                  f"lookup {m / t_lookup:.1f}", flush=True)
 
     rows = res["prompts"]
     tot = {k: sum(r[f"seconds_{k}"] for r in rows) for k in ("plain", "plain_unpacked", "mtp", "prompt_lookup")}

@@ -316,13 +316,18 @@ def measure_mtp(model: nn.Module, eval_ids: torch.Tensor, new_tokens: int = 48) 
         t = time.perf_counter()
         plain = model.generate(prompt, use_mtp=False, max_new_tokens=new_tokens, do_sample=False)
         plain_s = time.perf_counter() - t
-        spec = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)  # both stop at end-of-turn
-    stats = model.last_mtp_stats
+        # both stop at end-of-turn; the MTP modules alone first, then with context lookup drafts (generate's default)
+        spec = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, mtp_lookup=0)
+        stats = model.last_mtp_stats
+        hybrid = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        hstats = model.last_mtp_stats
     return {"head_acceptance_teacher_forced": acceptance,
             "expected_tokens_per_step": expected_tokens_per_step(acceptance),
             "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"],
             "tokens_per_s_mtp": stats["tokens_per_s"], "tokens_per_s_plain": (plain.shape[1] - 64) / plain_s,
-            "greedy_identical": bool(torch.equal(plain, spec)),
+            "with_lookup": {"accepted_per_step": hstats["accepted_per_step"], "tokens_per_s": hstats["tokens_per_s"],
+                            "lookup_steps": hstats["lookup_steps"], "mtp_steps": hstats["mtp_steps"]},
+            "greedy_identical": bool(torch.equal(plain, spec) and torch.equal(plain, hybrid)),
             "measured_with": f"eval prompt of 64 tokens, {new_tokens} new tokens, greedy, batch 1"}
 
 

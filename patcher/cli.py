@@ -252,6 +252,8 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
                  prompt: str = typer.Option(..., "--prompt", help="提示文本"),
                  max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="最多生成的 token 数"),
                  no_mtp: bool = typer.Option(False, "--no-mtp", help="不用 MTP 投机解码（普通 generate）"),
+                 lookup: int = typer.Option(10, "--lookup", help="MTP 解码时也用上下文查找草稿：末尾 n-gram 在前文出现过"
+                                            "就把其后最多这么多个 token 当草稿（0 表示只用 MTP 模块）"),
                  temperature: float = typer.Option(0.0, "--temperature", help="0 为贪心；>0 为（投机）采样"),
                  chat: bool = typer.Option(False, "--chat", help="按分词器的对话模板包装提示"),
                  as_json: bool = typer.Option(False, "--json", help="只输出一行 JSON（text、tokens_per_s、accepted_per_step…）")):
@@ -278,7 +280,7 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
     t = time.perf_counter()
     with torch.no_grad():
         if use_mtp:
-            new = model.generate(ids, use_mtp=True, **kwargs)
+            new = model.generate(ids, use_mtp=True, mtp_lookup=lookup, **kwargs)
         else:
             new = model.generate(ids, **({"use_mtp": False} if hasattr(model, "last_mtp_stats") else {}), **kwargs,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)
@@ -289,7 +291,8 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
     row = {"text": text, "new_tokens": n, "seconds": seconds,
            "tokens_per_s": stats["tokens_per_s"] if stats else n / seconds,
            "accepted_per_step": stats["accepted_per_step"] if stats else 1.0, "mtp": use_mtp,
-           "head_acceptance": stats["head_acceptance"] if stats else None}
+           "head_acceptance": stats["head_acceptance"] if stats else None,
+           "lookup_steps": stats["lookup_steps"] if stats else 0}
     if as_json:
         print(json.dumps(row, ensure_ascii=False))
     else:

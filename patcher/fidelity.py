@@ -208,6 +208,10 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                       f"{mtp['expected_tokens_per_step']:.2f}）；tokens/s：MTP {mtp['tokens_per_s_mtp']:.1f}，普通 "
                       f"{mtp['tokens_per_s_plain']:.1f}；贪心输出与普通贪心{'一致' if mtp['greedy_identical'] else '不一致'}"
                       f"（{mtp['measured_with']}）。"]
+        if mtp.get("with_lookup"):  # reports written before context lookup drafts have none
+            w = mtp["with_lookup"]
+            lines += ["", f"加上上下文查找草稿（`generate()` 的缺省）：每步 {w['accepted_per_step']:.2f} 个 token，"
+                          f"{w['tokens_per_s']:.1f} tokens/s（{w['lookup_steps']} 个查找步、{w['mtp_steps']} 个 MTP 步）。"]
         if t:
             lines.append(f"训练：{t['tokens']} 个 token，{t['steps']} 步，{t['seconds']:.0f} s，目标 {t['target']}。")
     mla = (report.get("plan") or {}).get("mla") or {}

@@ -2,7 +2,7 @@
 
 1. 追加 MTP 模块，在一本书上训练（基座冻结，自蒸馏），记录训练 token 数与耗时（即训练预算）；
 2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、MTP 投机解码、
-   transformers 的提示查找解码（``prompt_lookup_num_tokens``）；都在模型的结束符处自然停下；三者都用
+   MTP + 上下文查找草稿（``mtp_lookup``）、transformers 的提示查找解码（``prompt_lookup_num_tokens``）；都在模型的结束符处自然停下；三者都用
    ``generate()`` 默认的预打包 CPU 权重，另测一遍不打包的普通贪心（``packed_cpu=False``）作对照；
 3. 记录：输出是否与普通贪心逐 token 相同、每个验证步平均产出的 token 数、逐头接受率、tokens/s 与加速比。
 
@@ -107,6 +107,26 @@ def step_cost(model, ids, heads: int) -> dict:
     return out
 
 
+def bench_prompts(tok, eval_data: str | None, book_prompts: int) -> list[tuple[str, torch.Tensor]]:
+    """64-token windows of the evaluation book, then the chat prompts wrapped in the chat template."""
+    book = token_windows(tok, read_text(eval_data, "evaluation"), 64 * 50, 64, 7)[:book_prompts]
+    prompts = [("book", w[None]) for w in book]
+    for q in CHAT:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        prompts.append(("chat", ids))
+    return prompts
+
+
+def _per_kind(rows, key, per=None) -> dict:
+    """Mean over all / book / chat prompts of a ``mtp_lookup_stats`` figure (or of its ratio to ``per``)."""
+    def value(r):
+        s = r["mtp_lookup_stats"]
+        return s[key] / s[per] if per else s[key]
+    return {kind: statistics.mean(value(r) for r in rows if kind == "all" or r["kind"] == kind)
+            for kind in ("all", "book", "chat")}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out/mtp.json")
@@ -118,6 +138,8 @@ def main():
     ap.add_argument("--book-prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--decode-heads", type=int, default=0, help="解码时只用前几个 MTP 模块起草（0 表示全部）")
+    ap.add_argument("--lookup", type=int, default=10,
+                    help="另测 MTP + 上下文查找草稿（每步最多这么多个查找 token；0 表示不测）")
     ap.add_argument("--save-model", default=None, help="也把训练好的检查点写到这里（供 dsopt generate 使用）")
     ap.add_argument("--load-model", default=None, help="不训练，加载 --save-model 写出的检查点只做测量")
     ap.add_argument("--train-result", default=None, help="与 --load-model 同用：训练那次运行的 JSON（取训练预算）")
@@ -143,13 +165,7 @@ def main():
            "model": args.load_model or "trained in this run", "report_mtp": mtp_report,
            "new_tokens": args.new_tokens, "prompts": []}
 
-    text = read_text(args.eval_data, "evaluation")
-    book = token_windows(tok, text, 64 * 50, 64, 7)[: args.book_prompts]
-    prompts = [("book", w[None]) for w in book]
-    for q in CHAT:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        prompts.append(("chat", ids))
+    prompts = bench_prompts(tok, args.eval_data, args.book_prompts)
 
     n = args.new_tokens
     # every method stops at the model's end-of-turn token by itself (min_new_tokens would change greedy output)
@@ -160,8 +176,13 @@ def main():
             plain, t_plain = timed(lambda: patched.generate(ids, use_mtp=False, **common))
             unpacked, t_unpacked = timed(lambda: patched.generate(ids, use_mtp=False, packed_cpu=False, **common))
             spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
-                                                          mtp_heads=args.decode_heads or None))
+                                                          mtp_heads=args.decode_heads or None, mtp_lookup=0))
             stats = patched.last_mtp_stats
+            if args.lookup:
+                hybrid, t_hybrid = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
+                                                                  mtp_heads=args.decode_heads or None,
+                                                                  mtp_lookup=args.lookup))
+                hstats = patched.last_mtp_stats
             lookup, t_lookup = timed(lambda: patched.generate(ids, use_mtp=False, prompt_lookup_num_tokens=10,
                                                                **common))
             row = {"kind": kind, "prompt_tokens": ids.shape[1], "new_tokens": plain.shape[1] - ids.shape[1],
@@ -171,14 +192,20 @@ def main():
                    "seconds_plain": t_plain, "seconds_plain_unpacked": t_unpacked, "seconds_mtp": t_spec,
                    "seconds_prompt_lookup": t_lookup,
                    "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"]}
+            if args.lookup:
+                row.update({"identical_mtp_lookup": bool(torch.equal(plain, hybrid)), "seconds_mtp_lookup": t_hybrid,
+                            "mtp_lookup_stats": {k: v for k, v in hstats.items() if k != "seconds"}})
             res["prompts"].append(row)
             m = row["new_tokens"]
             print(f"{kind:4s} identical={row['identical_mtp']} accepted/step {row['accepted_per_step']:.2f} "
                   f"plain {m / t_plain:.1f} tok/s (unpacked {m / t_unpacked:.1f}), mtp {m / t_spec:.1f}, "
-                  f"lookup {m / t_lookup:.1f}", flush=True)
+                  f"lookup {m / t_lookup:.1f}" + (f", mtp+lookup {m / t_hybrid:.1f} "
+                                                   f"({hstats['accepted_per_step']:.2f}/step)" if args.lookup else ""),
+                  flush=True)
 
     rows = res["prompts"]
-    tot = {k: sum(r[f"seconds_{k}"] for r in rows) for k in ("plain", "plain_unpacked", "mtp", "prompt_lookup")}
+    methods = ("plain", "plain_unpacked", "mtp", "prompt_lookup") + (("mtp_lookup",) if args.lookup else ())
+    tot = {k: sum(r[f"seconds_{k}"] for r in rows) for k in methods}
     res["summary"] = {
         "prompts": len(rows),
         "greedy_identical_fraction": sum(r["identical_mtp"] for r in rows) / len(rows),
@@ -193,6 +220,11 @@ def main():
         "speedup_prompt_lookup_vs_plain": tot["plain"] / tot["prompt_lookup"],
         "speedup_mtp_vs_plain_unpacked": tot["plain_unpacked"] / tot["mtp"],
         "speedup_packed_vs_unpacked_plain": tot["plain_unpacked"] / tot["plain"],
+        **({"mtp_lookup_identical_fraction": sum(r["identical_mtp_lookup"] for r in rows) / len(rows),
+            "accepted_per_step_mtp_lookup": _per_kind(rows, "accepted_per_step"),
+            "lookup_step_fraction": _per_kind(rows, "lookup_steps", "verify_steps"),
+            "speedup_mtp_lookup_vs_plain": tot["plain"] / tot["mtp_lookup"],
+            "speedup_mtp_lookup_vs_prompt_lookup": tot["prompt_lookup"] / tot["mtp_lookup"]} if args.lookup else {}),
         "training_budget": ({"tokens": mtp_report["training"]["tokens"], "seconds": mtp_report["training"]["seconds"],
                              "cores": torch.get_num_threads()} if mtp_report else None),
     }

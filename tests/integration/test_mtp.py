@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAST_RECIPE, tiny_model
 from patcher import patch_model
-from patcher.mtp import accept_or_resample, speculative_generate
+from patcher.mtp import _one_hot, accept_or_resample, lookup_drafts, speculative_generate
 from patcher.mtp_train import train_mtp
 from patcher.recipe import MTPOptions
 
@@ -32,6 +32,8 @@ def test_mtp_report_and_structure(trained):
     assert m["greedy_identical"] is True
     assert len(m["head_acceptance_teacher_forced"]) == 2 and 0 < m["head_acceptance_teacher_forced"][0] <= 1
     assert m["training"]["steps"] == 16 and m["accepted_per_step"] >= 1.0
+    w = m["with_lookup"]  # the same generation with context lookup drafts, also identical to plain greedy
+    assert w["accepted_per_step"] >= 1.0 and w["lookup_steps"] + w["mtp_steps"] >= 1
     assert report["fidelity"]["top1_agreement"] == 1.0  # the base itself is untouched
 
 
@@ -40,11 +42,33 @@ def test_greedy_speculative_output_equals_plain_greedy(trained, seed):
     patched, _ = trained
     ids = torch.randint(4, 250, (1, 5 + 3 * seed), generator=torch.Generator().manual_seed(seed))
     plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
-    spec = patched.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=None)
+    spec = patched.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=None, mtp_lookup=0)
     assert torch.equal(plain, spec)
     stats = patched.last_mtp_stats
+    assert stats["lookup_steps"] == 0 and stats["mtp_steps"] == stats["verify_steps"]
     # rejections happened (so the caches were rolled back) and so did acceptances
     assert stats["verify_steps"] < 40 and stats["accepted_per_step"] < 3
+
+
+def test_lookup_drafts_follow_the_latest_recurrence_of_the_longest_ngram():
+    assert lookup_drafts([1, 2, 3, 9, 2, 3, 7, 5, 2, 3], 2, 3) == [7, 5, 2]  # latest "2 3", not the first
+    assert lookup_drafts([4, 2, 3, 9, 4, 2, 3, 8, 1, 4, 2, 3], 3, 1) == [8]  # "4 2 3" before "2 3"
+    assert lookup_drafts([1, 2, 3, 4, 5, 3], 2, 5) == [4, 5, 3]  # no bigram recurs: the unigram "3" does
+    assert lookup_drafts([1, 2, 3], 2, 4) == [] and lookup_drafts([5, 5], 2, 0) == []
+    assert lookup_drafts([5, 5], 2, 3) == [5]  # the tail itself is never its own match
+
+
+def test_greedy_with_context_lookup_drafts_equals_plain_greedy(trained):
+    """Lookup drafts (some right, some wrong) and MTP drafts in one generation: output still equals plain greedy."""
+    patched, _ = trained
+    ids = torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]])
+    plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
+    spec = patched.generate(ids, do_sample=False, max_new_tokens=40, eos_token_id=None, mtp_lookup=5)
+    assert torch.equal(plain, spec)
+    stats = patched.last_mtp_stats
+    assert stats["lookup_steps"] > 0 and stats["mtp_steps"] > 0
+    assert stats["lookup_steps"] + stats["mtp_steps"] == stats["verify_steps"] < 40
+    assert stats["accepted_per_step_lookup"] >= 1.0 and len(stats["head_acceptance"]) == 2
 
 
 def test_untrained_heads_are_still_lossless_on_an_mla_model(tokenizer):
@@ -67,6 +91,12 @@ def test_speculative_sampling_step_keeps_the_target_distribution():
         d = int(torch.multinomial(q, 1, generator=g))
         counts[accept_or_resample(p, q, d, g)[1]] += 1
     assert (counts / n - p).abs().max() < 0.012  # ~4 standard errors at n = 40000
+    # a deterministic draft (context lookup): q is one-hot at the draft, the output is still distributed as p
+    counts.zero_()
+    for i in range(n):
+        d = i % 5
+        counts[accept_or_resample(p, _one_hot(d, 5, "cpu"), d, g)[1]] += 1
+    assert (counts / n - p).abs().max() < 0.012
 
 
 def test_speculative_sampling_end_to_end_matches_the_base_distribution(trained):

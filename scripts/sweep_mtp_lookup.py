@@ -1,0 +1,76 @@
+"""上下文查找草稿的设置扫描（SmolLM2 + 已训练的 MTP 模块，CPU）：写出 JSON。
+
+在 ``bench_mtp.py`` 的同一组提示（另一本书的窗口与对话提示）上，逐提示交替运行每种设置：
+每步最多查找多少个 token（``mtp_lookup``，0 即只用 MTP 模块）与匹配的最长 n-gram。记录每步产出的 token 数
+（全部 / 书 / 对话）、查找步的比例、tokens/s，并检查每种设置的输出都与普通贪心逐 token 相同。
+``generate()`` 的缺省值（``LOOKUP_TOKENS``）由它选出。
+
+用法：python scripts/sweep_mtp_lookup.py --model out/smol-mtp --out bench-out/mtp-lookup-sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_mtp import SHARED, bench_prompts
+
+from patcher import checkpoint
+from patcher.mtp import speculative_generate
+from patcher.packed_linear import packed_linears
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="带 MTP 模块的检查点（bench_mtp.py --save-model 写出的）")
+    ap.add_argument("--out", default="bench-out/mtp-lookup-sweep.json")
+    ap.add_argument("--eval-data", default=str(SHARED / "tinyshakespeare.txt") if SHARED.exists() else None)
+    ap.add_argument("--settings", default="0:2,5:2,10:1,10:2,10:3,20:2", help="逗号分隔的 查找token数:最长n-gram")
+    ap.add_argument("--new-tokens", type=int, default=96)
+    args = ap.parse_args()
+
+    model, tok, _ = checkpoint.load(args.model)
+    settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
+    prompts = bench_prompts(tok, args.eval_data, 8)
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    sums = {s: {kind: {"steps": 0, "tokens": 0, "seconds": 0.0, "lookup_steps": 0} for kind in ("book", "chat")}
+            for s in settings}
+    identical = {s: 0 for s in settings}
+    with torch.no_grad(), packed_linears(model):  # what generate() decodes with
+        for kind, ids in prompts:
+            plain = model.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=args.new_tokens,
+                                   pad_token_id=tok.eos_token_id)
+            for lookup, ngram in settings:
+                t = time.perf_counter()
+                out, st = speculative_generate(model, ids, args.new_tokens, eos, lookup=lookup, lookup_ngram=ngram)
+                sec = time.perf_counter() - t
+                identical[(lookup, ngram)] += bool(torch.equal(out, plain))
+                acc = sums[(lookup, ngram)][kind]
+                acc["steps"] += st["verify_steps"]
+                acc["tokens"] += st["new_tokens"]
+                acc["seconds"] += sec
+                acc["lookup_steps"] += st["lookup_steps"]
+            print(kind, flush=True)
+    rows = []
+    for (lookup, ngram), by_kind in sums.items():
+        every = {k: sum(v[k] for v in by_kind.values()) for k in ("steps", "tokens", "seconds", "lookup_steps")}
+        rows.append({"lookup_tokens": lookup, "max_ngram": ngram,
+                     "identical": f"{identical[(lookup, ngram)]}/{len(prompts)}",
+                     "tokens_per_step": {"all": every["tokens"] / every["steps"],
+                                         **{k: v["tokens"] / v["steps"] for k, v in by_kind.items()}},
+                     "lookup_step_fraction": every["lookup_steps"] / every["steps"],
+                     "tokens_per_s": every["tokens"] / every["seconds"]})
+        print(json.dumps(rows[-1]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.model, "eval_data": args.eval_data or "builtin",
+                                          "new_tokens": args.new_tokens, "prompts": len(prompts),
+                                          "settings": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -99,8 +99,10 @@ def test_speculative_sampling_step_keeps_the_target_distribution():
     assert (counts / n - p).abs().max() < 0.012
 
 
-def test_speculative_sampling_end_to_end_matches_the_base_distribution(trained):
-    """Distribution of the 2nd sampled token (the first that goes through a draft) vs the exact base marginal."""
+@pytest.mark.parametrize("drafts", ["mtp", "lookup"])
+def test_speculative_sampling_end_to_end_matches_the_base_distribution(trained, drafts, monkeypatch):
+    """Distribution of the 2nd sampled token (the first that goes through a draft) vs the exact base marginal.
+    ``lookup``: every step drafts one deterministic token (the marginal's mode) as a context match would."""
     patched, _ = trained
     ids = torch.tensor([[10, 20, 30, 40]])
     temp = 0.03  # the tiny random model's logits are flat (std ≈ 0.2): sharpen them so that the test has power
@@ -109,12 +111,17 @@ def test_speculative_sampling_end_to_end_matches_the_base_distribution(trained):
         vocab = p1.numel()
         every = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
         exact = p1 @ torch.softmax(patched(input_ids=every).logits[:, -1] / temp, -1)  # Σ_x1 p(x1) p(x2 | x1)
+    if drafts == "lookup":
+        monkeypatch.setattr("patcher.mtp.lookup_drafts", lambda tokens, n, limit: [int(exact.argmax())][:limit])
     g = torch.Generator().manual_seed(1)
     n = 1500
     counts = torch.zeros_like(p1)
     for _ in range(n):
-        out, _ = speculative_generate(patched, ids, 2, (), temperature=temp, generator=g)
-        counts[out[0, -1]] += 1
+        # 3 new tokens: a lookup draft is only made when the step can yield more than one token
+        out, stats = speculative_generate(patched, ids, 3, (), temperature=temp, generator=g,
+                                          lookup=4 if drafts == "lookup" else 0)
+        assert (stats["lookup_steps"] > 0) == (drafts == "lookup")
+        counts[out[0, ids.shape[1] + 1]] += 1
     tv = 0.5 * float((counts / n - exact / exact.sum()).abs().sum())
     assert tv < 0.08, tv  # sampling noise at n = 1500 is about 0.03 here
 

@@ -316,7 +316,12 @@ class MoEMLP(nn.Module):
             choice = choice.masked_fill(~keep.bool().repeat_interleave(self.num_experts // self.n_group, 1),
                                         float("-inf"))
         idx = choice.topk(self.top_k, dim=-1)[1]
-        if self.weights == "one":
+        if self.weights == "one" and scores.requires_grad:
+            # exactly 1 in value, but d w / d s = 1/s: training (healing) moves the router through the chosen
+            # experts' scores (a straight-through weight); a constant 1 would leave the router without gradient
+            s = scores.gather(1, idx)
+            w = (1 + (s - s.detach()) / s.detach().clamp_min(1e-20)).to(x.dtype)
+        elif self.weights == "one":
             w = torch.ones_like(idx, dtype=x.dtype)
         else:
             w = scores.gather(1, idx)

@@ -38,6 +38,24 @@ def test_selection_bias_changes_choice_not_weights():
     assert torch.allclose(w2.sum(-1), torch.ones(16))
 
 
+@pytest.mark.parametrize("router", ["lowrank", "gate", "linear"])
+def test_unit_weights_are_exactly_one_yet_train_the_router(router):
+    """Split experts are parts of the dense MLP (weight 1), but healing must still reach the router."""
+    torch.manual_seed(0)
+    moe = MoEMLP(_spec(weights="one", router=router, router_rank=4, routing="sigmoid"), None, torch.nn.SiLU())
+    for prm in moe.parameters():
+        torch.nn.init.normal_(prm)
+    x = torch.randn(40, 8)  # more rows than GATHER_MAX_TOKENS: the masked dense path
+    with torch.no_grad():
+        plain = moe(x)
+    out = moe(x)
+    assert torch.equal(out.detach(), plain)  # the weight is 1, not merely close to it
+    out.pow(2).sum().backward()
+    reader = {"lowrank": "router_down.weight", "gate": "router_scale", "linear": "gate.weight"}[router]
+    reader = moe.get_parameter(reader)
+    assert reader.grad is not None and reader.grad.abs().sum() > 0
+
+
 def test_group_limited_routing_stays_in_the_chosen_groups():
     moe = MoEMLP(_spec(n_group=4, topk_group=1), None, torch.nn.SiLU())
     torch.nn.init.normal_(moe.gate.weight)

@@ -436,10 +436,12 @@ class DsoptPatchedMixin:
         sample = kwargs.get("do_sample", gc.do_sample)
         eos = kwargs.get("eos_token_id", gc.eos_token_id)
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        lookup = kwargs.get("mtp_lookup")
         out, self.last_mtp_stats = speculative_generate(
             self, ids, kwargs.get("max_new_tokens") or gc.max_new_tokens or 20, eos,
             temperature=(kwargs.get("temperature", gc.temperature) or 1.0) if sample else 0.0,
-            heads=kwargs.get("mtp_heads"), generator=kwargs.get("generator"), lookup=kwargs.get("mtp_lookup", self.LOOKUP_TOKENS) or 0)
+            heads=kwargs.get("mtp_heads"), generator=kwargs.get("generator"),
+            lookup=self.LOOKUP_TOKENS if lookup is None else lookup)
         return out
 
 

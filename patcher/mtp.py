@@ -199,8 +199,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
     final = [0] * (k_max + 1)            # per depth: leading positions whose cache entries used verified tokens only
     mcaches = [DynamicCache() for _ in mtp]
     draft_heads = [DraftHead(head, mod.draft_ids) for mod in mtp]
-    steps, produced, accepted = 0, [], [0] * k_max
-    mtp_steps, lookup_produced = 0, []
+    accepted = [0] * k_max
+    produced = {"mtp": [], "lookup": []}  # tokens each verification step yielded, by who drafted
     while len(tokens) - prompt_len < max_new_tokens and tokens[-1] not in eos:
         m = len(tokens) - 1  # the base has seen positions 0..m-1; tokens[m] is verified but not yet fed
         # a step yields at most drafts + 1 tokens: never draft past the budget
@@ -241,12 +241,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
         n_ok = len(new) - 1
         _crop_to(cache, m + 1 + n_ok)
         hid[0] = torch.cat([hid[0], hv[: n_ok + 1]])
-        steps += 1
-        produced.append(len(new))
-        if from_lookup:
-            lookup_produced.append(len(new))
-        else:
-            mtp_steps += 1
+        produced["lookup" if from_lookup else "mtp"].append(len(new))
         for t in new:
             tokens.append(t)
             if t in eos or len(tokens) - prompt_len >= max_new_tokens:
@@ -254,11 +249,13 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
     seconds = time.perf_counter() - t0
     out_ids = torch.tensor([tokens[: prompt_len + max_new_tokens]], device=dev)
     n_new = out_ids.shape[1] - prompt_len
+    by_mtp, by_lookup = produced["mtp"], produced["lookup"]
+    steps = len(by_mtp) + len(by_lookup)
     stats = {"new_tokens": n_new, "verify_steps": steps, "seconds": seconds,
              "tokens_per_s": n_new / seconds if seconds else 0.0,
-             "accepted_per_step": sum(produced) / steps if steps else 0.0,
-             "head_acceptance": [a / mtp_steps if mtp_steps else 0.0 for a in accepted],
-             "mtp_steps": mtp_steps, "lookup_steps": len(lookup_produced),
-             "accepted_per_step_mtp": (sum(produced) - sum(lookup_produced)) / mtp_steps if mtp_steps else 0.0,
-             "accepted_per_step_lookup": statistics.mean(lookup_produced) if lookup_produced else 0.0}
+             "accepted_per_step": (sum(by_mtp) + sum(by_lookup)) / steps if steps else 0.0,
+             "head_acceptance": [a / len(by_mtp) if by_mtp else 0.0 for a in accepted],
+             "mtp_steps": len(by_mtp), "lookup_steps": len(by_lookup),
+             "accepted_per_step_mtp": statistics.mean(by_mtp) if by_mtp else 0.0,
+             "accepted_per_step_lookup": statistics.mean(by_lookup) if by_lookup else 0.0}
     return out_ids, stats

@@ -1,9 +1,10 @@
 """MTP 基准（SmolLM2-135M，CPU）：写出 JSON。
 
 1. 追加 MTP 模块，在一本书上训练（基座冻结，自蒸馏），记录训练 token 数与耗时（即训练预算）；
-2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、MTP 投机解码、
-   MTP + 上下文查找草稿（``mtp_lookup``）、transformers 的提示查找解码（``prompt_lookup_num_tokens``）；都在模型的结束符处自然停下；三者都用
-   ``generate()`` 默认的预打包 CPU 权重，另测一遍不打包的普通贪心（``packed_cpu=False``）作对照；
+2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、只用 MTP 模块的投机解码、
+   MTP + 上下文查找草稿（``mtp_lookup``）、transformers 的提示查找解码（``prompt_lookup_num_tokens``）；
+   都在模型的结束符处自然停下；四者都用 ``generate()`` 默认的预打包 CPU 权重，另测一遍不打包的普通贪心
+   （``packed_cpu=False``）作对照；
 3. 记录：输出是否与普通贪心逐 token 相同、每个验证步平均产出的 token 数、逐头接受率、tokens/s 与加速比。
 
 用法：python scripts/bench_mtp.py --out bench-out/mtp.json [--train-tokens 262144] [--save-model out/smol-mtp]

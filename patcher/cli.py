@@ -254,6 +254,8 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
                  no_mtp: bool = typer.Option(False, "--no-mtp", help="不用 MTP 投机解码（普通 generate）"),
                  lookup: int = typer.Option(10, "--lookup", help="MTP 解码时也用上下文查找草稿：末尾 n-gram 在前文出现过"
                                             "就把其后最多这么多个 token 当草稿（0 表示只用 MTP 模块）"),
+                 branches: int | None = typer.Option(None, "--branches", help="贪心时第一个 MTP 模块给出的候选数，与其他"
+                                                     "草稿合成一棵树一次验证（1 为单链；缺省用模型的 DRAFT_BRANCHES）"),
                  temperature: float = typer.Option(0.0, "--temperature", help="0 为贪心；>0 为（投机）采样"),
                  chat: bool = typer.Option(False, "--chat", help="按分词器的对话模板包装提示"),
                  as_json: bool = typer.Option(False, "--json", help="只输出一行 JSON（text、tokens_per_s、accepted_per_step…）")):
@@ -280,7 +282,7 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
     t = time.perf_counter()
     with torch.no_grad():
         if use_mtp:
-            new = model.generate(ids, use_mtp=True, mtp_lookup=lookup, **kwargs)
+            new = model.generate(ids, use_mtp=True, mtp_lookup=lookup, mtp_branches=branches, **kwargs)
         else:
             new = model.generate(ids, **({"use_mtp": False} if hasattr(model, "last_mtp_stats") else {}), **kwargs,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)

@@ -61,9 +61,23 @@ def eager_attention(module, query, key, value, attention_mask, scaling, **_):
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def rope_tables(rotary: nn.Module, length: int, like: torch.Tensor, columns: list[int] | None = None):
-    """cos/sin of the family's rotary for positions 0..length-1, shaped (1, 1, length, rot); ``columns`` picks dims."""
-    cos, sin = rotary(like, torch.arange(length, device=like.device).unsqueeze(0))
+def rope_positions(kv_len: int, q_len: int, position_ids: torch.Tensor | None, device) -> torch.Tensor:
+    """Rotary positions of the ``kv_len`` cached entries, the last ``q_len`` of them new.
+
+    Earlier entries sit at their cache index. New entries follow ``position_ids`` relative to the first new one,
+    so a draft tree (siblings share a position, see ``mtp.DraftTree``) rotates right; a plain run of tokens gives
+    the cache index again. Only relative positions matter to RoPE, so left padding, which shifts a whole row,
+    changes nothing; batches of several rows (only ever plain runs) keep the cache index."""
+    pos = torch.arange(kv_len, device=device)
+    if position_ids is None or q_len == 1 or position_ids.shape[0] != 1:
+        return pos
+    new = position_ids[0, -q_len:].to(device)
+    return torch.cat([pos[: kv_len - q_len], new - new[0] + (kv_len - q_len)])
+
+
+def rope_tables(rotary: nn.Module, positions: torch.Tensor, like: torch.Tensor, columns: list[int] | None = None):
+    """cos/sin of the family's rotary at ``positions`` (1-D), shaped (1, 1, len, rot); ``columns`` picks dims."""
+    cos, sin = rotary(like, positions.unsqueeze(0))
     if columns is not None:
         cols = torch.tensor(columns, device=cos.device)
         cos, sin = cos[..., cols], sin[..., cols]
@@ -166,7 +180,8 @@ class LatentAttention(nn.Module):
         key = key.transpose(1, 2)
 
         if self.rotary_dim:
-            cos, sin = rope_tables(self._rotary, kv_len, query)
+            positions = rope_positions(kv_len, q_len, kwargs.get("position_ids"), query.device)
+            cos, sin = rope_tables(self._rotary, positions, query)
             key = apply_rope(key, cos, sin)
             query = apply_rope(query, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])
 
@@ -227,7 +242,8 @@ class DecoupledLatentAttention(nn.Module):
             entry, _ = cache.update(entry, entry.new_empty(bsz, 1, q_len, 0), self.layer_idx, kwargs=kwargs)
         latent, k_rot = entry[:, 0].split([self.rank, rope], dim=-1)
         kv_len = latent.shape[1]
-        cos, sin = rope_tables(self._rotary, kv_len, query, self.rope_columns)
+        positions = rope_positions(kv_len, q_len, kwargs.get("position_ids"), query.device)
+        cos, sin = rope_tables(self._rotary, positions, query, self.rope_columns)
         k_rot = apply_rope(k_rot[:, None], cos, sin)
         q_pass, q_rot = query.split([nope, rope], dim=-1)
         q_rot = apply_rope(q_rot, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])
@@ -399,17 +415,21 @@ class DsoptPatchedMixin:
 
     带 MTP 模块时，``generate()`` 在批大小 1 且参数受支持时走投机解码（贪心输出与普通贪心逐 token 相同，
     采样保持基座分布）；``use_mtp=False`` 或其他情况交给 transformers 的普通 ``generate()``。
-    上下文末尾的 n-gram 在前文出现过时，那一步改用它其后的至多 ``mtp_lookup`` 个 token 作草稿（缺省
-    ``LOOKUP_TOKENS``，0 表示只用 MTP 模块；见 ``mtp.lookup_drafts``）。
-    最近一次投机解码的统计在 ``self.last_mtp_stats``（MTP 步与查找步分开计）。
+    上下文末尾的 n-gram 在前文出现过时，其后的至多 ``mtp_lookup`` 个 token 也作草稿（缺省 ``LOOKUP_TOKENS``，
+    0 表示只用 MTP 模块；见 ``mtp.lookup_drafts``）；贪心时第一个模块还给出 ``mtp_branches`` 个候选
+    （缺省 ``DRAFT_BRANCHES``，1 即单链），所有草稿合成一棵树由基座一次验证（见 ``mtp.DraftTree``）。
+    最近一次投机解码的统计在 ``self.last_mtp_stats``（有无查找草稿的步分开计）。
     """
 
     # SmolLM2, 12 prompts (scripts/results/mtp-smollm2-lookup-sweep.json): 36.8 tok/s with up to 10 lookup tokens,
     # 34.4 with 5, 36.3 with 20, 18.5 with the MTP modules alone; more tokens per step on book and chat prompts alike
     LOOKUP_TOKENS = 10
+    # same prompts (scripts/results/mtp-smollm2-decoding-sweep.json): 2 and 3 candidates gave the same tok/s, 4 less
+    # (each extra tree row costs about 2 ms of a 48 ms base forward here); 2 keeps the tree small
+    DRAFT_BRANCHES = 2
 
     MTP_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "eos_token_id",
-                  "pad_token_id", "generator", "mtp_heads", "mtp_lookup"}
+                  "pad_token_id", "generator", "mtp_heads", "mtp_lookup", "mtp_branches"}
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -429,19 +449,20 @@ class DsoptPatchedMixin:
         if use_mtp and not usable:
             raise ValueError("use_mtp=True 需要 MTP 模块、批大小 1、无填充，且只用 max_new_tokens/do_sample/temperature")
         if use_mtp is False or not usable:
-            for key in ("mtp_heads", "mtp_lookup", "generator"):
+            for key in ("mtp_heads", "mtp_lookup", "mtp_branches", "generator"):
                 kwargs.pop(key, None)
             return super().generate(inputs, **kwargs)
         gc = self.generation_config
         sample = kwargs.get("do_sample", gc.do_sample)
         eos = kwargs.get("eos_token_id", gc.eos_token_id)
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        lookup = kwargs.get("mtp_lookup")
+        lookup, branches = kwargs.get("mtp_lookup"), kwargs.get("mtp_branches")
         out, self.last_mtp_stats = speculative_generate(
             self, ids, kwargs.get("max_new_tokens") or gc.max_new_tokens or 20, eos,
             temperature=(kwargs.get("temperature", gc.temperature) or 1.0) if sample else 0.0,
             heads=kwargs.get("mtp_heads"), generator=kwargs.get("generator"),
-            lookup=self.LOOKUP_TOKENS if lookup is None else lookup)
+            lookup=self.LOOKUP_TOKENS if lookup is None else lookup,
+            branches=self.DRAFT_BRANCHES if branches is None else branches)
         return out
 
 

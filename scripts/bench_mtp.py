@@ -1,7 +1,8 @@
 """MTP 基准（SmolLM2-135M，CPU）：写出 JSON。
 
 1. 追加 MTP 模块，在一本书上训练（基座冻结，自蒸馏），记录训练 token 数与耗时（即训练预算）；
-2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、只用 MTP 模块的投机解码、
+2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、只用 MTP 模块的投机解码
+   （第一个模块给出 ``--branches`` 个候选，草稿树一次验证）、
    MTP + 上下文查找草稿（``mtp_lookup``）、transformers 的提示查找解码（``prompt_lookup_num_tokens``）；
    都在模型的结束符处自然停下；四者都用 ``generate()`` 默认的预打包 CPU 权重，另测一遍不打包的普通贪心
    （``packed_cpu=False``）作对照；
@@ -68,9 +69,10 @@ def median_ms(fn, repeats: int = 15) -> float:
 
 
 @torch.no_grad()
-def step_cost(model, ids, heads: int) -> dict:
+def step_cost(model, ids, heads: int, branches: int) -> dict:
     """What one plain decode step and one speculative step cost, part by part (median of repeats, after a prompt
-    of ``ids`` is cached): the base forward on 1 and on 1 + heads tokens, the output head on as many rows, one MTP
+    of ``ids`` is cached): the base forward on 1 and on 1 + heads + branches − 1 tokens (the modules' chain and
+    the first module's other candidates), the output head on as many rows, one MTP
     module on one position with its draft head. ``break_even_accepted_per_step`` is the number of tokens a
     speculative step must yield to match plain decoding."""
     from transformers import DynamicCache
@@ -98,10 +100,10 @@ def step_cost(model, ids, heads: int) -> dict:
         draft.pick(mod.norm(out[-1]), 0.0, None)
         mcache.crop(-1)
 
-    n = 1 + heads
+    n = heads + branches
     out = {"base_forward_1": median_ms(forward(1)), f"base_forward_{n}": median_ms(forward(n)),
            "head_1": median_ms(lambda: head(h[-1:])), f"head_{n}": median_ms(lambda: head(h[-n:])),
-           "mtp_module_with_draft_head": median_ms(module_step), "heads": heads}
+           "mtp_module_with_draft_head": median_ms(module_step), "heads": heads, "branches": branches}
     plain = out["base_forward_1"] + out["head_1"]
     spec = out[f"base_forward_{n}"] + out[f"head_{n}"] + heads * out["mtp_module_with_draft_head"]
     out.update(plain_step=plain, speculative_step=spec, break_even_accepted_per_step=spec / plain)
@@ -141,6 +143,8 @@ def main():
     ap.add_argument("--decode-heads", type=int, default=0, help="解码时只用前几个 MTP 模块起草（0 表示全部）")
     ap.add_argument("--lookup", type=int, default=10,
                     help="另测 MTP + 上下文查找草稿（每步最多这么多个查找 token；0 表示不测）")
+    ap.add_argument("--branches", type=int, default=None,
+                    help="第一个 MTP 模块的候选数（mtp_branches；缺省用模型的 DRAFT_BRANCHES，1 为单链）")
     ap.add_argument("--save-model", default=None, help="也把训练好的检查点写到这里（供 dsopt generate 使用）")
     ap.add_argument("--load-model", default=None, help="不训练，加载 --save-model 写出的检查点只做测量")
     ap.add_argument("--train-result", default=None, help="与 --load-model 同用：训练那次运行的 JSON（取训练预算）")
@@ -164,7 +168,8 @@ def main():
                 checkpoint.write_checkpoint(patched, tok, tmp)
     res = {"train_data": args.train_data or "builtin", "eval_data": args.eval_data or "builtin",
            "model": args.load_model or "trained in this run", "report_mtp": mtp_report,
-           "new_tokens": args.new_tokens, "prompts": []}
+           "new_tokens": args.new_tokens, "lookup": args.lookup,
+           "branches": patched.DRAFT_BRANCHES if args.branches is None else args.branches, "prompts": []}
 
     prompts = bench_prompts(tok, args.eval_data, args.book_prompts)
 
@@ -177,12 +182,13 @@ def main():
             plain, t_plain = timed(lambda: patched.generate(ids, use_mtp=False, **common))
             unpacked, t_unpacked = timed(lambda: patched.generate(ids, use_mtp=False, packed_cpu=False, **common))
             spec, t_spec = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
-                                                          mtp_heads=args.decode_heads or None, mtp_lookup=0))
+                                                          mtp_heads=args.decode_heads or None, mtp_lookup=0,
+                                                          mtp_branches=args.branches))
             stats = patched.last_mtp_stats
             if args.lookup:
                 hybrid, t_hybrid = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
                                                                   mtp_heads=args.decode_heads or None,
-                                                                  mtp_lookup=args.lookup))
+                                                                  mtp_lookup=args.lookup, mtp_branches=args.branches))
                 hstats = patched.last_mtp_stats
             lookup, t_lookup = timed(lambda: patched.generate(ids, use_mtp=False, prompt_lookup_num_tokens=10,
                                                                **common))
@@ -231,8 +237,8 @@ def main():
     }
     heads = args.decode_heads or len(patched.mtp)
     with packed_linears(patched):  # what generate() runs on
-        res["step_cost_ms"] = step_cost(patched, prompts[0][1], heads)
-    res["step_cost_ms_unpacked"] = step_cost(patched, prompts[0][1], heads)
+        res["step_cost_ms"] = step_cost(patched, prompts[0][1], heads, res["branches"])
+    res["step_cost_ms_unpacked"] = step_cost(patched, prompts[0][1], heads, res["branches"])
     print(json.dumps(res["summary"], indent=1), json.dumps(res["step_cost_ms"], indent=1),
           json.dumps(res["step_cost_ms_unpacked"], indent=1), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

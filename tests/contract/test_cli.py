@@ -85,12 +85,12 @@ def test_mtp_convert_train_resume_and_generate(folder, tmp_path):
     assert json.loads((out / "fidelity.json").read_text())["mtp"]["training"]["resumed_from_step"] == 4
 
     rows = {}
-    for flag in (["--lookup", "0"], ["--no-mtp"], ["--lookup", "4"]):
+    for flag in (["--lookup", "0", "--branches", "1"], ["--no-mtp"], ["--lookup", "4", "--branches", "3"]):
         res = runner.invoke(app, ["generate", str(out), "--prompt", "hello world hello world hello",
                                   "--max-new-tokens", "12", "--json", *flag])
         assert res.exit_code == 0, res.output
         rows[" ".join(flag)] = json.loads(res.stdout.strip().splitlines()[-1])
-    mtp, plain, both = rows["--lookup 0"], rows["--no-mtp"], rows["--lookup 4"]
+    mtp, plain, both = rows["--lookup 0 --branches 1"], rows["--no-mtp"], rows["--lookup 4 --branches 3"]
     assert mtp["mtp"] is True and plain["mtp"] is False
     assert {"text", "tokens_per_s", "accepted_per_step"} <= set(mtp)
     assert mtp["lookup_steps"] == 0 and both["lookup_steps"] > 0  # "hello world" recurs

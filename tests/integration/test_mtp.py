@@ -7,7 +7,9 @@ import torch
 
 from conftest import FAST_RECIPE, tiny_model
 from patcher import patch_model
-from patcher.mtp import _one_hot, accept_or_resample, lookup_drafts, speculative_generate
+from transformers import DynamicCache
+
+from patcher.mtp import DraftTree, _keep_rows, _one_hot, accept_or_resample, lookup_drafts, speculative_generate
 from patcher.mtp_train import train_mtp
 from patcher.recipe import MTPOptions
 
@@ -51,11 +53,11 @@ def test_greedy_speculative_output_equals_plain_greedy(trained, seed):
 
 
 def test_lookup_drafts_follow_the_latest_recurrence_of_the_longest_ngram():
-    assert lookup_drafts([1, 2, 3, 9, 2, 3, 7, 5, 2, 3], 2, 3) == [7, 5, 2]  # latest "2 3", not the first
-    assert lookup_drafts([4, 2, 3, 9, 4, 2, 3, 8, 1, 4, 2, 3], 3, 1) == [8]  # "4 2 3" before "2 3"
-    assert lookup_drafts([1, 2, 3, 4, 5, 3], 2, 5) == [4, 5, 3]  # no bigram recurs: the unigram "3" does
-    assert lookup_drafts([1, 2, 3], 2, 4) == [] and lookup_drafts([5, 5], 2, 0) == []
-    assert lookup_drafts([5, 5], 2, 3) == [5]  # the tail itself is never its own match
+    assert lookup_drafts([1, 2, 3, 9, 2, 3, 7, 5, 2, 3], 2, 3) == ([7, 5, 2], 2)  # latest "2 3", not the first
+    assert lookup_drafts([4, 2, 3, 9, 4, 2, 3, 8, 1, 4, 2, 3], 3, 1) == ([8], 3)  # "4 2 3" before "2 3"
+    assert lookup_drafts([1, 2, 3, 4, 5, 3], 2, 5) == ([4, 5, 3], 1)  # no bigram recurs: the unigram "3" does
+    assert lookup_drafts([1, 2, 3], 2, 4) == ([], 0) and lookup_drafts([5, 5], 2, 0) == ([], 0)
+    assert lookup_drafts([5, 5], 2, 3) == ([5], 1)  # the tail itself is never its own match
 
 
 def test_greedy_with_context_lookup_drafts_equals_plain_greedy(trained):
@@ -79,6 +81,75 @@ def test_untrained_heads_are_still_lossless_on_an_mla_model(tokenizer):
     plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=24, eos_token_id=None)
     spec, stats = speculative_generate(patched, ids, 24, (), heads=1)
     assert torch.equal(plain, spec) and len(stats["head_acceptance"]) == 1
+
+
+def test_draft_tree_merges_shared_prefixes_and_walks_the_base_choices():
+    tree = DraftTree([[5, 6, 7], [5, 8], [], [9]])
+    assert tree.tokens == [5, 6, 7, 8, 9] and tree.parents == [-1, 0, 1, 0, -1] and tree.depths == [1, 2, 3, 2, 1]
+    seen = tree.attention_mask(3, torch.float32, "cpu")[0, 0] == 0
+    assert seen.shape == (6, 9) and seen[:, :3].all()  # every row sees the cached context
+    # row 4 (node 8) sees the root, node 5 and itself; not node 6, 7 or 9
+    assert seen[4, 3:].tolist() == [True, True, False, False, True, False]
+    assert seen[3, 3:].tolist() == [True, True, True, True, False, False]
+    # the base picks 5 at the root, then 8 after it, then 1 after 8: path 5 8, next token 1
+    assert tree.walk([5, 8, 0, 0, 1, 0]) == ([0, 3], 1)
+    assert tree.walk([4, 0, 0, 0, 0, 0]) == ([], 4)
+    assert DraftTree([[1, 2]]).attention_mask(3, torch.float32, "cpu") is None  # one path: plain causal
+
+
+def test_keep_rows_keeps_the_prefix_and_the_verified_path():
+    cache = DynamicCache()
+    keys = torch.arange(8.0).view(1, 1, 8, 1).expand(1, 2, 8, 3).contiguous()
+    cache.update(keys, keys + 100, 0)
+    _keep_rows(cache, 3, [0, 2, 4])
+    assert cache.layers[0].keys[0, 1, :, 0].tolist() == [0, 1, 2, 3, 5, 7]
+    assert cache.layers[0].values[0, 0, :, 0].tolist() == [100, 101, 102, 103, 105, 107]
+    _keep_rows(cache, 3, [0, 1])  # a prefix of the new rows: a plain crop
+    assert cache.get_seq_length() == 5
+
+
+@pytest.mark.parametrize("family,mla", [("llama", None), ("qwen3", "latent"), ("llama", "decoupled")])
+def test_tree_rows_score_like_their_branch_alone(tokenizer, family, mla):
+    """One forward over a draft tree gives each node the logits of its own branch run alone after the context,
+    on plain attention and on both latent attentions (whose keys are rotated by position, not cache index)."""
+    model = tiny_model(family, seed=14)
+    if mla:
+        model, _ = patch_model(model, {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "rope": mla}},
+                               tokenizer)
+    ctx = torch.randint(4, 250, (1, 11), generator=torch.Generator().manual_seed(3))
+    paths = [[17, 18, 19], [17, 30], [40, 41]]
+    tree = DraftTree(paths)
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ctx[:, :-1], cache=cache, use_cache=True)
+        m = ctx.shape[1] - 1
+        got = model(input_ids=torch.tensor([[int(ctx[0, -1])] + tree.tokens]), cache=cache, use_cache=True,
+                    position_ids=torch.tensor([[m] + [m + d for d in tree.depths]]),
+                    attention_mask=tree.attention_mask(m, torch.float32, "cpu")).logits[0]
+        for path in paths:
+            alone = model(input_ids=torch.cat([ctx, torch.tensor([path])], 1)).logits[0, m:]
+            node, rows = -1, [0]
+            for t in path:
+                node = tree.child[(node, t)]
+                rows.append(node + 1)
+            torch.testing.assert_close(got[rows], alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,mla", [("llama", None), ("qwen3", "latent")])
+def test_greedy_draft_trees_equal_plain_greedy(tokenizer, trained, family, mla):
+    """Module branches, the modules' chain and lookup continuations verified together as one tree."""
+    if mla:
+        model = tiny_model(family, seed=12)
+        patched, _ = patch_model(model, {**mtp_recipe(train_tokens=2048), "mla": {"enabled": True, "kv_keep": 0.5}},
+                                 tokenizer)
+    else:
+        patched, _ = trained
+    for ids in (torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]]), torch.randint(4, 250, (1, 9))):
+        plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
+        for lookup, branches in [(0, 3), (5, 3), (5, 1)]:
+            spec, stats = speculative_generate(patched, ids, 40, (), lookup=lookup, branches=branches)
+            assert torch.equal(plain, spec), (lookup, branches)
+            assert stats["verify_steps"] < 40
 
 
 def test_speculative_sampling_step_keeps_the_target_distribution():
@@ -112,7 +183,7 @@ def test_speculative_sampling_end_to_end_matches_the_base_distribution(trained, 
         every = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
         exact = p1 @ torch.softmax(patched(input_ids=every).logits[:, -1] / temp, -1)  # Σ_x1 p(x1) p(x2 | x1)
     if drafts == "lookup":
-        monkeypatch.setattr("patcher.mtp.lookup_drafts", lambda tokens, n, limit: [int(exact.argmax())][:limit])
+        monkeypatch.setattr("patcher.mtp.lookup_drafts", lambda tokens, n, limit: ([int(exact.argmax())][:limit], 1))
     g = torch.Generator().manual_seed(1)
     n = 1500
     counts = torch.zeros_like(p1)

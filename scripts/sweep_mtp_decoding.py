@@ -1,11 +1,12 @@
-"""上下文查找草稿的设置扫描（SmolLM2 + 已训练的 MTP 模块，CPU）：写出 JSON。
+"""MTP 解码设置扫描（SmolLM2 + 已训练的 MTP 模块，CPU）：写出 JSON。
 
 在 ``bench_mtp.py`` 的同一组提示（另一本书的窗口与对话提示）上，逐提示交替运行每种设置：
-每步最多查找多少个 token（``mtp_lookup``，0 即只用 MTP 模块）与匹配的最长 n-gram。记录每步产出的 token 数
-（全部 / 书 / 对话）、查找步的比例、tokens/s，并检查每种设置的输出都与普通贪心逐 token 相同。
-``generate()`` 的缺省值（``LOOKUP_TOKENS``）由它选出。
+每步最多查找多少个 token（``mtp_lookup``，0 即只用 MTP 模块）、匹配的最长 n-gram、第一个模块起草的候选数
+（``mtp_branches``，1 即单链）。记录每步产出的 token 数（全部 / 书 / 对话）、查找步的比例、tokens/s，
+并检查每种设置的输出都与普通贪心逐 token 相同。``generate()`` 的缺省值（``LOOKUP_TOKENS``、
+``DRAFT_BRANCHES``）由它选出。
 
-用法：python scripts/sweep_mtp_lookup.py --model out/smol-mtp --out bench-out/mtp-lookup-sweep.json
+用法：python scripts/sweep_mtp_decoding.py --model out/smol-mtp --out bench-out/mtp-decoding-sweep.json
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from patcher.packed_linear import packed_linears
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="带 MTP 模块的检查点（bench_mtp.py --save-model 写出的）")
-    ap.add_argument("--out", default="bench-out/mtp-lookup-sweep.json")
+    ap.add_argument("--out", default="bench-out/mtp-decoding-sweep.json")
     ap.add_argument("--eval-data", default=str(SHARED / "tinyshakespeare.txt") if SHARED.exists() else None)
-    ap.add_argument("--settings", default="0:2,5:2,10:1,10:2,10:3,20:2", help="逗号分隔的 查找token数:最长n-gram")
+    ap.add_argument("--settings", default="0:2:1,0:2:3,10:2:1,10:2:2,10:2:3,10:2:4",
+                    help="逗号分隔的 查找token数:最长n-gram:候选数")
     ap.add_argument("--new-tokens", type=int, default=96)
     args = ap.parse_args()
 
     model, tok, _ = checkpoint.load(args.model)
-    settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
+    settings = [tuple(int(v) for v in (s + ":1").split(":")[:3]) for s in args.settings.split(",")]
     prompts = bench_prompts(tok, args.eval_data, 8)
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -44,22 +46,24 @@ def main():
         for kind, ids in prompts:
             plain = model.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=args.new_tokens,
                                    pad_token_id=tok.eos_token_id)
-            for lookup, ngram in settings:
+            for setting in settings:
+                lookup, ngram, branches = setting
                 t = time.perf_counter()
-                out, st = speculative_generate(model, ids, args.new_tokens, eos, lookup=lookup, lookup_ngram=ngram)
+                out, st = speculative_generate(model, ids, args.new_tokens, eos, lookup=lookup, lookup_ngram=ngram,
+                                               branches=branches)
                 sec = time.perf_counter() - t
-                identical[(lookup, ngram)] += bool(torch.equal(out, plain))
-                acc = sums[(lookup, ngram)][kind]
+                identical[setting] += bool(torch.equal(out, plain))
+                acc = sums[setting][kind]
                 acc["steps"] += st["verify_steps"]
                 acc["tokens"] += st["new_tokens"]
                 acc["seconds"] += sec
                 acc["lookup_steps"] += st["lookup_steps"]
             print(kind, flush=True)
     rows = []
-    for (lookup, ngram), by_kind in sums.items():
+    for (lookup, ngram, branches), by_kind in sums.items():
         every = {k: sum(v[k] for v in by_kind.values()) for k in ("steps", "tokens", "seconds", "lookup_steps")}
-        rows.append({"lookup_tokens": lookup, "max_ngram": ngram,
-                     "identical": f"{identical[(lookup, ngram)]}/{len(prompts)}",
+        rows.append({"lookup_tokens": lookup, "max_ngram": ngram, "branches": branches,
+                     "identical": f"{identical[(lookup, ngram, branches)]}/{len(prompts)}",
                      "tokens_per_step": {"all": every["tokens"] / every["steps"],
                                          **{k: v["tokens"] / v["steps"] for k, v in by_kind.items()}},
                      "lookup_step_fraction": every["lookup_steps"] / every["steps"],

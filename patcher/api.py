@@ -328,7 +328,8 @@ def measure_mtp(model: nn.Module, eval_ids: torch.Tensor, new_tokens: int = 48) 
             "with_lookup": {"accepted_per_step": hstats["accepted_per_step"], "tokens_per_s": hstats["tokens_per_s"],
                             "lookup_steps": hstats["lookup_steps"], "mtp_steps": hstats["mtp_steps"]},
             "greedy_identical": bool(torch.equal(plain, spec) and torch.equal(plain, hybrid)),
-            "measured_with": f"eval prompt of 64 tokens, {new_tokens} new tokens, greedy, batch 1"}
+            "measured_with": f"eval prompt of 64 tokens, {new_tokens} new tokens, greedy, batch 1, "
+                             f"{getattr(model, 'DRAFT_BRANCHES', 1)} first-module candidates in the draft tree"}
 
 
 class SensitivityProbe:

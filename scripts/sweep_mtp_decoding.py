@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--model", required=True, help="带 MTP 模块的检查点（bench_mtp.py --save-model 写出的）")
     ap.add_argument("--out", default="bench-out/mtp-decoding-sweep.json")
     ap.add_argument("--eval-data", default=str(SHARED / "tinyshakespeare.txt") if SHARED.exists() else None)
-    ap.add_argument("--settings", default="0:2:1,0:2:3,10:2:1,10:2:2,10:2:3,10:2:4",
+    ap.add_argument("--settings", default="0:2:1,0:2:2,0:2:3,10:2:1,10:2:2,10:2:3",
                     help="逗号分隔的 查找token数:最长n-gram:候选数")
     ap.add_argument("--new-tokens", type=int, default=96)
     args = ap.parse_args()

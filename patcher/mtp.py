@@ -177,10 +177,9 @@ class DraftTree:
     def is_chain(self) -> bool:
         return all(p == j - 1 for j, p in enumerate(self.parents))
 
-    def attention_mask(self, context: int, dtype, device) -> torch.Tensor | None:
-        """Additive mask of shape (1, 1, 1 + nodes, context + 1 + nodes); None for a single path."""
-        if self.is_chain():
-            return None
+    def attention_mask(self, context: int, dtype, device, window: int | None = None) -> torch.Tensor:
+        """Additive mask of shape (1, 1, 1 + nodes, context + 1 + nodes). ``window``: a sliding-window layer's
+        reach, as transformers defines it (a query sees keys less than ``window`` positions back)."""
         n = len(self.tokens) + 1
         seen = torch.eye(n, dtype=torch.bool)
         seen[:, 0] = True
@@ -188,8 +187,23 @@ class DraftTree:
             if p >= 0:
                 seen[j + 1] |= seen[p + 1]
         seen = torch.cat([torch.ones(n, context, dtype=torch.bool), seen], 1)
+        if window is not None:
+            rows = torch.tensor([context] + [context + d for d in self.depths])
+            cols = torch.cat([torch.arange(context), rows])
+            seen &= rows[:, None] - cols[None, :] < window
         mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
         return mask[None, None].to(device)
+
+    def attention_masks(self, config, context: int, dtype, device):
+        """The verification mask as the base model takes it: None for a single path (the model's own causal
+        mask), else one mask, or one per layer type when full and sliding-window layers are mixed."""
+        if self.is_chain():
+            return None
+        window = getattr(config, "sliding_window", None)
+        types = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+        masks = {t: self.attention_mask(context, dtype, device, window if t == "sliding_attention" else None)
+                 for t in types}
+        return masks.popitem()[1] if len(masks) == 1 else masks
 
     def walk(self, choice: list[int]) -> tuple[list[int], int]:
         """Follow the base's token at each row (``choice[row]``) from the root while a node holds it.
@@ -261,7 +275,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
     greedy = temperature <= 0
     t0 = time.perf_counter()
 
-    cache = DynamicCache(config=model.config)
+    # full history in every layer, sliding-window ones too: rejected drafts are cut from the end, which a
+    # window-sized cache cannot undo once it has dropped older entries; the masks still apply the window
+    cache = DynamicCache()
     h = base(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state[0]
     first, _ = _pick(head(h[-1]), temperature, generator)
     tokens = input_ids[0].tolist() + [first]
@@ -310,7 +326,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
         rows = [tokens[m]] + tree.tokens
         hv = base(input_ids=torch.tensor([rows], device=dev), cache=cache, use_cache=True,
                   position_ids=torch.tensor([[m] + [m + d for d in tree.depths]], device=dev),
-                  attention_mask=tree.attention_mask(m, h.dtype, dev)).last_hidden_state[0]
+                  attention_mask=tree.attention_masks(model.config, m, h.dtype, dev)).last_hidden_state[0]
         logits = head(hv)
         if greedy:
             path, bonus = tree.walk(logits.argmax(-1).tolist())

@@ -94,7 +94,11 @@ def test_draft_tree_merges_shared_prefixes_and_walks_the_base_choices():
     # the base picks 5 at the root, then 8 after it, then 1 after 8: path 5 8, next token 1
     assert tree.walk([5, 8, 0, 0, 1, 0]) == ([0, 3], 1)
     assert tree.walk([4, 0, 0, 0, 0, 0]) == ([], 4)
-    assert DraftTree([[1, 2]]).attention_mask(3, torch.float32, "cpu") is None  # one path: plain causal
+    assert DraftTree([[1, 2]]).attention_masks(None, 3, torch.float32, "cpu") is None  # one path: plain causal
+    # a sliding window of 3: the root (position 3) sees positions 1..3, node 7 (position 6) only 4..6
+    near = tree.attention_mask(3, torch.float32, "cpu", window=3)[0, 0] == 0
+    assert near[0].tolist() == [False, True, True, True, False, False, False, False, False]
+    assert near[3].tolist() == [False] * 4 + [True, True, True, False, False]
 
 
 def test_keep_rows_keeps_the_prefix_and_the_verified_path():
@@ -108,11 +112,13 @@ def test_keep_rows_keeps_the_prefix_and_the_verified_path():
     assert cache.get_seq_length() == 5
 
 
-@pytest.mark.parametrize("family,mla", [("llama", None), ("qwen3", "latent"), ("llama", "decoupled")])
+@pytest.mark.parametrize("family,mla", [("llama", None), ("qwen3", "latent"), ("llama", "decoupled"),
+                                        ("mistral", None)])
 def test_tree_rows_score_like_their_branch_alone(tokenizer, family, mla):
     """One forward over a draft tree gives each node the logits of its own branch run alone after the context,
-    on plain attention and on both latent attentions (whose keys are rotated by position, not cache index)."""
-    model = tiny_model(family, seed=14)
+    on plain attention, on both latent attentions (whose keys are rotated by position, not cache index) and
+    under a sliding window shorter than the context (Mistral)."""
+    model = tiny_model(family, seed=14, **({"sliding_window": 6} if family == "mistral" else {}))
     if mla:
         model, _ = patch_model(model, {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "rope": mla}},
                                tokenizer)
@@ -120,12 +126,12 @@ def test_tree_rows_score_like_their_branch_alone(tokenizer, family, mla):
     paths = [[17, 18, 19], [17, 30], [40, 41]]
     tree = DraftTree(paths)
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()  # full history, as speculative_generate keeps it
         model(input_ids=ctx[:, :-1], cache=cache, use_cache=True)
         m = ctx.shape[1] - 1
         got = model(input_ids=torch.tensor([[int(ctx[0, -1])] + tree.tokens]), cache=cache, use_cache=True,
                     position_ids=torch.tensor([[m] + [m + d for d in tree.depths]]),
-                    attention_mask=tree.attention_mask(m, torch.float32, "cpu")).logits[0]
+                    attention_mask=tree.attention_masks(model.config, m, torch.float32, "cpu")).logits[0]
         for path in paths:
             alone = model(input_ids=torch.cat([ctx, torch.tensor([path])], 1)).logits[0, m:]
             node, rows = -1, [0]
@@ -135,15 +141,18 @@ def test_tree_rows_score_like_their_branch_alone(tokenizer, family, mla):
             torch.testing.assert_close(got[rows], alone, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family,mla", [("llama", None), ("qwen3", "latent")])
+@pytest.mark.parametrize("family,mla", [("llama", None), ("qwen3", "latent"), ("mistral", None)])
 def test_greedy_draft_trees_equal_plain_greedy(tokenizer, trained, family, mla):
-    """Module branches, the modules' chain and lookup continuations verified together as one tree."""
-    if mla:
-        model = tiny_model(family, seed=12)
-        patched, _ = patch_model(model, {**mtp_recipe(train_tokens=2048), "mla": {"enabled": True, "kv_keep": 0.5}},
-                                 tokenizer)
-    else:
+    """Module branches, the modules' chain and lookup continuations verified together as one tree; also on
+    MLA and past a sliding window (where rejected drafts must still be cut from the cache)."""
+    if family == "llama":
         patched, _ = trained
+    else:
+        model = tiny_model(family, seed=12, **({"sliding_window": 12} if family == "mistral" else {}))
+        recipe = mtp_recipe(train_tokens=2048)
+        if mla:
+            recipe["mla"] = {"enabled": True, "kv_keep": 0.5}
+        patched, _ = patch_model(model, recipe, tokenizer)
     for ids in (torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]]), torch.randint(4, 250, (1, 9))):
         plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
         for lookup, branches in [(0, 3), (5, 3), (5, 1)]:

@@ -424,8 +424,9 @@ class DsoptPatchedMixin:
     # SmolLM2, 12 prompts (scripts/results/mtp-smollm2-lookup-sweep.json): 36.8 tok/s with up to 10 lookup tokens,
     # 34.4 with 5, 36.3 with 20, 18.5 with the MTP modules alone; more tokens per step on book and chat prompts alike
     LOOKUP_TOKENS = 10
-    # same prompts (scripts/results/mtp-smollm2-decoding-sweep.json): 2 and 3 candidates gave the same tok/s, 4 less
-    # (each extra tree row costs about 2 ms of a 48 ms base forward here); 2 keeps the tree small
+    # same prompts (scripts/results/mtp-smollm2-decoding-sweep.json), 1 / 2 / 3 candidates: 36.8 / 37.9 / 37.3 tok/s
+    # with lookup, 18.6 / 19.2 / 18.9 with the modules alone; each extra tree row costs about 2 ms of a 48 ms base
+    # forward here, so more candidates buy tokens per step but not speed
     DRAFT_BRANCHES = 2
 
     MTP_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "eos_token_id",

@@ -72,9 +72,9 @@ def median_ms(fn, repeats: int = 15) -> float:
 def step_cost(model, ids, heads: int, branches: int) -> dict:
     """What one plain decode step and one speculative step cost, part by part (median of repeats, after a prompt
     of ``ids`` is cached): the base forward on 1 and on 1 + heads + branches − 1 tokens (the modules' chain and
-    the first module's other candidates), the output head on as many rows, one MTP
-    module on one position with its draft head. ``break_even_accepted_per_step`` is the number of tokens a
-    speculative step must yield to match plain decoding."""
+    the first module's other candidates), the output head on as many rows, one MTP module on one position with
+    its draft head. ``break_even_accepted_per_step`` is the number of tokens a speculative step must yield to
+    match plain decoding."""
     from transformers import DynamicCache
 
     from patcher.mtp import DraftHead

@@ -12,8 +12,9 @@ token t_{i+k} 的嵌入各做 RMSNorm、拼接、投影回隐藏维，过一个 
 输出分布与基座相同。被拒绝的草稿从基座与各 MTP 模块的缓存中裁掉。
 
 可选的上下文查找草稿（``lookup``，即 prompt lookup decoding，Saxena 2023）：上下文（提示与已生成部分）末尾的
-n-gram 若在前文出现过，就把它上次出现之后的那几个 token 当作这一步的草稿，由基座同样一次验证；没有匹配时
-由 MTP 模块起草。两种草稿都经基座验证，输出同样与普通贪心逐 token 相同（采样时分布不变）。
+n-gram 若在前文出现过，就把它上次出现之后的那几个 token 也当作这一步的草稿。2-gram 的匹配单独起草；只有
+1-gram 匹配或没有匹配时由 MTP 模块起草。贪心时所有草稿（模块的链、第一个模块的其他候选、查找的续写）合成
+一棵草稿树（``DraftTree``）由基座一次验证；采样时只验证一条链。输出同样与普通贪心逐 token 相同（采样时分布不变）。
 """
 
 from __future__ import annotations
@@ -343,8 +344,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
                 new.append(_pick(logits[len(tree.tokens)], temperature, generator)[0])  # bonus after all drafts
         for k in range(len(chain)):
             accepted[k] += new[: k + 1] == chain[: k + 1]
-        _keep_rows(cache, m, [0] + [j + 1 for j in path])
-        hid[0] = torch.cat([hid[0], hv[[0] + [j + 1 for j in path]]])
+        kept = [0] + [j + 1 for j in path]  # input rows on the verified path: the root and the accepted nodes
+        _keep_rows(cache, m, kept)
+        hid[0] = torch.cat([hid[0], hv[kept]])
         produced["lookup" if found else "mtp"].append(len(new))
         for t in new:
             tokens.append(t)

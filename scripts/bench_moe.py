@@ -3,10 +3,13 @@
 - copy 模式：真实文本上 max|Δlogit|（噪声 0）与总参数/激活参数；
 - split 模式（不训练）：激活 FFN 比例（含路由器参数）0.75 / 0.5 / 0.25 下，``--variants`` 中每个
   “划分:分配” 组合的困惑度上升，并排（缺省：共激活聚类 + 敏感度分配、随机划分基线、共激活 + 均匀分配）；
-- CPU 上每 token 的前向时间：split MoE 对稠密模型，批大小 1 与 16，同一次运行中交替测量。
+- CPU 上每 token 的时间：split MoE 对稠密模型，批大小 1 与 16，同一次运行中交替测量；既量 64 个 token 的
+  整段前向（预填充），也量带 KV 缓存的逐 token 解码（``generate()``，两者都用预打包的 CPU 线性层）。
+  ``--timing-only 目录`` 只对一个已转换的 split 检查点量时间（不重新转换）。
 
 校准用《傲慢与偏见》，评估用莎士比亚（../shared/data；没有时用内置文本）。
 用法：python scripts/bench_moe.py --out bench-out/moe.json
+      python scripts/bench_moe.py --timing-only out/smol-moe50 --out bench-out/moe-timing.json
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ SHARED = ROOT.parent / "shared" / "data"
 
 from patcher import checkpoint, patch_model  # noqa: E402
 from patcher.calibrate import read_text, token_windows  # noqa: E402
+from patcher.modeling import DsoptPatchedMixin  # noqa: E402
+from patcher.packed_linear import packed_linears  # noqa: E402
 
 
 def forward_ms_per_token(model, ids: torch.Tensor, repeats: int) -> list[float]:
@@ -37,6 +42,44 @@ def forward_ms_per_token(model, ids: torch.Tensor, repeats: int) -> list[float]:
             model(input_ids=ids, use_cache=False)
             out.append(1000 * (time.perf_counter() - t) / ids.numel())
     return out
+
+
+def decode_ms_per_token(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Greedy ``generate()`` of ``new_tokens`` after the prompts ``ids`` (KV cache, CPU linear layers pre-packed
+    for both models alike); ms per generated token, prefill included but small beside the decoding."""
+    kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+              "do_sample": False}
+    if isinstance(model, DsoptPatchedMixin):
+        kwargs["use_mtp"] = False
+    with torch.no_grad(), packed_linears(model):
+        t = time.perf_counter()
+        model.generate(ids, **kwargs)
+        return 1000 * (time.perf_counter() - t) / (new_tokens * ids.shape[0])
+
+
+def timing(models: dict, ids: torch.Tensor, repeats: int) -> dict:
+    """ms per token of every model at batch 1 and 16, interleaved so that all see the same machine noise:
+    ``forward`` a full forward of 64-token sequences without cache, ``decode`` 32 new tokens after them."""
+    res = {}
+    for kind in ("forward", "decode"):
+        res[kind] = {}
+        for batch in (1, 16):
+            x = ids[:batch, :64]
+            runs = {k: [] for k in models}
+            for m in models.values():  # warm-up (and the decode path packs its weights once)
+                decode_ms_per_token(m, x, 2) if kind == "decode" else forward_ms_per_token(m, x, 1)
+            for _ in range(repeats):
+                for k, m in models.items():
+                    runs[k].append(decode_ms_per_token(m, x, 32) if kind == "decode"
+                                   else forward_ms_per_token(m, x, 1)[0])
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            res[kind][str(batch)] = {"ms_per_token": med, "runs": runs,
+                                     "ratio_split_vs_dense": {k: med[k] / med["dense"] for k in med if k != "dense"}}
+            print(f"{kind} batch {batch}: " + ", ".join(f"{k} {v:.3f} ms/token" for k, v in med.items()), flush=True)
+    res["note"] = ("forward: full forward of 64-token sequences, no cache; decode: greedy generate() of 32 tokens "
+                   "after 64-token prompts, KV cache, pre-packed CPU linear layers; batch b means b different "
+                   "prompts; ms per token, median over repeats")
+    return res
 
 
 def write(out: str, res: dict) -> None:
@@ -55,6 +98,7 @@ def main():
     ap.add_argument("--variants", default="coactivation:sensitivity,random:sensitivity,coactivation:uniform",
                     help="partition:allocation pairs; the first is the best method")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--timing-only", metavar="DIR", help="only time this converted split checkpoint against the base")
     args = ap.parse_args()
     common = {"calibration": {"data": args.calib_data, "tokens": args.calib_tokens},
               "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
@@ -63,6 +107,17 @@ def main():
     base, tok, _ = checkpoint.load("smollm2-135m")
     text = read_text(args.eval_data, "evaluation")
     ids = token_windows(tok, text, 512, 512, None)
+    prompts = token_windows(tok, text, 16 * 64, 64, 3)  # 16 different windows: batch rows route differently
+    if args.timing_only:
+        from transformers import AutoModelForCausalLM
+
+        split = AutoModelForCausalLM.from_pretrained(args.timing_only).eval()
+        report = json.loads((Path(args.timing_only) / "fidelity.json").read_text())
+        res.update(model=args.timing_only, recipe=report["recipe"].get("moe"), parameters=report["parameters"],
+                   time=timing({"dense": base, "split": split}, prompts, args.repeats))
+        write(args.out, res)
+        print(f"wrote {args.out}")
+        return
 
     model, _, _ = checkpoint.load("smollm2-135m")
     copy_model, rep = patch_model(model, {**common, "moe": {"enabled": True, "mode": "copy", "experts": 8,
@@ -113,19 +168,7 @@ def main():
             del model
             write(args.out, res)  # partial results survive an interrupted run
 
-    timing = {}
-    models = {"dense": base, **split_models}
-    for batch in (1, 16):
-        x = ids[:, :64].repeat(batch, 1) if batch > 1 else ids[:, :64]
-        runs = {k: [] for k in models}
-        for _ in range(args.repeats):  # interleaved so both see the same machine noise
-            for k, m in models.items():
-                runs[k].extend(forward_ms_per_token(m, x, 1))
-        med = {k: statistics.median(v) for k, v in runs.items()}
-        timing[str(batch)] = {"ms_per_token": med, "runs": runs,
-                              "ratio_split_vs_dense": {k: med[k] / med["dense"] for k in med if k != "dense"}}
-        print(f"batch {batch}: " + ", ".join(f"{k} {v:.3f} ms/token" for k, v in med.items()), flush=True)
-    res["forward_time"] = {"note": "full forward of 64-token sequences, no cache; ms per token", **timing}
+    res["time"] = timing({"dense": base, **split_models}, prompts, args.repeats)
     write(args.out, res)
     print(f"wrote {args.out}")
 

@@ -94,6 +94,45 @@ def test_gathered_and_looped_expert_paths_agree():
     torch.testing.assert_close(moe(x), gathered, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("router, size, top_k", [("gate", 1, 4), ("lowrank", 2, 1), ("lowrank", 4, 2)])
+def test_every_expert_path_gives_the_masked_dense_result(router, size, top_k):
+    """Decoding picks the gathered product when few experts are chosen and the masked one otherwise; both must
+    equal the dense product over all experts with the unchosen weighted 0, gates reused from the router or not."""
+    torch.manual_seed(0)
+    moe = MoEMLP(_spec(num_experts=32 // size, expert_size=size, top_k=top_k, router=router, router_rank=4,
+                       weights="one", up_bias=True), None, torch.nn.SiLU())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p)
+    with torch.no_grad():
+        for tokens in (1, 3, 40):
+            x = torch.randn(tokens, 8)
+            gates = moe.all_gates(x) if router == "gate" else None
+            idx, w = moe.route(x, gates)
+            want = moe._masked_dense(x, idx, w, gates)
+            used = idx.unique()
+            torch.testing.assert_close(moe._gathered(x, idx, w, used, gates), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(moe._gathered(x, idx, w, used), want, atol=1e-5, rtol=1e-5)
+            for moe.GATHER_MAX_USED in (0.0, 1.0):  # the whole forward, through each path (no shared part here)
+                torch.testing.assert_close(moe(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_kept_down_copy_follows_weight_updates():
+    """Multi-neuron experts keep a transposed copy of their down weights for inference; an in-place update (an
+    optimiser step while healing) must not leave generation on the old weights."""
+    torch.manual_seed(0)
+    moe = MoEMLP(_spec(expert_size=4, weights="one"), None, torch.nn.SiLU())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        before = moe(x)
+        moe.experts_down.mul_(2)
+        after = moe(x)
+    torch.testing.assert_close(after, 2 * before)
+    moe(x).sum().backward()  # with a gradient the copy is not used: the down weights receive it
+    assert moe.experts_down.grad is not None and moe.experts_down.grad.abs().sum() > 0
+
+
 def test_sensitivity_allocation_spends_the_budget_where_the_model_is_sensitive():
     from converters.moe import Analysis
 

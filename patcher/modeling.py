@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - older layouts
     ALL_ATTENTION_FUNCTIONS = None
 
 from .mtp import RMSNorm, build_mtp, speculative_generate  # in an output folder, mtp.py sits next to modeling_dsopt.py
-from .packed_linear import packed_linears  # likewise
+from .packed_linear import packed_linears, packed_product  # likewise
 
 DSOPT_PREFIX = "dsopt_"
 
@@ -303,7 +303,20 @@ class MoEMLP(nn.Module):
 
     def all_gates(self, x: torch.Tensor) -> torch.Tensor:
         """Gate pre-activations of every routed neuron (tokens × E·m)."""
-        return x @ self.experts_gate.reshape(-1, x.shape[1]).T
+        return packed_product(self, "gate", x, self.experts_gate.reshape(-1, x.shape[1]))
+
+    def packable_products(self) -> dict:
+        """The products over all experts (the masked path, and the gate router's gates) as ``name: (parameter,
+        weight out × in)``: ``packed_linear`` packs them for decoding like the dense model's linear layers (at 16
+        rows 3× faster than ``mm`` here). Not for large experts, which never run as one product."""
+        if self.experts_up.shape[1] >= self.LOOP_MIN_EXPERT_SIZE:
+            return {}
+        e, m, d = self.experts_up.shape
+        out = {"up": (self.experts_up, lambda: self.experts_up.detach().reshape(e * m, d)),
+               "down": (self.experts_down, lambda: self._down_rows().detach().T.contiguous())}
+        if self.gated:
+            out["gate"] = (self.experts_gate, lambda: self.experts_gate.detach().reshape(e * m, d))
+        return out
 
     def router_logits(self, x: torch.Tensor, gates: torch.Tensor | None = None) -> torch.Tensor:
         """Expert scores; the gate router reads ``gates`` (``all_gates(x)``, computed here when not given)."""
@@ -398,7 +411,7 @@ class MoEMLP(nn.Module):
         small experts. Decoding, where sparsity saves time, takes the gathered path.
         """
         e, m, d = self.experts_up.shape
-        h = x @ self.experts_up.reshape(e * m, d).T
+        h = packed_product(self, "up", x, self.experts_up.reshape(e * m, d))
         if self.experts_up_bias is not None:
             h = h + self.experts_up_bias.reshape(-1)
         if self.gated:
@@ -407,7 +420,7 @@ class MoEMLP(nn.Module):
             h = self.act(h)
         weight = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter_(1, idx, w)
         h = (h.view(-1, e, m) * weight[..., None]).reshape(-1, e * m)
-        return h @ self._down_rows()
+        return packed_product(self, "down", h, self._down_rows().T)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

@@ -8,6 +8,8 @@
 只在 CPU、float32、不求梯度（``generate()`` 内）时生效。打包好的权重随模型缓存：放在模型之外的弱引用表里，
 复制或序列化模型不受影响，约多占一份线性层权重的内存；权重被改动后（``_version`` 或存储变化）自动重新打包。
 可用内存不足两份权重时不打包。
+不是 ``nn.Linear`` 的乘法（MoE 专家的权重存成 3D 张量）由模块自己用 ``packable_products()`` 列出，块内经
+``packed_product`` 走打包的权重。
 与 ``modeling.py`` 一样只依赖 torch，随 ``modeling_dsopt.py`` 复制到输出目录。
 """
 
@@ -26,6 +28,8 @@ ROWS_HINT = 2
 # model -> {module name: (weight key, packed weight)}; kept beside the model, not on it, so that copying or
 # pickling a model never meets oneDNN's opaque tensors
 _STORE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# modules with products of their own (``packable_products``), while inside a packed_linears block -> {product: packed}
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def _available_bytes() -> int | None:
@@ -49,43 +53,67 @@ def _packed_forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) ->
 
 
 def pack(model: nn.Module) -> dict:
-    """The packed weight of every CPU float32 ``nn.Linear`` of ``model`` by module name, reused while weights are
-    unchanged; ``{}`` where oneDNN is missing or memory is short."""
+    """The packed weight of every CPU float32 ``nn.Linear`` of ``model`` by module name, and of every product a
+    module lists in ``packable_products()`` by ``"module:product"``; reused while the weights are unchanged,
+    ``{}`` where oneDNN is missing or memory is short."""
     if not torch.backends.mkldnn.is_available():
         return {}
     candidates = {name: m for name, m in model.named_modules() if _packable(m)}
+    products = {f"{name}:{k}": v for name, m in model.named_modules() if hasattr(m, "packable_products")
+                for k, v in m.packable_products().items() if v[0].device.type == "cpu" and v[0].dtype == torch.float32}
     store = _STORE.setdefault(model, {})
-    for name in set(store) - set(candidates):
+    for name in set(store) - set(candidates) - set(products):
         del store[name]
     # a forward already set on the instance is someone else's (accelerate's offload hooks, or an enclosing
     # packed_linears block): leave it
-    linears = {name: m for name, m in candidates.items() if "forward" not in m.__dict__}
-    missing = {n: m for n, m in linears.items() if store.get(n, (None,))[0] != _key(m)}
-    need = sum(m.weight.numel() * 4 for m in missing.values())
+    sources = {name: (m.weight, m.weight.detach) for name, m in candidates.items() if "forward" not in m.__dict__}
+    sources.update(products)
+    missing = {n: src for n, src in sources.items() if store.get(n, (None,))[0] != _key(src[0])}
+    need = sum(src[0].numel() * 4 for src in missing.values())
     free = _available_bytes() if need else None  # every generate() comes here; most find nothing to pack
     if free is not None and 2 * need > free:
         store.clear()
         return {}
-    for name, m in missing.items():
-        store[name] = (_key(m), torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), ROWS_HINT))
-    return {name: store[name][1] for name in linears}
+    for name, (weight, make) in missing.items():
+        store[name] = (_key(weight), torch.ops.mkldnn._reorder_linear_weight(make(), ROWS_HINT))
+    return {name: store[name][1] for name in sources}
 
 
-def _key(m: nn.Linear) -> tuple:
-    return m.weight.data_ptr(), m.weight._version
+def packed_product(module: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` (``x`` 2-D); inside a ``packed_linears`` block, on the packed copy of ``module``'s product
+    ``name`` (see ``packable_products``) when no gradient is taken."""
+    packed = _ACTIVE.get(module, {}).get(name)
+    if packed is None or torch.is_grad_enabled() or x.dtype != torch.float32:
+        return x @ weight.T
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
+def _key(weight: torch.Tensor) -> tuple:
+    return weight.data_ptr(), weight._version
 
 
 @contextmanager
 def packed_linears(model: nn.Module, enabled: bool = True):
-    """Inside the block, the model's CPU float32 linear layers run on pre-packed oneDNN weights when no gradient
-    is taken (identical math, different summation order: outputs agree to float rounding)."""
+    """Inside the block, the model's CPU float32 linear layers (and the products modules list in
+    ``packable_products``) run on pre-packed oneDNN weights when no gradient is taken (identical math, different
+    summation order: outputs agree to float rounding)."""
     packed = pack(model) if enabled else {}
     modules = dict(model.named_modules())
+    owners = []
     for name, w in packed.items():
-        m = modules[name]
-        m.forward = lambda x, m=m, w=w: _packed_forward(m, w, x)
+        if ":" in name:  # a product of a module's own (MoE experts)
+            owner, product = name.split(":")
+            if modules[owner] not in _ACTIVE:
+                owners.append(modules[owner])
+            _ACTIVE.setdefault(modules[owner], {})[product] = w
+        else:
+            m = modules[name]
+            m.forward = lambda x, m=m, w=w: _packed_forward(m, w, x)
     try:
         yield
     finally:
         for name in packed:
-            modules[name].__dict__.pop("forward", None)
+            if ":" not in name:
+                modules[name].__dict__.pop("forward", None)
+        for m in owners:  # an enclosing block's products stay
+            _ACTIVE.pop(m, None)

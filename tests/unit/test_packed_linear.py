@@ -78,3 +78,33 @@ def test_nested_blocks_keep_the_outer_packing():
         pass
     assert all(pack(model)[n] is first[n] for n in first)  # nothing was dropped and repacked
     assert "forward" not in down.__dict__
+
+
+@pytest.mark.parametrize("router, size", [("gate", 1), ("lowrank", 2)])
+def test_moe_expert_products_run_packed_inside_the_block_only(router, size):
+    """MoE experts are 3-D parameters, not linear layers: their products over all experts are packed too,
+    with the same results, only without gradients and only inside the block."""
+    from patcher import packed_linear
+    from patcher.modeling import MoEMLP
+
+    torch.manual_seed(0)
+    spec = {"hidden_size": 8, "num_experts": 16 // size, "top_k": 3, "expert_size": size, "shared_size": 4,
+            "gated": True, "up_bias": True, "down_bias": False, "routing": "sigmoid", "weights": "one",
+            "router": router, "router_rank": 4}
+    moe = MoEMLP(spec, None, nn.SiLU())
+    for p in moe.parameters():
+        nn.init.normal_(p)
+    model = nn.ModuleDict({"mlp": moe})
+    x = torch.randn(40, 8)  # the masked product over all experts
+    with torch.no_grad():
+        expected = moe(x)
+        with packed_linears(model):
+            assert set(packed_linear._ACTIVE[moe]) == {"gate", "up", "down"}
+            got = moe(x)
+    assert moe not in packed_linear._ACTIVE
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with packed_linears(model):
+        moe(x).sum().backward()  # gradients take the parameters, not the packed copies
+    assert moe.experts_up.grad is not None and moe.experts_up.grad.abs().sum() > 0
+    big = MoEMLP({**spec, "num_experts": 2, "expert_size": 64, "top_k": 1, "router": "linear"}, None, nn.SiLU())
+    assert big.packable_products() == {}  # large experts run one by one, never as one product

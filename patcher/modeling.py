@@ -399,7 +399,7 @@ class MoEMLP(nn.Module):
             return self.experts_down.view(e, d)
         if torch.is_grad_enabled():
             return self.experts_down.transpose(1, 2).reshape(e * m, d)
-        key = (self.experts_down.data_ptr(), self.experts_down._version)
+        key = (id(self.experts_down), self.experts_down.data_ptr(), self.experts_down._version)  # same, unchanged
         if self._down_copy is None or self._down_copy[0] != key:
             self._down_copy = (key, self.experts_down.detach().transpose(1, 2).contiguous().view(e * m, d))
         return self._down_copy[1]

@@ -113,8 +113,8 @@ def main():
 
         split = AutoModelForCausalLM.from_pretrained(args.timing_only).eval()
         report = json.loads((Path(args.timing_only) / "fidelity.json").read_text())
-        res.update(model=args.timing_only, recipe=report["recipe"].get("moe"), parameters=report["parameters"],
-                   time=timing({"dense": base, "split": split}, prompts, args.repeats))
+        res.update(model=args.timing_only, recipe=report["recipe"].get("moe"),
+                   parameters=report["parameters"], time=timing({"dense": base, "split": split}, prompts, args.repeats))
         write(args.out, res)
         print(f"wrote {args.out}")
         return

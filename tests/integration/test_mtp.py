@@ -161,6 +161,22 @@ def test_greedy_draft_trees_equal_plain_greedy(tokenizer, trained, family, mla):
             assert stats["verify_steps"] < 40
 
 
+@pytest.mark.parametrize("moe", [{"mode": "split", "active": 0.5}, {"mode": "split", "active": 0.5, "router": "gate"},
+                                 {"mode": "copy", "experts": 4, "top_k": 2}])
+def test_greedy_speculative_output_equals_plain_greedy_on_moe_models(tokenizer, moe):
+    """MoE layers run a different product for 1 token (plain decoding) than for a verified draft tree (gathered
+    experts or the masked product over all), and routing is a discrete choice: the output must still be exact."""
+    model = tiny_model("llama", seed=5)
+    patched, _ = patch_model(model, {**mtp_recipe(train_tokens=2048), "moe": {"enabled": True, **moe}}, tokenizer)
+    g = torch.Generator().manual_seed(0)
+    for ids in (torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]]), torch.randint(4, 250, (1, 9), generator=g),
+                torch.randint(4, 250, (1, 9), generator=g)):
+        plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
+        for lookup, branches in [(0, 3), (5, 2)]:
+            spec, _ = speculative_generate(patched, ids, 40, (), lookup=lookup, branches=branches)
+            assert torch.equal(plain, spec), (lookup, branches)
+
+
 def test_speculative_sampling_step_keeps_the_target_distribution():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])

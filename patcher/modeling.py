@@ -566,12 +566,22 @@ def register(base_model_type: str):
 _CLASSES: dict = {}
 
 
+def family_of(class_name: str, table: dict) -> str | None:
+    """The model type whose class in ``table`` is ``class_name``. Several may share one (transformers 5.24 maps
+    exaone, internlm3 and iquestcoder to ``LlamaForCausalLM`` too, gpt-sw3 to ``GPT2LMHeadModel``): then the one
+    named like the class (llama for ``LlamaForCausalLM``), so that a config and its model resolve to one family."""
+    types = [t for t, c in table.items() if c == class_name]
+    stem = class_name.lower()
+    for suffix in ("config", "forcausallm", "lmheadmodel"):
+        stem = stem.removesuffix(suffix)
+    return next((t for t in types if "".join(ch for ch in t if ch.isalnum()) == stem), types[0] if types else None)
+
+
 def __getattr__(name: str):
     # config.json's auto_map names classes such as DsoptLlamaConfig; build them on first access (PEP 562).
     if name.startswith("Dsopt"):
-        base_name = name[len("Dsopt"):]
         for table, pick in ((CONFIG_MAPPING_NAMES, 0), (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, 1)):
-            for model_type, class_name in table.items():
-                if class_name == base_name:
-                    return family_classes(model_type)[pick]
+            model_type = family_of(name[len("Dsopt"):], table)
+            if model_type is not None:
+                return family_classes(model_type)[pick]
     raise AttributeError(name)

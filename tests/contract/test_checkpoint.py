@@ -166,3 +166,17 @@ def test_eval_text_must_differ_from_calibration(tokenizer, tmp_path):
     recipe["eval"] = {**recipe["eval"], "data": str(text)}
     with pytest.raises(DataError, match="相同"):
         api.patch_model(tiny_model("llama"), recipe, tokenizer)
+
+
+@pytest.mark.parametrize("family, config_name, model_name", [("llama", "DsoptLlamaConfig", "DsoptLlamaForCausalLM"),
+                                                             ("gpt2", "DsoptGPT2Config", "DsoptGPT2LMHeadModel"),
+                                                             ("qwen2", "DsoptQwen2Config", "DsoptQwen2ForCausalLM")])
+def test_auto_map_names_resolve_to_one_family(family, config_name, model_name):
+    """Remote code builds the classes config.json's auto_map names. transformers maps several model types to one
+    class (exaone, internlm3 and iquestcoder to LlamaForCausalLM; gpt-sw3 to GPT2LMHeadModel): the config and the
+    model must still resolve to the same family, or loading a converted Llama (SmolLM2) fails."""
+    from patcher import modeling
+
+    config_cls, model_cls = getattr(modeling, config_name), getattr(modeling, model_name)
+    assert config_cls.model_type == "dsopt_" + family
+    assert model_cls.config_class is config_cls

@@ -374,6 +374,11 @@ class MoEMLP(nn.Module):
         h = self.act(x @ self.experts_gate[e].T) * h if self.gated else self.act(h)
         return h @ self.experts_down[e].T
 
+    def _used(self, idx: torch.Tensor) -> torch.Tensor:
+        """The experts some token chose, ascending (flags instead of ``unique()``, which sorts all t·k ids)."""
+        hit = torch.zeros(self.num_experts, dtype=torch.bool, device=idx.device)
+        return hit.index_fill_(0, idx.reshape(-1), True).nonzero().squeeze(1)
+
     def _gathered(self, x, idx, w, used, gates=None):
         """Few tokens (decoding): the experts in ``used`` (chosen by some token) gathered once, as one product."""
         e, m, d = self.experts_up.shape
@@ -428,14 +433,14 @@ class MoEMLP(nn.Module):
         gates = self.all_gates(x) if self.router == "gate" else None  # routing needs them all: compute once
         idx, w = self.route(x, gates)
         self.last_routing = idx.detach()
-        hit = torch.zeros(self.num_experts, dtype=torch.bool, device=idx.device)
-        used = hit.index_fill_(0, idx.reshape(-1), True).nonzero().squeeze(1)  # experts some token chose
-        if self.experts_up.shape[1] >= self.LOOP_MIN_EXPERT_SIZE:  # large experts (copy upcycling): one by one
+        large = self.experts_up.shape[1] >= self.LOOP_MIN_EXPERT_SIZE
+        used = self._used(idx) if large or x.shape[0] <= self.GATHER_MAX_TOKENS else None  # not for prefill
+        if large:  # large experts (copy upcycling): one by one
             out = torch.zeros_like(x)
             for e in used.tolist():
                 rows, slot = (idx == e).nonzero(as_tuple=True)
                 out.index_add_(0, rows, self._expert(x[rows], e) * w[rows, slot, None])
-        elif x.shape[0] <= self.GATHER_MAX_TOKENS and used.numel() <= self.GATHER_MAX_USED * self.num_experts:
+        elif used is not None and used.numel() <= self.GATHER_MAX_USED * self.num_experts:
             out = self._gathered(x, idx, w, used, gates)
         else:
             out = self._masked_dense(x, idx, w, gates)

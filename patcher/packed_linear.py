@@ -39,9 +39,12 @@ def _available_bytes() -> int | None:
         return None
 
 
+def _cpu_float32(w: torch.Tensor | None) -> bool:
+    return w is not None and w.device.type == "cpu" and w.dtype == torch.float32
+
+
 def _packable(m: nn.Module) -> bool:
-    w = getattr(m, "weight", None)
-    return type(m) is nn.Linear and w is not None and w.device.type == "cpu" and w.dtype == torch.float32
+    return type(m) is nn.Linear and _cpu_float32(getattr(m, "weight", None))
 
 
 def _packed_forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -54,13 +57,13 @@ def _packed_forward(module: nn.Linear, packed: torch.Tensor, x: torch.Tensor) ->
 
 def pack(model: nn.Module) -> dict:
     """The packed weight of every CPU float32 ``nn.Linear`` of ``model`` by module name, and of every product a
-    module lists in ``packable_products()`` by ``"module:product"``; reused while the weights are unchanged,
+    module lists in ``packable_products()`` by ``(module name, product)``; reused while the weights are unchanged,
     ``{}`` where oneDNN is missing or memory is short."""
     if not torch.backends.mkldnn.is_available():
         return {}
     candidates = {name: m for name, m in model.named_modules() if _packable(m)}
-    products = {f"{name}:{k}": v for name, m in model.named_modules() if hasattr(m, "packable_products")
-                for k, v in m.packable_products().items() if v[0].device.type == "cpu" and v[0].dtype == torch.float32}
+    products = {(name, k): v for name, m in model.named_modules() if hasattr(m, "packable_products")
+                for k, v in m.packable_products().items() if _cpu_float32(v[0])}
     store = _STORE.setdefault(model, {})
     for name in set(store) - set(candidates) - set(products):
         del store[name]
@@ -100,20 +103,19 @@ def packed_linears(model: nn.Module, enabled: bool = True):
     packed = pack(model) if enabled else {}
     modules = dict(model.named_modules())
     owners = []
-    for name, w in packed.items():
-        if ":" in name:  # a product of a module's own (MoE experts)
-            owner, product = name.split(":")
-            if modules[owner] not in _ACTIVE:
-                owners.append(modules[owner])
-            _ACTIVE.setdefault(modules[owner], {})[product] = w
-        else:
-            m = modules[name]
-            m.forward = lambda x, m=m, w=w: _packed_forward(m, w, x)
+    linears = [name for name in packed if isinstance(name, str)]
+    for name in linears:
+        m, w = modules[name], packed[name]
+        m.forward = lambda x, m=m, w=w: _packed_forward(m, w, x)
+    for key in packed.keys() - set(linears):  # (module name, product): a module's own products (MoE experts)
+        owner = modules[key[0]]
+        if owner not in _ACTIVE:
+            owners.append(owner)
+        _ACTIVE.setdefault(owner, {})[key[1]] = packed[key]
     try:
         yield
     finally:
-        for name in packed:
-            if ":" not in name:
-                modules[name].__dict__.pop("forward", None)
+        for name in linears:
+            modules[name].__dict__.pop("forward", None)
         for m in owners:  # an enclosing block's products stay
             _ACTIVE.pop(m, None)

@@ -60,18 +60,20 @@ def decode_ms_per_token(model, ids: torch.Tensor, new_tokens: int) -> float:
 def timing(models: dict, ids: torch.Tensor, repeats: int) -> dict:
     """ms per token of every model at batch 1 and 16, interleaved so that all see the same machine noise:
     ``forward`` a full forward of 64-token sequences without cache, ``decode`` 32 new tokens after them."""
+    measure = {"forward": lambda m, x: forward_ms_per_token(m, x, 1)[0],  # warms up before it measures
+               "decode": lambda m, x: decode_ms_per_token(m, x, 32)}
     res = {}
-    for kind in ("forward", "decode"):
+    for kind, run in measure.items():
         res[kind] = {}
         for batch in (1, 16):
             x = ids[:batch, :64]
             runs = {k: [] for k in models}
-            for m in models.values():  # warm-up (and the decode path packs its weights once)
-                decode_ms_per_token(m, x, 2) if kind == "decode" else forward_ms_per_token(m, x, 1)
+            if kind == "decode":
+                for m in models.values():  # warm-up; packs the weights once
+                    decode_ms_per_token(m, x, 2)
             for _ in range(repeats):
                 for k, m in models.items():
-                    runs[k].append(decode_ms_per_token(m, x, 32) if kind == "decode"
-                                   else forward_ms_per_token(m, x, 1)[0])
+                    runs[k].append(run(m, x))
             med = {k: statistics.median(v) for k, v in runs.items()}
             res[kind][str(batch)] = {"ms_per_token": med, "runs": runs,
                                      "ratio_split_vs_dense": {k: med[k] / med["dense"] for k in med if k != "dense"}}

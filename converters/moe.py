@@ -5,8 +5,9 @@
 - ``split``（DeepSeekMoE 风格的细粒度切分）：中间层神经元中贡献能量最大的一部分成为共享专家（始终激活），
   其余按校准数据上的共激活聚类成大小相同的路由专家（``random`` 划分作基线）。选中的专家权重为 1
   （它们本来就是稠密 MLP 的一部分），因此未训练时的误差只来自没被选中的专家。
-  路由器不经训练、直接从校准数据初始化：``gate`` 精确算出全部路由神经元的 gate 投影（FFN 参数的 1/3，
-  始终激活），按 |act(g)|·‖W_down 列‖ 打分，被选中的专家只再算 up 与 down——预算宽时最准；
+  路由器不经训练、直接从校准数据初始化：``gate`` 算出全部路由神经元的 gate 投影（始终激活），按
+  |act(g)|·‖W_down 列‖ 打分，被选中的专家只再算 up 与 down；它可以只读每个 token 幅值最大的一部分输入维
+  （``gate_input_dims``，精确时要花 FFN 参数的 1/3），省下的预算让更多神经元激活，读哪一部分每层随预算选；
   ``lowrank`` 读取 gate 投影的白化低秩近似（便宜，预算紧时更好）；``auto`` 对每层在校准数据上量两者的输出
   误差，取小者；``linear`` 用最小二乘把层输入线性映射到每个专家的输出能量（DeepSeek-V3 格式的线性路由器）。
 """
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from patcher.locate import LayerMap, LocateError, ModelMap
-from patcher.modeling import MoEMLP
+from patcher.modeling import MoEMLP, largest_inputs
 
 from . import PlanError, register
 from .mla import low_rank
@@ -71,19 +72,37 @@ class Analysis:
     kl: float | None = None
 
 
-def routers(lm: LayerMap, o) -> list[str]:
-    """Router kinds a layer may get: ``auto`` tries the exact gate reader (gated MLPs only) and the low-rank one."""
-    if o.router != "auto":
-        return [o.router]
-    return ["gate", "lowrank"] if lm.gate is not None else ["lowrank"]
+# Shares of the input dims the gate router may read, tried per layer when --moe-gate-input is not given. What a
+# layer can afford moves the best one (SmolLM2, every layer alike: 0.5 at 0.5 active, 0.75 at 0.75 active).
+GATE_INPUTS = (0.25, 0.5, 0.75, 1.0)
+
+
+def router_choices(lm: LayerMap, o, d: int) -> dict[str, dict]:
+    """Routers a layer may get, by label: ``auto`` tries the gate reader (gated MLPs only) on each candidate share
+    of the input dims, and the low-rank one."""
+    kinds = [o.router] if o.router != "auto" else (["gate", "lowrank"] if lm.gate is not None else ["lowrank"])
+    out = {}
+    for kind in kinds:
+        if kind != "gate":
+            out[kind] = {"router": kind}
+            continue
+        for share in [o.gate_input] if o.gate_input is not None else GATE_INPUTS:
+            n = max(1, min(d, round(share * d)))
+            out["gate" if n == d else f"gate@{n / d:.2f}"] = {"router": "gate", "gate_input_dims": n}
+    return out
+
+
+def choice_of(sizing: dict) -> dict:
+    """The router part of a sizing (what ``router_choices`` gives)."""
+    return {k: sizing[k] for k in ("router", "gate_input_dims") if k in sizing}
 
 
 def _router_params(d: int, sizing: dict, o) -> int:
     routed = sizing["experts"] * sizing["expert_size"]
     if sizing["router"] == "linear":
         return d * sizing["experts"]
-    if sizing["router"] == "gate":
-        return routed  # per-neuron scale; the gate rows are counted with the experts (see active_params)
+    if sizing["router"] == "gate":  # per-neuron scale (+ the input dims' scale when it reads only some of them);
+        return routed + (d if sizing["gate_input_dims"] < d else 0)  # the gate rows count with the experts
     r = min(o.router_rank, d, routed)
     return d * r + routed * r + routed  # down, up, per-neuron scale
 
@@ -96,14 +115,17 @@ def active_params(lm: LayerMap, d: int, sizing: dict, o) -> int:
     """FFN parameters one token uses at ``sizing``, router included."""
     per_neuron = _neuron_params(lm, d)
     chosen = sizing["top_k"] * sizing["expert_size"]
-    if sizing["router"] == "gate":  # every routed gate row runs to route; a chosen neuron adds its up and down
+    if sizing["router"] == "gate":  # every routed gate row runs (on the dims read); a chosen neuron adds up and down
         routed = sizing["experts"] * sizing["expert_size"]
-        return sizing["shared_size"] * per_neuron + routed * d + chosen * (per_neuron - d) + _router_params(d, sizing, o)
+        return (sizing["shared_size"] * per_neuron + routed * sizing["gate_input_dims"] + chosen * (per_neuron - d)
+                + _router_params(d, sizing, o))
     return (sizing["shared_size"] + chosen) * per_neuron + _router_params(d, sizing, o)
 
 
-def split_sizing(inter: int, frac: float, o, router: str) -> dict:
-    """Experts, top-k and shared size for a layer that should run ``frac`` of its neurons per token."""
+def split_sizing(inter: int, frac: float, o, choice: dict) -> dict:
+    """Experts, top-k and shared size for a layer that should run ``frac`` of its neurons per token, with the
+    router ``choice`` (from ``router_choices``)."""
+    router = choice["router"]
     # exact gate routing picks the best neurons per token already: a fixed shared part would only constrain it
     sigma = o.shared if o.shared is not None else (0.0 if router == "gate" else frac / 2)
     shared = int(round(sigma * inter))
@@ -119,7 +141,7 @@ def split_sizing(inter: int, frac: float, o, router: str) -> dict:
     if not 1 <= k <= e:
         raise PlanError(f"--moe-active {o.active} 与共享比例 {sigma:.3f} 不相容：该层应激活 {frac:.3f} 的神经元，"
                         f"推出的 top-k={k}（须在 1 与 {e} 之间）")
-    return {"experts": e, "top_k": k, "expert_size": size, "shared_size": shared, "router": router}
+    return {"experts": e, "top_k": k, "expert_size": size, "shared_size": shared, **choice}
 
 
 class MoEConverter:
@@ -147,25 +169,27 @@ class MoEConverter:
     def needs_probe(self, recipe) -> bool:
         return self.needs_analysis(recipe)
 
-    def uniform(self, lm: LayerMap, d: int, o, router: str) -> dict:
+    def uniform(self, lm: LayerMap, d: int, o, choice: dict) -> dict:
         """The split of a layer that, router included, uses ``--moe-active`` of its FFN parameters."""
         inter, per_neuron = len(lm.up.flat_rows), _neuron_params(lm, d)
+        router = choice["router"]
         if router == "gate":
             if lm.gate is None:
                 raise PlanError(f"--moe-router gate 需要门控 MLP（SwiGLU/GeGLU）：第 {lm.index} 层没有 gate 投影")
-            # all gate rows (d per neuron) and a scale per neuron always run; each chosen neuron adds per_neuron − d
-            frac = (o.active * per_neuron - d - 1) / (per_neuron - d)
+            # all gate rows (on the dims read) and a scale per neuron always run; a chosen one adds per_neuron − d
+            dims = choice["gate_input_dims"]
+            frac = (o.active * per_neuron - dims - 1) / (per_neuron - d)
             if frac * inter < 1:
-                raise PlanError(f"--moe-router gate 路由时要算出全部 gate 投影（FFN 参数的 {d / per_neuron:.2f}），"
-                                f"--moe-active {o.active} 不够；请增大它或用 --moe-router lowrank")
-            sizing = split_sizing(inter, frac, o, router)
+                raise PlanError(f"--moe-router gate 路由时要算出全部 gate 投影（FFN 参数的 {dims / per_neuron:.2f}），"
+                                f"--moe-active {o.active} 不够；请增大它、减小 --moe-gate-input 或用 --moe-router lowrank")
+            sizing = split_sizing(inter, frac, o, choice)
             while sizing["top_k"] > 1 and active_params(lm, d, sizing, o) > o.active * inter * per_neuron:
                 sizing["top_k"] -= 1  # top-k was rounded: never over the budget
             return sizing
         frac, share = o.active, 0.0
         for _ in range(3):  # the router's size depends (weakly) on the split: settle it by fixed point
             try:
-                sizing = split_sizing(inter, frac, o, router)
+                sizing = split_sizing(inter, frac, o, choice)
             except PlanError as err:
                 if not share:
                     raise
@@ -176,11 +200,11 @@ class MoEConverter:
         return sizing
 
     def uniforms(self, lm: LayerMap, d: int, o) -> dict:
-        """Uniform split per router kind the layer may get (kinds the budget cannot fit are left out)."""
+        """Uniform split per router the layer may get, by label (those the budget cannot fit are left out)."""
         out, errors = {}, []
-        for router in routers(lm, o):
+        for label, choice in router_choices(lm, o, d).items():
             try:
-                out[router] = self.uniform(lm, d, o, router)
+                out[label] = self.uniform(lm, d, o, choice)
             except PlanError as err:
                 errors.append(err)
         if not out:
@@ -198,17 +222,17 @@ class MoEConverter:
         ls = LayerStats.of(lm, stats)
         options, uniform = {}, {}
         for router, sizing_u in self.uniforms(lm, d, o).items():
-            score, wd = self.scores(layer, lm, ls, router, o)
+            score, wd, h_run = self.scores(layer, lm, ls, sizing_u, o)
             uniform[router] = neuron_fraction(sizing_u, inter)
             fracs = {f: None for f in GRID}
             fracs[uniform[router]] = sizing_u
             for f, sizing in fracs.items():
                 try:
-                    sizing = sizing or split_sizing(inter, f, o, router)
+                    sizing = sizing or split_sizing(inter, f, o, choice_of(sizing_u))
                 except PlanError:
                     continue
                 options[(router, f)] = {"sizing": sizing, "params": active_params(lm, d, sizing, o),
-                                        "error": ls.masked_error(sizing, score, wd)}
+                                        "error": ls.masked_error(sizing, score, wd, h_run)}
         out = Analysis(ffn, options, uniform)
         if probe is not None:
             # the KL is measured at the uniform split of the router that fits this layer best
@@ -286,6 +310,7 @@ class MoEConverter:
             frac = (p["shared_size"] + p["top_k"] * p["expert_size"]) / inter if o.mode == "split" else None
             layers.append({"layer": lm.index, **p, "active_ffn_fraction_nominal": frac})
         return {"mode": o.mode, "routing": o.routing, "router": o.router if o.mode == "split" else "linear",
+                "gate_input": o.gate_input if o.mode == "split" else None,
                 "routers": {r: sum(1 for p in resolved if p.get("router") == r) for r in ("gate", "lowrank", "linear")},
                 "partition": o.partition if o.mode == "split" else None,
                 "allocation": o.allocation if o.mode == "split" else None,
@@ -320,6 +345,8 @@ class MoEConverter:
                         routed_scaling=float(sizing["top_k"]) if deepseek else 1.0,
                         router_rank=min(o.router_rank, wu.shape[1], sizing["experts"] * sizing["expert_size"]),
                         router_bias=(wg is None and bu is not None))
+            if sizing["router"] == "gate":
+                spec["gate_input_dims"] = sizing["gate_input_dims"]
             new = MoEMLP(spec, config, mlp.get_submodule(lm.act_module))
             info = _fill_split(new, wu, bu, wg, wd, bd, ls, sizing, o, seed)
         new.to(device=wu.device, dtype=wu.dtype)
@@ -334,19 +361,23 @@ class MoEConverter:
             # `--moe-router auto` under a uniform split: the router kind with the smaller output error on this
             # layer's calibration data (the structure record keeps the choice; the summary reads it there)
             sizing = min(sizing["candidates"],
-                         key=lambda c: ls.masked_error(c, *self.scores(layer, lm, ls, c["router"], recipe.moe)))
+                         key=lambda c: ls.masked_error(c, *self.scores(layer, lm, ls, c, recipe.moe)))
         new, spec, info = self.build(ctx.config, layer, lm, ls, sizing, recipe)
         layer.set_submodule(lm.mlp, new)
         return spec, {f"moe_{k}": v for k, v in info.items()}
 
-    def scores(self, layer: nn.Module, lm: LayerMap, ls: "LayerStats", router: str, o) -> tuple:
-        """(neuron scores of a router kind on the first calibration rows, W_down): what ``masked_error`` takes."""
+    def scores(self, layer: nn.Module, lm: LayerMap, ls: "LayerStats", choice: dict, o) -> tuple:
+        """(neuron scores of a router ``choice`` on the first calibration rows, W_down, the activations the chosen
+        neurons then run with when they differ from the dense ones): what ``masked_error`` takes."""
         wu, bu = weight_of(layer, lm.up)
         wd, _ = weight_of(layer, lm.down, rows=False)
         wg = weight_of(layer, lm.gate)[0] if lm.gate is not None else None
         act = layer.get_submodule(lm.mlp).get_submodule(lm.act_module)
-        reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(router, o, wu.shape[1]))
-        return reader.scores(ls.x[: ls.ERROR_ROWS]), wd
+        d = wu.shape[1]
+        reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(choice["router"], o, d),
+                            input_dims=choice.get("gate_input_dims", d))
+        x = ls.x[: ls.ERROR_ROWS]
+        return reader.scores(x), wd, reader.activations(x, wu, bu)
 
     def verify(self, model: nn.Module, mm: ModelMap, eval_ids: torch.Tensor, infos) -> dict:
         """Tokens per expert on held-out text, per layer: max/mean and normalised entropy."""
@@ -433,10 +464,12 @@ class LayerStats:
         """Each neuron's mean output energy on the calibration text: E[h_j²]·‖W_down[:, j]‖²."""
         return (self.h ** 2).mean(0) * wd.float().norm(dim=0) ** 2
 
-    def masked_error(self, sizing: dict, score: torch.Tensor, wd: torch.Tensor) -> float:
+    def masked_error(self, sizing: dict, score: torch.Tensor, wd: torch.Tensor, h_run: torch.Tensor | None = None
+                     ) -> float:
         """Relative output error of the layer when each token keeps the shared neurons plus the routed neurons
         with the highest router ``score`` (neuron level, so it ignores how neurons are grouped into experts).
-        ``score``: the router's neuron scores on the first ``len(score)`` calibration rows (``Reader.scores``)."""
+        ``score``: the router's neuron scores on the first ``len(score)`` calibration rows (``Reader.scores``);
+        ``h_run``: the activations kept neurons run with, when not the dense ones (``Reader.activations``)."""
         h = self.h[: len(score)]
         s = sizing["shared_size"]
         if s:
@@ -445,7 +478,8 @@ class LayerStats:
         keep = torch.zeros_like(h).scatter_(1, score.topk(s + sizing["top_k"] * sizing["expert_size"], dim=1)[1], 1.0)
         if self._energy is None or self._energy[0] != len(score):  # the same for every option of the layer
             self._energy = (len(score), float((h @ wd.float().T).pow(2).sum().clamp_min(1e-30)))
-        return float(((h * (1 - keep)) @ wd.float().T).pow(2).sum()) / self._energy[1]
+        missed = h * (1 - keep) if h_run is None else h - h_run * keep
+        return float((missed @ wd.float().T).pow(2).sum()) / self._energy[1]
 
 
 def neuron_scale(ls: LayerStats, wu, wg, wd, rows=slice(None)) -> torch.Tensor:
@@ -457,25 +491,51 @@ def neuron_scale(ls: LayerStats, wu, wg, wd, rows=slice(None)) -> torch.Tensor:
 
 @dataclass
 class Reader:
-    """Low-rank router reading the MLP's own pre-activation: score_j = |act(x·Dᵀ·Uᵀ + b)_j|·scale_j."""
+    """Router reading the MLP's own pre-activation: score_j = |act(x·Dᵀ·Uᵀ + b)_j|·scale_j — low-rank, or exact
+    (full rank) on the token's ``input_dims`` largest input dims (the gate router)."""
     down: torch.Tensor
     up: torch.Tensor
     bias: torch.Tensor | None
     scale: torch.Tensor
     act: nn.Module
+    input_scale: torch.Tensor | None = None  # set when it reads only some input dims
+    input_dims: int = 0
+    gated: bool = False
 
     @classmethod
-    def fit(cls, ls: LayerStats, wu, bu, wg, wd, act: nn.Module, rank: int, rows=None) -> "Reader":
+    def fit(cls, ls: LayerStats, wu, bu, wg, wd, act: nn.Module, rank: int, rows=None,
+            input_dims: int | None = None) -> "Reader":
         rows = slice(None) if rows is None else rows
         reader = (wg if wg is not None else wu)[rows].double()  # the pre-activation that decides firing
         up, down = low_rank(reader, ls.cov, rank)
         bias = bu[rows].float() if wg is None and bu is not None else None
-        return cls(down.float(), up.float(), bias, neuron_scale(ls, wu, wg, wd, rows), act)
+        sparse = input_dims is not None and input_dims < reader.shape[1]
+        return cls(down.float(), up.float(), bias, neuron_scale(ls, wu, wg, wd, rows), act,
+                   gate_input_scale(reader) if sparse else None, input_dims or 0, wg is not None)
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = largest_inputs(x, self.input_scale, self.input_dims)
+        z = (x @ self.down.T) @ self.up.T
+        return z if self.bias is None else z + self.bias
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            z = (x @ self.down.T) @ self.up.T
-            return self.act(z if self.bias is None else z + self.bias).abs() * self.scale
+            return self.act(self.pre(x)).abs() * self.scale
+
+    def activations(self, x: torch.Tensor, wu, bu) -> torch.Tensor | None:
+        """What the routed neurons run with when the router's gates replace the dense ones (it reads only some
+        input dims): act(gate read)·up; ``None`` when they run with the dense activations."""
+        if self.input_scale is None or not self.gated:
+            return None
+        with torch.no_grad():
+            u = x @ wu.float().T
+            return self.act(self.pre(x)) * (u if bu is None else u + bu.float())
+
+
+def gate_input_scale(wg: torch.Tensor) -> torch.Tensor:
+    """How much input dim i can move the gates: ‖W_g[:, i]‖ (ranks the dims the gate router reads)."""
+    return wg.float().norm(dim=0)
 
 
 def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed) -> dict:
@@ -526,6 +586,8 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
                 new.gate.weight.mul_(DEEPSEEK_LOGIT_SPREAD / spread)
         elif new.router == "gate":  # the experts' own gate rows route; only the per-neuron scale is new
             new.router_scale.copy_(neuron_scale(ls, wu, wg, wd, order))
+            if new.gate_input_dims < x.shape[1]:
+                new.gate_input_scale.copy_(gate_input_scale(wg[order]))
         else:
             rd = Reader.fit(ls, wu, bu, wg, wd, new.act, new.router_down.weight.shape[0], order)
             new.router_down.weight.copy_(rd.down)
@@ -542,13 +604,27 @@ def _fill_split(new: MoEMLP, wu, bu, wg, wd, bd, ls: LayerStats, sizing, o, seed
         if balanced:
             _balance(new, x)
         # the refit needs the routing the model will use: the balance bias changes it, otherwise it is `chosen`
-        refit = o.refit_down and refit_down(new, h, order, shared, wd, _choose(new, x) if balanced else chosen)
+        refit = o.refit_down and refit_down(new, h, order, shared, wd, _choose(new, x) if balanced else chosen,
+                                            h_run=_routed_activations(new, x, h, order, wu, bu))
     return {"router_recall": float(hit.gather(1, oracle).float().mean()), "energy_kept": kept,
             "energy_kept_oracle": best, "down_refit": refit}
 
 
+def _routed_activations(new: MoEMLP, x, h, order, wu, bu) -> torch.Tensor | None:
+    """``h`` with the routed neurons' activations as the MoE runs them, when its gate router reads only some
+    input dims (its gates then replace the dense ones); ``None`` when they are the dense activations."""
+    if new.router != "gate" or new.gate_input_dims >= x.shape[1]:
+        return None
+    with torch.no_grad():
+        xr = x.to(new.experts_up.dtype)
+        u = xr @ wu[order].T + (bu[order] if bu is not None else 0)
+        out = h.clone()
+        out[:, order] = (new.act(new.all_gates(xr)) * u).float()
+    return out
+
+
 def refit_down(new: MoEMLP, h: torch.Tensor, order: torch.Tensor, shared: torch.Tensor, wd: torch.Tensor,
-               chosen: torch.Tensor, damp: float = 0.01) -> bool:
+               chosen: torch.Tensor, damp: float = 0.01, h_run: torch.Tensor | None = None) -> bool:
     """Refit the down projection for the neurons that actually run: min Σ_t ‖W'·(h_t ⊙ m_t) − W·h_t‖² + λ‖W' − W‖².
 
     Routing drops each token's other neurons; the neurons kept are correlated with the dropped ones, so
@@ -563,7 +639,7 @@ def refit_down(new: MoEMLP, h: torch.Tensor, order: torch.Tensor, shared: torch.
     hf = h[:, cols].double()
     keep = torch.ones_like(hf)
     keep[:, : e * m] = torch.zeros(len(h), e, dtype=hf.dtype).scatter_(1, chosen, 1.0).repeat_interleave(m, 1)
-    hm = hf * keep
+    hm = (hf if h_run is None else h_run[:, cols].double()) * keep  # what the kept neurons run with
     w = wd[:, cols].double()
 
     def fit(rows):

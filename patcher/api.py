@@ -208,7 +208,7 @@ def active_parameters(model: nn.Module, mm: ModelMap) -> dict:
             continue
         n = sum(p.numel() for p in mlp.parameters())
         if isinstance(mlp, MoEMLP):
-            unused = mlp.params_per_expert() * (mlp.num_experts - mlp.top_k)
+            unused = mlp.inactive_params()
             inactive += unused
             ffn_total += n
             ffn_active += n - unused

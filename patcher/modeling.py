@@ -254,13 +254,21 @@ class DecoupledLatentAttention(nn.Module):
         return attend(self, query, key, value, attention_mask, kwargs)
 
 
+def largest_inputs(x: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` with only each row's ``n`` entries of largest |x_i|·scale_i kept, the rest zero (input sparsity as in
+    TEAL/CATS: a product then needs only those columns of its weight)."""
+    keep = (x.abs() * scale).topk(n, dim=-1, sorted=False)[1]
+    return torch.zeros_like(x).scatter(-1, keep, x.gather(-1, keep))
+
+
 class MoEMLP(nn.Module):
     """混合专家 MLP：路由专家 + 可选的共享专家（始终激活）。
 
     专家权重以 3D 张量存放（``experts_gate/up``: E×m×d，``experts_down``: E×d×m）。路由：
     ``softmax``（top-k 后归一化）或 DeepSeek-V3 的 ``sigmoid``（``e_score_correction_bias`` 只用于
     选择，即无辅助损失的负载均衡；可按组限制）。``weights == "one"`` 时被选中的专家权重为 1——
-    切分模式下它们本就是稠密 MLP 的一部分，无需缩放。
+    切分模式下它们本就是稠密 MLP 的一部分，无需缩放。``router == "gate"`` 时路由器就是专家自己的 gate 行，
+    ``gate_input_dims`` 小于隐藏维时只读每个 token 最大的那部分输入维。
     """
 
     def __init__(self, spec: dict, config, act: nn.Module):
@@ -281,6 +289,11 @@ class MoEMLP(nn.Module):
         if self.router in ("lowrank", "gate"):
             # "gate": the experts' own gate rows, all computed, are the router (scores Σ_expert |act(x·W_g)|·c)
             self.router_scale = nn.Parameter(torch.zeros(e * m))
+        # the gate router may read only each token's largest input dims (ranked by |x_i|·‖W_g[:, i]‖): all gate
+        # rows then use that part of their columns, and the gates it gives are also the chosen neurons' gates
+        self.gate_input_dims = spec.get("gate_input_dims", d) if self.router == "gate" else d
+        if self.gate_input_dims < d:
+            self.register_buffer("gate_input_scale", torch.ones(d))
         self.register_buffer("e_score_correction_bias", torch.zeros(e))
         self.experts_up = nn.Parameter(torch.zeros(e, m, d))
         self.experts_gate = nn.Parameter(torch.zeros(e, m, d)) if self.gated else None
@@ -301,8 +314,18 @@ class MoEMLP(nn.Module):
             parts.append(self.experts_gate)
         return sum(p[0].numel() for p in parts if p is not None)
 
+    def inactive_params(self) -> int:
+        """Parameters one token does not use: the unchosen experts, and the gate router's columns on the input
+        dims it does not read."""
+        e, m, d = self.experts_up.shape
+        unread = e * m * (d - self.gate_input_dims) if self.router == "gate" else 0
+        return self.params_per_expert() * (self.num_experts - self.top_k) + unread
+
     def all_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Gate pre-activations of every routed neuron (tokens × E·m)."""
+        """Gate pre-activations of every routed neuron (tokens × E·m), from the token's largest input dims only
+        when ``gate_input_dims`` is below the hidden size."""
+        if self.gate_input_dims < x.shape[1]:
+            x = largest_inputs(x, self.gate_input_scale, self.gate_input_dims)
         return packed_product(self, "gate", x, self.experts_gate.reshape(-1, x.shape[1]))
 
     def packable_products(self) -> dict:

@@ -179,23 +179,56 @@ def test_gate_router_reuses_the_experts_gate_rows_and_counts_them_as_always_acti
 
 
 def test_gate_router_split_fits_the_budget_and_auto_keeps_both_candidates():
-    from converters.moe import active_params
+    from converters.moe import GATE_INPUTS, active_params
 
     mm = locate(tiny_model("llama"))
     lm, d = mm.layers[0], mm.hidden_size
     conv = MoEConverter()
-    o = parse_recipe({"moe": {"enabled": True, "active": 0.75, "router": "gate"}}).moe
-    sizing = conv.uniform(lm, d, o, "gate")
+    o = parse_recipe({"moe": {"enabled": True, "active": 0.75, "router": "gate", "gate_input": 1.0}}).moe
+    sizing = conv.uniform(lm, d, o, {"router": "gate", "gate_input_dims": d})
     ffn = len(lm.up.flat_rows) * 3 * d
     assert 0.7 * ffn < active_params(lm, d, sizing, o) <= 0.75 * ffn and sizing["shared_size"] == 0
+    # reading half the input dims halves what routing costs: the budget left runs more neurons
+    half = conv.uniform(lm, d, o, {"router": "gate", "gate_input_dims": d // 2})
+    assert 0.7 * ffn < active_params(lm, d, half, o) <= 0.75 * ffn
+    assert half["top_k"] > sizing["top_k"] and half["gate_input_dims"] == d // 2
+    # auto: the gate reader on each candidate share of the input dims, and the low-rank one
     auto = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.75, "allocation": "uniform"}}), None)
-    assert [c["router"] for c in auto[0]["candidates"]] == ["gate", "lowrank"]
-    low = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router_rank": 4,
-                                              "allocation": "uniform"}}), None)
+    assert [(c["router"], c.get("gate_input_dims")) for c in auto[0]["candidates"]] == \
+        [("gate", round(f * d)) for f in GATE_INPUTS] + [("lowrank", None)]
+    exact = {"gate_input": 1.0, "allocation": "uniform"}
+    low = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router_rank": 4, **exact}}), None)
     assert low[0]["router"] == "lowrank"  # the gate rows alone are 1/3 of the FFN: only the low-rank router fits
     with pytest.raises(PlanError, match="--moe-router lowrank"):
-        conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router": "gate",
-                                            "allocation": "uniform"}}), None)
+        conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router": "gate", **exact}}), None)
+    both = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router_rank": 4, "gate_input": 0.5,
+                                               "allocation": "uniform"}}), None)
+    assert [c["router"] for c in both[0]["candidates"]] == ["gate", "lowrank"]  # half the dims: the gate fits
+
+
+def test_gate_router_on_part_of_the_input_reads_each_tokens_largest_dims():
+    """With ``gate_input_dims`` below the hidden size, routing and the chosen neurons' gates both come from the
+    token's largest inputs (by |x_i|·scale_i); up and down still read the whole input."""
+    moe, x, g, _, _, _ = _gate_moe(40)
+    u = moe.experts_up.detach().reshape(32, 8)
+    wd = moe.experts_down.detach().permute(1, 0, 2).reshape(8, 32)
+    spec = _spec(router="gate", weights="one", top_k=3, shared_size=0, gate_input_dims=3)
+    sparse = MoEMLP(spec, None, torch.nn.SiLU())
+    sparse.load_state_dict(moe.state_dict(), strict=False)
+    sparse.gate_input_scale.copy_(torch.rand(8) + 0.5)
+    keep = (x.abs() * sparse.gate_input_scale).topk(3, 1).indices
+    xs = torch.zeros_like(x).scatter(1, keep, x.gather(1, keep))
+    assert int((xs != 0).sum(1).max()) == 3
+    gates = xs @ g.T
+    torch.testing.assert_close(sparse.all_gates(x), gates)
+    idx, _ = sparse.route(x)
+    scores = (torch.nn.functional.silu(gates).abs() * sparse.router_scale).view(40, 8, 4).sum(-1)
+    assert torch.equal(idx.sort(1).values, scores.topk(3, 1).indices.sort(1).values)
+    mask = torch.zeros(40, 8).scatter(1, idx, 1.0).repeat_interleave(4, 1)
+    want = (torch.nn.functional.silu(gates) * (x @ u.T) * mask) @ wd.T
+    torch.testing.assert_close(sparse(x), want, atol=1e-4, rtol=1e-4)  # masked (many tokens)
+    torch.testing.assert_close(torch.cat([sparse(x[i:i + 1]) for i in range(3)]), want[:3], atol=1e-4, rtol=1e-4)
+    assert "gate_input_scale" in sparse.state_dict()  # saved with the checkpoint
 
 
 def test_balance_plot_takes_layers_with_different_expert_counts(tmp_path):

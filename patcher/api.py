@@ -215,8 +215,15 @@ def active_parameters(model: nn.Module, mm: ModelMap) -> dict:
         else:
             ffn_total += n
             ffn_active += n
+    # forward FLOPs per token on the weights: 2 per multiply-add of every weight a token uses; the embedding is a
+    # lookup, the output head a product (counted again when it shares the embedding's weight); attention over the
+    # context, which grows with its length, is not included
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    products = total - inactive - emb.weight.numel() + (head.weight.numel() if tied else 0)
     return {"total": total, "active": total - inactive, "ffn_total": ffn_total, "ffn_active": ffn_active,
-            "active_ffn_fraction": ffn_active / max(ffn_total, 1)}
+            "active_ffn_fraction": ffn_active / max(ffn_total, 1),
+            "flops_per_token": 2 * products, "ffn_flops_per_token": 2 * ffn_active}
 
 
 def train_mtp_checkpoint(out: str | Path, opts, resume: bool = False, progress=None) -> dict:

@@ -177,6 +177,10 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
             a, b = p["base_active_per_token"], p["patched_active_per_token"]
             lines.append(f"| 每 token 激活参数 | {a['active']:,} | {b['active']:,}（FFN 激活比例 "
                          f"{100 * b['active_ffn_fraction']:.1f} %，总/激活 = {b['total'] / b['active']:.2f}） |")
+            if "flops_per_token" in b:
+                lines.append(f"| 每 token 前向 FLOPs（权重部分；其中 FFN） | {a['flops_per_token'] / 1e6:,.1f} M"
+                             f"（{a['ffn_flops_per_token'] / 1e6:,.1f} M） | {b['flops_per_token'] / 1e6:,.1f} M"
+                             f"（{b['ffn_flops_per_token'] / 1e6:,.1f} M） |")
     h = report.get("healing")
     if h:
         c, a = h["before"], h["after"]

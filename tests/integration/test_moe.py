@@ -46,7 +46,15 @@ def test_split_mode_reports_routing_and_balance(tokenizer, tmp_path):
     bal = report["moe"]["balance"]
     assert len(bal) == 2 and all(sum(b["tokens_per_expert"]) > 0 for b in bal)
     assert all(0 < b["entropy"] <= 1 for b in bal)
-    assert 0.4 < report["parameters"]["patched_active_per_token"]["active_ffn_fraction"] < 0.7
+    active = report["parameters"]["patched_active_per_token"]
+    assert 0.4 < active["active_ffn_fraction"] < 0.7
+    # FLOPs per token: 2 per weight a token uses, the embedding lookup out, the tied output head in
+    dense = report["parameters"]["base_active_per_token"]
+    emb = model.get_input_embeddings().weight.numel()
+    assert dense["flops_per_token"] == 2 * (dense["total"] - emb + emb * model.config.tie_word_embeddings
+                                            ) and dense["ffn_flops_per_token"] == 2 * dense["ffn_total"]
+    assert active["ffn_flops_per_token"] == 2 * active["ffn_active"]
+    assert dense["flops_per_token"] - active["flops_per_token"] == 2 * (dense["active"] - active["active"])
     assert all(0 <= l["moe_router_recall"] <= 1 for l in report["layers"])
     checkpoint.write_checkpoint(patched, None, tmp_path / "out")
     write_report(tmp_path / "out", report)

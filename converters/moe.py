@@ -377,7 +377,8 @@ class MoEConverter:
         reader = Reader.fit(ls, wu, bu, wg, wd, act, router_rank(choice["router"], o, d),
                             input_dims=choice.get("gate_input_dims", d))
         x = ls.x[: ls.ERROR_ROWS]
-        return reader.scores(x), wd, reader.activations(x, wu, bu)
+        score, h_run = reader.read(x, wu, bu)
+        return score, wd, h_run
 
     def verify(self, model: nn.Module, mm: ModelMap, eval_ids: torch.Tensor, infos) -> dict:
         """Tokens per expert on held-out text, per layer: max/mean and normalised entropy."""
@@ -513,24 +514,17 @@ class Reader:
         return cls(down.float(), up.float(), bias, neuron_scale(ls, wu, wg, wd, rows), act,
                    gate_input_scale(reader) if sparse else None, input_dims or 0, wg is not None)
 
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_scale is not None:
-            x = largest_inputs(x, self.input_scale, self.input_dims)
-        z = (x @ self.down.T) @ self.up.T
-        return z if self.bias is None else z + self.bias
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
+    def read(self, x: torch.Tensor, wu, bu) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(neuron scores, the activations the routed neurons run with): act(gate read)·up when the router's gates
+        replace the dense ones (it reads only some input dims), ``None`` when they run with the dense ones."""
         with torch.no_grad():
-            return self.act(self.pre(x)).abs() * self.scale
-
-    def activations(self, x: torch.Tensor, wu, bu) -> torch.Tensor | None:
-        """What the routed neurons run with when the router's gates replace the dense ones (it reads only some
-        input dims): act(gate read)·up; ``None`` when they run with the dense activations."""
-        if self.input_scale is None or not self.gated:
-            return None
-        with torch.no_grad():
+            sparse = self.input_scale is not None
+            z = ((largest_inputs(x, self.input_scale, self.input_dims) if sparse else x) @ self.down.T) @ self.up.T
+            a = self.act(z if self.bias is None else z + self.bias)
+            if not (sparse and self.gated):
+                return a.abs() * self.scale, None
             u = x @ wu.float().T
-            return self.act(self.pre(x)) * (u if bu is None else u + bu.float())
+            return a.abs() * self.scale, a * (u if bu is None else u + bu.float())
 
 
 def gate_input_scale(wg: torch.Tensor) -> torch.Tensor:

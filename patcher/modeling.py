@@ -318,7 +318,7 @@ class MoEMLP(nn.Module):
         """Parameters one token does not use: the unchosen experts, and the gate router's columns on the input
         dims it does not read."""
         e, m, d = self.experts_up.shape
-        unread = e * m * (d - self.gate_input_dims) if self.router == "gate" else 0
+        unread = e * m * (d - self.gate_input_dims)  # gate_input_dims is d unless a gate router reads part
         return self.params_per_expert() * (self.num_experts - self.top_k) + unread
 
     def all_gates(self, x: torch.Tensor) -> torch.Tensor:

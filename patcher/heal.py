@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from .recipe import Section
-from .training import cosine_with_warmup, load_state, reshuffled_epochs, save_state
+from .training import autocast, cosine_with_warmup, load_state, reshuffled_epochs, save_state, uses_bf16
 
 STATE_DIR = "heal-train"
 # the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
@@ -47,6 +48,8 @@ class HealOptions(Section):
     val_tokens: int = Field(2048, ge=0, description="从训练文本中留出、不参与训练的验证 token 数（0 表示不验证）")
     val_every: int = Field(25, ge=1, description="每隔多少步在留出窗口上量一次 KL；最后保留 KL 最小的权重")
     seed: int = Field(0, description="随机种子（窗口顺序）")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="前向精度：auto（硬件支持 bf16 时用 bf16 autocast）、bf16 或 fp32；权重与优化器总是 fp32")
 
 
 class LoRALinear(nn.Module):
@@ -279,12 +282,14 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     for step in range(done, steps):
         idx = order[step * opts.batch_size:(step + 1) * opts.batch_size]
         batch = windows[idx].to(acc.device)
-        logits = student(input_ids=batch, use_cache=False).logits
+        with autocast(opts.precision, acc.device):
+            logits = student(input_ids=batch, use_cache=False).logits
+            if cache is None:
+                with torch.no_grad():
+                    target = teacher(input_ids=batch, use_cache=False).logits
         if cache is not None:
             loss = kl_topk(cache["values"][idx].to(acc.device), cache["indices"][idx].to(acc.device), logits)
         else:
-            with torch.no_grad():
-                target = teacher(input_ids=batch, use_cache=False).logits
             loss = kl_full(target, logits)
         acc.backward(loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -324,7 +329,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
             "tokens": visited * windows.shape[1], "epochs": round(visited / len(windows), 3),
             "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "loss_curve": losses[:: max(1, len(losses) // 50)], "teacher_logits": f"top-{opts.top_k} cached"
+            "loss_curve": losses[:: max(1, len(losses) // 50)],
+            "precision": "bf16 autocast" if uses_bf16(opts.precision, acc.device) else "fp32", "teacher_logits": f"top-{opts.top_k} cached"
             if opts.top_k else "full, on the fly",
             "validation": None if val_base is None else {"tokens": int(val.numel()), "kl_curve": val_curve,
                                                          "best_step": best["step"], "best_kl": best["kl"]}}

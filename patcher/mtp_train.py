@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mtp import DraftHead, choose_draft_vocab
-from .training import cosine_with_warmup, load_state, reshuffled_epochs, save_state
+from .training import autocast, cosine_with_warmup, load_state, reshuffled_epochs, save_state, uses_bf16
 
 STATE_DIR = "mtp-train"
 CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
@@ -169,7 +169,8 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         rows = order[step]
         batch = windows[rows].to(acc.device)
         gen = torch.Generator().manual_seed(1 + step)  # loss positions depend on the step only: resumable exactly
-        loss, per_head, accs = objective(batch, gen, hidden(rows, acc.device))
+        with autocast(opts.precision, acc.device):
+            loss, per_head, accs = objective(batch, gen, hidden(rows, acc.device))
         acc.backward(loss)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -187,5 +188,6 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     return {"steps": steps, "resumed_from_step": done, "tokens": steps * batch_size * windows.shape[1],
             "distinct_tokens": int(windows.numel()), "epochs": epochs, "hidden_cached": hidden.keep,
             "seconds": time.perf_counter() - t0, "target": opts.target,
+            "precision": "bf16 autocast" if uses_bf16(opts.precision, acc.device) else "fp32",
             "final_loss": history[-1]["loss"] if history else None,
             "final_train_accuracy": history[-1]["accuracy"] if history else None}

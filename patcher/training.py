@@ -1,4 +1,8 @@
-"""训练循环共用的部件（MTP 训练与修复）：带预热的余弦学习率，原子保存与精确恢复可续训状态。
+"""训练循环共用的部件（MTP 训练与修复）：混合精度、带预热的余弦学习率，原子保存与精确恢复可续训状态。
+
+混合精度（``precision``）：``auto`` 在 bfloat16 矩阵乘法有硬件支持时（支持 bf16 的 GPU；带 AVX512-BF16 或 AMX
+的 CPU）让前向在 bfloat16 autocast 下运行，权重、梯度与优化器状态仍是 fp32，损失在 fp32 中计算；``bf16``
+总是这样做，``fp32`` 从不。在本项目的 2 核 CPU（AVX512-BF16）上，SmolLM2-135M 一个修复步快 2.7 倍。
 
 状态目录只放续训需要的东西：被训练的张量（``trainable.safetensors``）、优化器与调度器、步数；
 保存先写到同级临时目录再改名，中途崩溃时上一份状态保持完整。
@@ -11,6 +15,24 @@ import math
 from pathlib import Path
 
 import torch
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively on ``device`` (elsewhere autocast would emulate them slowly)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and fast_bf16(device))
+
+
+def autocast(precision: str, device: torch.device):
+    """The forward-pass context for ``precision`` (``auto``/``bf16``/``fp32``) on ``device``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
 
 
 def cosine_with_warmup(optimizer, steps: int):

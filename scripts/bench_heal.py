@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=0.0, help="每种情况的训练时间上限（分钟，0 不限）")
     ap.add_argument("--moe-allocation", default="sensitivity", help="MoE 切分的逐层分配（sensitivity 或 uniform）")
+    ap.add_argument("--precision", default="auto", help="训练前向精度：auto、bf16 或 fp32")
     ap.add_argument("--val-every", type=int, default=25, help="每隔多少步在留出窗口上量一次 KL（保留最好的权重）")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -60,7 +61,7 @@ def main():
                "command": " ".join(sys.argv), "cases": {}}
     opts = HealOptions(data=args.data, tokens=args.tokens, lr=args.lr, seq_len=args.seq_len,
                        batch_size=args.batch, top_k=args.top_k, val_every=args.val_every,
-                       max_minutes=args.max_minutes)
+                       max_minutes=args.max_minutes, precision=args.precision)
     for name in args.cases.split(","):
         case = {k: ({**v, "allocation": args.moe_allocation} if k == "moe" else v) for k, v in CASES[name].items()}
         recipe = {**case, "calibration": {"data": args.data, "tokens": args.calib_tokens},
@@ -78,7 +79,8 @@ def main():
             "ppl_base": a["ppl_base"], "converted": b, "healed": a,
             "budget": {"tokens": rec["tokens"], "steps": rec["steps"], "planned_steps": rec["planned_steps"],
                        "epochs": rec["epochs"], "seconds": rec["seconds"], "max_minutes": args.max_minutes,
-                       "trainable_parameters": rec["trainable_parameters"], "teacher_logits": rec["teacher_logits"]},
+                       "trainable_parameters": rec["trainable_parameters"], "teacher_logits": rec["teacher_logits"],
+                       "precision": rec["precision"]},
             "loss_curve": rec["loss_curve"], "validation": rec["validation"], "lr": args.lr,
             "convert_seconds": convert_s}
         print(f"{name}: ppl {b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %  KL {b['kl_mean']:.4f} → "

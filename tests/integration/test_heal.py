@@ -27,16 +27,26 @@ def converted(source, tmp_path, **extra):
     return out
 
 
+def healed_dtypes(out):
+    from safetensors import safe_open
+
+    with safe_open(str(next(out.glob("model*.safetensors"))), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
 FAST = dict(tokens=8192, seq_len=64, batch_size=4, lr=1e-3, save_every=8)  # 32 steps
 
 
-def test_healing_improves_fidelity_and_keeps_the_format(source, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_healing_improves_fidelity_and_keeps_the_format(source, tmp_path, precision):
     from transformers import AutoModelForCausalLM
 
     out = converted(source, tmp_path)
     frozen_before = AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.clone()
-    rec = heal_checkpoint(out, HealOptions(**FAST))
+    rec = heal_checkpoint(out, HealOptions(**FAST, precision=precision))
+    assert rec["precision"] == ("bf16 autocast" if precision == "bf16" else "fp32")
     assert rec["after"]["kl_mean"] < 0.9 * rec["before"]["kl_mean"]
+    assert healed_dtypes(out) == {"F32"}  # bf16 only in the forward pass: the checkpoint keeps its precision
     assert rec["steps"] == 32 and rec["trainable_parameters"] > 0
     rep = json.loads((out / "fidelity.json").read_text())
     assert rep["fidelity"] == rec["after"] and rep["fidelity_converted"] == rec["before"]
@@ -141,3 +151,4 @@ def test_healing_stops_at_its_time_budget_and_keeps_a_resumable_state(source, tm
     assert rec["tokens"] == 4 * 64 and rec["epochs"] < 1
     assert [s for s, _ in rec["validation"]["kl_curve"]] == [0, 1]  # the step it stopped at is validated
     assert (out / "heal-train").exists()
+

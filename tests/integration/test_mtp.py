@@ -252,6 +252,24 @@ def test_training_resumes_exactly(tokenizer, tmp_path):
         torch.testing.assert_close(v, resumed[k], msg=k)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_training_in_either_precision_learns_and_keeps_fp32_modules(tokenizer, precision):
+    model = tiny_model("llama", seed=13)
+    patched, _ = patch_model(model, mtp_recipe(), tokenizer)
+    windows = torch.randint(4, 250, (8, 32), generator=torch.Generator().manual_seed(0))
+    small = dict(heads=2, seq_len=32, batch_size=4, loss_positions=1.0)
+
+    def loss_now():  # one step at a vanishing rate: the modules' loss on the same 4 windows, in fp32
+        return sum(train_mtp(patched, windows, MTPOptions(**small, train_tokens=4 * 32, lr=1e-12, precision="fp32"),
+                             None)["final_loss"])
+
+    before = loss_now()
+    summary = train_mtp(patched, windows, MTPOptions(**small, train_tokens=64 * 32, lr=3e-3, precision=precision), None)
+    assert summary["precision"] == ("bf16 autocast" if precision == "bf16" else "fp32")
+    assert {p.dtype for p in patched.mtp.parameters()} == {torch.float32}
+    assert loss_now() < 0.8 * before
+
+
 def test_mtp_checkpoint_round_trip(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -6,6 +6,7 @@
 训练 token 数可以超过文本：多出的部分按轮次（epoch）重复这些窗口，每轮顺序不同。重复时基座最后一层的
 隐藏状态只算一次、留在内存里（基座冻结，它们不变），之后每一步只跑 MTP 模块，所以多轮训练比第一轮快得多；
 缓存放不下（超过 ``CACHE_BYTES``）时每步重算。
+``max_minutes`` 给训练设时间上限：到时停在当前步（余弦学习率按计划步数排，所以 token 预算最好按实测每步耗时选）。
 可续训：每 ``save_every`` 步把优化器、调度器、随机状态与步数写到 ``<OUT>/mtp-train/``，``--resume`` 从那里接着训。
 """
 
@@ -179,13 +180,19 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         history.append({"step": step + 1, "loss": per_head.tolist(), "accuracy": accs.tolist()})
         if progress:
             progress.update(step + 1, float(loss.detach()), accs.tolist())
-        if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or step + 1 == steps):
+        out_of_time = opts.max_minutes > 0 and time.perf_counter() - t0 >= 60 * opts.max_minutes
+        last = step + 1 == steps or out_of_time
+        if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or last):
             save_state(state_dir, model.mtp.state_dict(), optimizer, schedule, step + 1, steps)
+        if out_of_time:
+            break
     model.eval()
     for p in params:
         p.requires_grad_(False)
     model.mtp.to(next(model.base_model.parameters()).dtype)
-    return {"steps": steps, "resumed_from_step": done, "tokens": steps * batch_size * windows.shape[1],
+    ran = done + len(history)
+    return {"steps": ran, "planned_steps": steps, "resumed_from_step": done,
+            "tokens": ran * batch_size * windows.shape[1],
             "distinct_tokens": int(windows.numel()), "epochs": epochs, "hidden_cached": hidden.keep,
             "seconds": time.perf_counter() - t0, "target": opts.target,
             "precision": "bf16 autocast" if uses_bf16(opts.precision, acc.device) else "fp32",

@@ -112,6 +112,8 @@ class MTPOptions(Section):
     loss_positions: float = _flag("--mtp-loss-positions", "每个序列中计算损失的位置比例（输出头很大，抽样省时间）",
                                   default=0.25, gt=0.0, le=1.0)
     save_every: int = _flag("--mtp-save-every", "每隔多少步保存可续训的训练状态", default=50, ge=1)
+    max_minutes: float = _flag("--mtp-max-minutes", "训练时间上限（分钟，0 表示不限）；到时停在当前步并保存可续训状态",
+                               default=0.0, ge=0.0)
     precision: Literal["auto", "bf16", "fp32"] = _flag(
         "--mtp-precision", "训练前向精度：auto（硬件支持 bf16 时用 bf16 autocast）、bf16 或 fp32；权重总是 fp32",
         default="auto")

@@ -252,6 +252,21 @@ def test_training_resumes_exactly(tokenizer, tmp_path):
         torch.testing.assert_close(v, resumed[k], msg=k)
 
 
+def test_training_stops_at_its_time_budget_with_a_resumable_state(tokenizer, tmp_path):
+    import json
+
+    model = tiny_model("llama", seed=13)
+    patched, _ = patch_model(model, mtp_recipe(), tokenizer)
+    windows = torch.randint(4, 250, (24, 32), generator=torch.Generator().manual_seed(0))
+    opts = MTPOptions(heads=2, seq_len=32, batch_size=4, train_tokens=2 ** 16, max_minutes=1e-6)
+    summary = train_mtp(patched, windows, opts, tmp_path / "state")
+    assert summary["steps"] == 1 and summary["planned_steps"] == 2 ** 16 // (4 * 32) and summary["tokens"] == 4 * 32
+    assert json.loads((tmp_path / "state" / "progress.json").read_text())["step"] == 1
+    again = train_mtp(patched, windows, opts.model_copy(update={"max_minutes": 0.0, "train_tokens": 3 * 4 * 32}),
+                      tmp_path / "state", resume=True)
+    assert again["resumed_from_step"] == 1 and again["steps"] == 3
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_training_in_either_precision_learns_and_keeps_fp32_modules(tokenizer, precision):
     model = tiny_model("llama", seed=13)

@@ -14,15 +14,14 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .recipe import Section
-from .training import autocast, cosine_with_warmup, load_state, reshuffled_epochs, save_state, uses_bf16
+from .recipe import Precision, Section
+from .training import autocast, cosine_with_warmup, load_state, precision_label, reshuffled_epochs, save_state
 
 STATE_DIR = "heal-train"
 # the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
@@ -48,7 +47,7 @@ class HealOptions(Section):
     val_tokens: int = Field(2048, ge=0, description="从训练文本中留出、不参与训练的验证 token 数（0 表示不验证）")
     val_every: int = Field(25, ge=1, description="每隔多少步在留出窗口上量一次 KL；最后保留 KL 最小的权重")
     seed: int = Field(0, description="随机种子（窗口顺序）")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
+    precision: Precision = Field(
         "auto", description="前向精度：auto（硬件支持 bf16 时用 bf16 autocast）、bf16 或 fp32；权重与优化器总是 fp32")
 
 
@@ -329,8 +328,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
             "tokens": visited * windows.shape[1], "epochs": round(visited / len(windows), 3),
             "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "loss_curve": losses[:: max(1, len(losses) // 50)],
-            "precision": "bf16 autocast" if uses_bf16(opts.precision, acc.device) else "fp32", "teacher_logits": f"top-{opts.top_k} cached"
-            if opts.top_k else "full, on the fly",
+            "loss_curve": losses[:: max(1, len(losses) // 50)], "precision": precision_label(opts.precision, acc.device),
+            "teacher_logits": f"top-{opts.top_k} cached" if opts.top_k else "full, on the fly",
             "validation": None if val_base is None else {"tokens": int(val.numel()), "kl_curve": val_curve,
                                                          "best_step": best["step"], "best_kl": best["kl"]}}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mtp import DraftHead, choose_draft_vocab
-from .training import autocast, cosine_with_warmup, load_state, reshuffled_epochs, save_state, uses_bf16
+from .training import autocast, cosine_with_warmup, load_state, precision_label, reshuffled_epochs, save_state
 
 STATE_DIR = "mtp-train"
 CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
@@ -195,6 +195,6 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
             "tokens": ran * batch_size * windows.shape[1],
             "distinct_tokens": int(windows.numel()), "epochs": epochs, "hidden_cached": hidden.keep,
             "seconds": time.perf_counter() - t0, "target": opts.target,
-            "precision": "bf16 autocast" if uses_bf16(opts.precision, acc.device) else "fp32",
+            "precision": precision_label(opts.precision, acc.device),
             "final_loss": history[-1]["loss"] if history else None,
             "final_train_accuracy": history[-1]["accuracy"] if history else None}

@@ -20,6 +20,10 @@ def _flag(name: str, help: str, **kw) -> Any:
     return Field(json_schema_extra={"flag": name}, description=help, **kw)
 
 
+# forward precision of the training loops (MTP training, healing): see patcher/training.py
+Precision = Literal["auto", "bf16", "fp32"]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -114,7 +118,7 @@ class MTPOptions(Section):
     save_every: int = _flag("--mtp-save-every", "每隔多少步保存可续训的训练状态", default=50, ge=1)
     max_minutes: float = _flag("--mtp-max-minutes", "训练时间上限（分钟，0 表示不限）；到时停在当前步并保存可续训状态",
                                default=0.0, ge=0.0)
-    precision: Literal["auto", "bf16", "fp32"] = _flag(
+    precision: Precision = _flag(
         "--mtp-precision", "训练前向精度：auto（硬件支持 bf16 时用 bf16 autocast）、bf16 或 fp32；权重总是 fp32",
         default="auto")
 

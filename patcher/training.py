@@ -30,6 +30,11 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and fast_bf16(device))
 
 
+def precision_label(precision: str, device: torch.device) -> str:
+    """How the forward passes ran, for training summaries."""
+    return "bf16 autocast" if uses_bf16(precision, device) else "fp32"
+
+
 def autocast(precision: str, device: torch.device):
     """The forward-pass context for ``precision`` (``auto``/``bf16``/``fp32``) on ``device``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))

@@ -21,7 +21,8 @@ from pydantic import Field
 from torch import nn
 
 from .recipe import Precision, Section
-from .training import autocast, cosine_with_warmup, load_state, precision_label, reshuffled_epochs, save_state
+from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
+                       save_state)
 
 STATE_DIR = "heal-train"
 # the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
@@ -298,7 +299,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         losses.append(float(loss.detach()))
         if progress:
             progress.update(step + 1, losses[-1], [])
-        out_of_time = opts.max_minutes > 0 and time.perf_counter() - t0 >= 60 * opts.max_minutes
+        out_of_time = past_budget(t0, opts.max_minutes)
         last = step + 1 == steps or out_of_time
         if val_base is not None and ((step + 1) % opts.val_every == 0 or last):
             val_curve.append((step + 1, validate()))

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mtp import DraftHead, choose_draft_vocab
-from .training import autocast, cosine_with_warmup, load_state, precision_label, reshuffled_epochs, save_state
+from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
+                       save_state)
 
 STATE_DIR = "mtp-train"
 CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
@@ -180,7 +181,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         history.append({"step": step + 1, "loss": per_head.tolist(), "accuracy": accs.tolist()})
         if progress:
             progress.update(step + 1, float(loss.detach()), accs.tolist())
-        out_of_time = opts.max_minutes > 0 and time.perf_counter() - t0 >= 60 * opts.max_minutes
+        out_of_time = past_budget(t0, opts.max_minutes)
         last = step + 1 == steps or out_of_time
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or last):
             save_state(state_dir, model.mtp.state_dict(), optimizer, schedule, step + 1, steps)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +39,11 @@ def precision_label(precision: str, device: torch.device) -> str:
 def autocast(precision: str, device: torch.device):
     """The forward-pass context for ``precision`` (``auto``/``bf16``/``fp32``) on ``device``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))
+
+
+def past_budget(t0: float, minutes: float) -> bool:
+    """Whether a loop started at ``t0`` (``time.perf_counter()``) has used its ``minutes`` (0: no limit)."""
+    return minutes > 0 and time.perf_counter() - t0 >= 60 * minutes
 
 
 def cosine_with_warmup(optimizer, steps: int):

@@ -50,6 +50,11 @@ class RichProgress:
         self.progress.advance(self.task)
 
 
+def _generated_row(table: Table, g: dict | None):
+    if g:
+        table.add_row("其中自生成文本 token / 耗时", f"{g['tokens']} / {g['seconds']:.0f} s")
+
+
 def _fail(message: str, code: int = 2):
     console.print(f"[bold red]错误：[/]{message}")
     raise typer.Exit(code)
@@ -188,6 +193,7 @@ def _mtp_train_command():
         table.add_column("值", justify="right")
         t = rep["training"]
         table.add_row("步数 / token / 耗时", f"{t['steps']} / {t['tokens']} / {t['seconds']:.0f} s")
+        _generated_row(table, t.get("generated"))
         table.add_row("逐头接受率（留出文本）", " ".join(f"{100 * a:.1f}%" for a in rep["head_acceptance_teacher_forced"]))
         table.add_row("每步接受 token（实测生成）", f"{rep['accepted_per_step']:.2f}")
         table.add_row("tokens/s：MTP / 普通", f"{rep['tokens_per_s_mtp']:.1f} / {rep['tokens_per_s_plain']:.1f}")
@@ -237,6 +243,7 @@ def _heal_command():
         table.add_row("困惑度上升 转换后 → 修复后", f"{b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %")
         table.add_row("平均 KL", f"{b['kl_mean']:.5f} → {a['kl_mean']:.5f}")
         table.add_row("步数 / token / 耗时", f"{rec['steps']} / {rec['tokens']} / {rec['seconds']:.0f} s")
+        _generated_row(table, rec.get("generated"))
         Console().print(table)
 
     heal.__signature__ = inspect.Signature(params)

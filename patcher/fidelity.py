@@ -193,6 +193,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                   f"{h['trainable_parameters']:,}（范围 {h['options']['scope']}"
                   f"{'，LoRA 秩 ' + str(h['options']['lora']) if h['options']['lora'] else ''}）；老师 `{h['teacher']}`，"
                   f"老师 logits：{h['teacher_logits']}；文本 {h['data']}。"]
+        lines += _generated_lines(h.get("generated"), "老师")
     r = report.get("resources") or {}
     if r:
         lines += ["", f"转换耗时 {r['conversion_seconds']:.1f} s，峰值常驻内存 {r['peak_rss_mib']:.0f} MiB。"]
@@ -218,6 +219,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                           f"{w['tokens_per_s']:.1f} tokens/s（{w['lookup_steps']} 个查找步、{w['mtp_steps']} 个 MTP 步）。"]
         if t:
             lines.append(f"训练：{t['tokens']} 个 token，{t['steps']} 步，{t['seconds']:.0f} s，目标 {t['target']}。")
+            lines += _generated_lines(t.get("generated"), "基座")
     mla = (report.get("plan") or {}).get("mla") or {}
     if mla.get("rope") == "decoupled":
         lines += ["", "## 解耦 RoPE（DeepSeek-V3 布局）", "",
@@ -286,3 +288,11 @@ def check(report: dict, max_ppl_increase: float | None = None, min_top1: float |
         elif kv["ratio"] > max_kv_ratio:
             failures.append(f"KV 缓存比例 {kv['ratio']:.3f} 超过上限 {max_kv_ratio}")
     return failures
+
+
+def _generated_lines(g: dict | None, writer: str) -> list[str]:
+    """The report line on self-generated training text (``selfgen``), if the training had any."""
+    if not g:
+        return []
+    return [f"训练数据中{writer}自己续写的文本：{g['windows']} 个窗口、{g['tokens']} 个 token（温度 {g['temperature']}），"
+            f"生成用时 {g['seconds']:.0f} s（计入时间预算）。"]

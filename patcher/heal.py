@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from . import selfgen
 from .recipe import Precision, Section
 from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
                        save_state)
@@ -44,6 +45,10 @@ class HealOptions(Section):
                        description="训练范围：converted（只训练转换改动过的模块）或 all（除嵌入与输出头外全部）")
     lora: int = Field(0, ge=0, description="LoRA 秩（0 表示直接训练权重）；训练后合并回权重")
     top_k: int = Field(0, ge=0, description="老师 logits 的 top-K 存盘（0 表示每步在线计算完整分布）")
+    generate_tokens: int = Field(
+        0, ge=0, description="老师从训练文本的随机片段出发自己续写这么多 token，加入训练数据（0 表示不生成）；"
+        "生成时间计入 --max-minutes")
+    generate_temperature: float = Field(1.0, ge=0.0, description="老师续写时的采样温度（0 为贪心）")
     save_every: int = Field(50, ge=1, description="每隔多少步保存可续训的状态")
     val_tokens: int = Field(2048, ge=0, description="从训练文本中留出、不参与训练的验证 token 数（0 表示不验证）")
     val_every: int = Field(25, ge=1, description="每隔多少步在留出窗口上量一次 KL；最后保留 KL 最小的权重")
@@ -237,9 +242,11 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     from .fidelity import compare, evaluate_base
 
     acc = Accelerator()
+    t0 = time.perf_counter()  # the time budget counts the teacher's writing too
+    teacher.eval()
+    windows, generated = selfgen.extended(teacher, windows, opts, opts.seed, state_dir, resume, progress)
     rescaled = rescale_latents(student)
     params = select_trainable(student, opts)
-    teacher.eval()
     cache = None
     if opts.top_k:
         cache = teacher_topk(teacher, windows, opts.top_k,
@@ -276,7 +283,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         val_curve.append((done, best["kl"]))
     student.train()
     losses = []
-    t0 = time.perf_counter()
     if progress:
         progress.start("修复：KL 蒸馏", steps, done)
     for step in range(done, steps):
@@ -310,7 +316,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
                 "best_kl": torch.tensor(best["kl"]), "best_step": torch.tensor(best["step"]),
                 "val_curve": torch.tensor(val_curve, dtype=torch.float64)} if best["params"] is not None else {}
             save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)} | kept, optimizer, schedule, step + 1,
-                       steps, keep=("teacher-*.safetensors",))  # the teacher cache outlives the state it sits next to
+                       steps, keep=("teacher-*.safetensors", "generated.safetensors"))  # caches outlive the state
         if out_of_time:
             break
     if best["params"] is not None:
@@ -330,6 +336,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
             "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)], "precision": precision_label(opts.precision, acc.device),
-            "teacher_logits": f"top-{opts.top_k} cached" if opts.top_k else "full, on the fly",
+            "teacher_logits": f"top-{opts.top_k} cached" if opts.top_k else "full, on the fly", "generated": generated,
             "validation": None if val_base is None else {"tokens": int(val.numel()), "kl_curve": val_curve,
                                                          "best_step": best["step"], "best_kl": best["kl"]}}

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import selfgen
 from .mtp import DraftHead, choose_draft_vocab
 from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
                        save_state)
@@ -142,6 +143,8 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     from accelerate import Accelerator
 
     acc = Accelerator()
+    t0 = time.perf_counter()  # the time budget counts the base's writing too
+    windows, generated = selfgen.extended(model, windows, opts, 0, state_dir, resume, progress)
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for p in model.mtp.parameters()]
@@ -164,7 +167,6 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     hidden = HiddenCache(model, windows,
                          keep=epochs > 1 and windows.numel() * model.config.hidden_size * 4 <= CACHE_BYTES)
     history = []
-    t0 = time.perf_counter()
     if progress:
         progress.start("训练 MTP", steps, done)
     for step in range(done, steps):
@@ -184,7 +186,8 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         out_of_time = past_budget(t0, opts.max_minutes)
         last = step + 1 == steps or out_of_time
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or last):
-            save_state(state_dir, model.mtp.state_dict(), optimizer, schedule, step + 1, steps)
+            save_state(state_dir, model.mtp.state_dict(), optimizer, schedule, step + 1, steps,
+                       keep=("generated.safetensors",))
         if out_of_time:
             break
     model.eval()
@@ -195,7 +198,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     return {"steps": ran, "planned_steps": steps, "resumed_from_step": done,
             "tokens": ran * batch_size * windows.shape[1],
             "distinct_tokens": int(windows.numel()), "epochs": epochs, "hidden_cached": hidden.keep,
-            "seconds": time.perf_counter() - t0, "target": opts.target,
+            "seconds": time.perf_counter() - t0, "target": opts.target, "generated": generated,
             "precision": precision_label(opts.precision, acc.device),
             "final_loss": history[-1]["loss"] if history else None,
             "final_train_accuracy": history[-1]["accuracy"] if history else None}

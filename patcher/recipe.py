@@ -107,6 +107,10 @@ class MTPOptions(Section):
     train_tokens: int = _flag("--mtp-train-tokens", "转换时接着训练 MTP 的 token 数（0 表示不训练；"
                               "之后可用 dsopt train-mtp）", default=0, ge=0)
     data: str | None = _flag("--mtp-data", "MTP 训练文本（.txt/.jsonl）；缺省用校准文本", default=None)
+    generate_tokens: int = _flag("--mtp-generate-tokens", "基座从训练文本的随机片段出发自己续写这么多 token，加入 MTP "
+                                 "训练数据（0 表示不生成）；生成时间计入 --mtp-max-minutes", default=0, ge=0)
+    generate_temperature: float = _flag("--mtp-generate-temperature", "基座续写时的采样温度（0 为贪心）",
+                                        default=1.0, ge=0.0)
     target: Literal["distill", "text"] = _flag(
         "--mtp-target", "训练目标：distill（基座自己的预测分布，自蒸馏）或 text（文本中的真实 token）",
         default="distill")

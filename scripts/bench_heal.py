@@ -34,6 +34,21 @@ CASES = {
 }
 
 
+def reuse(folder: Path, recipe: dict, out: Path) -> dict:
+    """A copy of an already converted checkpoint of this case (its report's recipe must agree), and its report."""
+    import shutil
+
+    from patcher.fidelity import read_report
+
+    rep = read_report(folder)
+    for part, want in recipe.items():
+        got = rep["recipe"].get(part, {})
+        if part in ("mla", "moe", "calibration", "eval") and any(got.get(k) != v for k, v in want.items()):
+            raise SystemExit(f"{folder} 的配方与这种情况不一致（{part}: {got} ≠ {want}）")
+    shutil.copytree(folder, out)
+    return rep
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench-out/heal.json")
@@ -51,6 +66,10 @@ def main():
     ap.add_argument("--moe-allocation", default="sensitivity", help="MoE 切分的逐层分配（sensitivity 或 uniform）")
     ap.add_argument("--precision", default="auto", help="训练前向精度：auto、bf16 或 fp32")
     ap.add_argument("--val-every", type=int, default=25, help="每隔多少步在留出窗口上量一次 KL（保留最好的权重）")
+    ap.add_argument("--generate-tokens", type=int, default=0, help="老师自己续写、加入训练的 token 数（计入时间预算）")
+    ap.add_argument("--generate-temperature", type=float, default=1.0, help="老师续写的采样温度")
+    ap.add_argument("--converted", default=None,
+                    help="修复这个已转换目录的副本，不再转换（只有一种情况时可用；配方须与该情况一致）")
     args = ap.parse_args()
     torch.manual_seed(0)
     out_path = Path(args.out)
@@ -61,15 +80,22 @@ def main():
                "command": " ".join(sys.argv), "cases": {}}
     opts = HealOptions(data=args.data, tokens=args.tokens, lr=args.lr, seq_len=args.seq_len,
                        batch_size=args.batch, top_k=args.top_k, val_every=args.val_every,
-                       max_minutes=args.max_minutes, precision=args.precision)
+                       max_minutes=args.max_minutes, precision=args.precision,
+                       generate_tokens=args.generate_tokens, generate_temperature=args.generate_temperature)
+    if args.converted and "," in args.cases:
+        raise SystemExit("--converted 只能配一种情况（--cases mla|moe|both）")
     for name in args.cases.split(","):
         case = {k: ({**v, "allocation": args.moe_allocation} if k == "moe" else v) for k, v in CASES[name].items()}
         recipe = {**case, "calibration": {"data": args.data, "tokens": args.calib_tokens},
                   "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
-            rep = convert("smollm2-135m", recipe, Path(tmp) / "out")
-            convert_s = time.perf_counter() - t
+            if args.converted:
+                rep = reuse(Path(args.converted), recipe, Path(tmp) / "out")
+            else:
+                rep = convert("smollm2-135m", recipe, Path(tmp) / "out")
+            convert_s = rep.get("resources", {}).get("conversion_seconds") if args.converted else \
+                time.perf_counter() - t
             rec = heal_checkpoint(Path(tmp) / "out", opts)
         b, a = rec["before"], rec["after"]
         results["cases"][name] = {
@@ -80,7 +106,7 @@ def main():
             "budget": {"tokens": rec["tokens"], "steps": rec["steps"], "planned_steps": rec["planned_steps"],
                        "epochs": rec["epochs"], "seconds": rec["seconds"], "max_minutes": args.max_minutes,
                        "trainable_parameters": rec["trainable_parameters"], "teacher_logits": rec["teacher_logits"],
-                       "precision": rec["precision"]},
+                       "precision": rec["precision"], "generated": rec["generated"]},
             "loss_curve": rec["loss_curve"], "validation": rec["validation"], "lr": args.lr,
             "convert_seconds": convert_s}
         print(f"{name}: ppl {b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %  KL {b['kl_mean']:.4f} → "

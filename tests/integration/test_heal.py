@@ -152,3 +152,24 @@ def test_healing_stops_at_its_time_budget_and_keeps_a_resumable_state(source, tm
     assert [s for s, _ in rec["validation"]["kl_curve"]] == [0, 1]  # the step it stopped at is validated
     assert (out / "heal-train").exists()
 
+
+
+def test_healing_on_the_teachers_own_text_counts_it_and_resumes_on_the_same_text(source, tmp_path, monkeypatch):
+    import patcher.selfgen as selfgen
+
+    out = converted(source, tmp_path)
+    opts = HealOptions(**{**FAST, "generate_tokens": 16 * 64, "max_minutes": 1e-6, "val_every": 1000})
+    rec = heal_checkpoint(out, opts)  # the budget ends after the first step, past the generation
+    gen = rec["generated"]
+    assert gen["windows"] == 16 and gen["tokens"] == 16 * 64 and gen["temperature"] == 1.0
+    assert rec["steps"] == 1 and rec["seconds"] >= gen["seconds"]  # the writing counts in the training time
+    assert "老师自己续写的文本：16 个窗口" in (out / "fidelity.md").read_text()
+    assert (out / "heal-train" / "generated.safetensors").exists()  # kept next to the state for --resume
+
+    def never(*a, **k):
+        raise AssertionError("a resumed run must train on the text it wrote before")
+
+    monkeypatch.setattr(selfgen, "generate_windows", never)
+    again = heal_checkpoint(out, opts.model_copy(update={"max_minutes": 0.0}), resume=True)
+    assert again["generated"] == gen and again["resumed_from_step"] == 1 and again["steps"] == again["planned_steps"]
+    assert again["after"]["kl_mean"] < again["before"]["kl_mean"]

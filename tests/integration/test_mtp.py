@@ -305,3 +305,15 @@ def test_mtp_needs_rope(tokenizer):
 
     with pytest.raises(LocateError, match="rotary"):
         patch_model(tiny_model("gpt2", seed=1), mtp_recipe(), tokenizer)
+
+
+def test_training_on_the_bases_own_continuations(tokenizer, tmp_path):
+    model = tiny_model("llama", seed=13)
+    patched, _ = patch_model(model, mtp_recipe(), tokenizer)
+    windows = torch.randint(4, 250, (8, 32), generator=torch.Generator().manual_seed(0))
+    opts = MTPOptions(heads=2, seq_len=32, batch_size=4, train_tokens=8 * 32, generate_tokens=12 * 32,
+                      generate_temperature=0.0)
+    summary = train_mtp(patched, windows, opts, tmp_path / "state")
+    assert summary["generated"]["windows"] == 12 and summary["generated"]["temperature"] == 0.0
+    assert summary["distinct_tokens"] == (8 + 12) * 32  # the base's continuations joined the book's windows
+    assert (tmp_path / "state" / "generated.safetensors").exists()

@@ -138,6 +138,9 @@ def main():
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--train-tokens", type=int, default=262144)
     ap.add_argument("--draft-vocab", type=int, default=8192)
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="训练时间上限（分钟，含自生成文本的时间；0 不限）")
+    ap.add_argument("--generate-tokens", type=int, default=0, help="基座自己续写、加入训练的 token 数")
+    ap.add_argument("--generate-temperature", type=float, default=0.0, help="基座续写的采样温度（0 为贪心）")
     ap.add_argument("--book-prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--decode-heads", type=int, default=0, help="解码时只用前几个 MTP 模块起草（0 表示全部）")
@@ -156,7 +159,8 @@ def main():
     else:
         model, tok, _ = checkpoint.load("smollm2-135m")
         recipe = {"mtp": {"heads": args.heads, "train_tokens": args.train_tokens, "data": args.train_data,
-                          "draft_vocab": args.draft_vocab},
+                          "draft_vocab": args.draft_vocab, "max_minutes": args.max_minutes,
+                          "generate_tokens": args.generate_tokens, "generate_temperature": args.generate_temperature},
                   "calibration": {"data": args.train_data, "tokens": 4096},
                   "eval": {"data": args.eval_data, "tokens": 4096}}
         patched, rep = patch_model(model, recipe, tok, progress=PrintProgress())
@@ -166,7 +170,7 @@ def main():
         if args.save_model:
             with checkpoint.atomic_dir(Path(args.save_model), overwrite=True) as tmp:
                 checkpoint.write_checkpoint(patched, tok, tmp)
-    res = {"train_data": args.train_data or "builtin", "eval_data": args.eval_data or "builtin",
+    res = {"command": " ".join(sys.argv), "train_data": args.train_data or "builtin", "eval_data": args.eval_data or "builtin",
            "model": args.load_model or "trained in this run", "report_mtp": mtp_report,
            "new_tokens": args.new_tokens, "lookup": args.lookup,
            "branches": patched.DRAFT_BRANCHES if args.branches is None else args.branches, "prompts": []}
@@ -233,6 +237,7 @@ def main():
             "speedup_mtp_lookup_vs_plain": tot["plain"] / tot["mtp_lookup"],
             "speedup_mtp_lookup_vs_prompt_lookup": tot["prompt_lookup"] / tot["mtp_lookup"]} if args.lookup else {}),
         "training_budget": ({"tokens": mtp_report["training"]["tokens"], "seconds": mtp_report["training"]["seconds"],
+                             "generated": mtp_report["training"].get("generated"),
                              "cores": torch.get_num_threads()} if mtp_report else None),
     }
     heads = args.decode_heads or len(patched.mtp)

@@ -3,6 +3,7 @@
 - 缺省只训练转换改动过的模块（潜在注意力的 KV 投影、MoE 的路由器与专家；``--scope converted``），
   ``all`` 训练除嵌入与输出头外的全部参数，``--lora R`` 改为在这些模块的线性层上加 LoRA、训练后合并回权重
   （检查点格式不变）。MTP 模块的目标是基座自己的预测，修复之后用 ``dsopt train-mtp`` 重新训练它们。
+- ``--generate-tokens N``：老师先从训练文本的随机片段出发续写 N 个 token，与原文一起训练（见 ``selfgen``）。
 - 老师的 logits 在线计算，或（``--top-k K``）先算一遍每个位置的 top-K 对数概率存盘，之后每轮、续训都从
   磁盘读：KL 在 top-K 上精确计算，其余概率质量合并成一个"其他"类。
 - 建立在 accelerate 上（同一条命令在 CPU、单卡、多卡 ``accelerate launch`` 上运行）；每 ``save_every`` 步把
@@ -316,7 +317,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
                 "best_kl": torch.tensor(best["kl"]), "best_step": torch.tensor(best["step"]),
                 "val_curve": torch.tensor(val_curve, dtype=torch.float64)} if best["params"] is not None else {}
             save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)} | kept, optimizer, schedule, step + 1,
-                       steps, keep=("teacher-*.safetensors", "generated.safetensors"))  # caches outlive the state
+                       steps, keep=("teacher-*.safetensors", selfgen.FILE))  # caches outlive the state
         if out_of_time:
             break
     if best["params"] is not None:

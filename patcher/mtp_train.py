@@ -6,6 +6,7 @@
 训练 token 数可以超过文本：多出的部分按轮次（epoch）重复这些窗口，每轮顺序不同。重复时基座最后一层的
 隐藏状态只算一次、留在内存里（基座冻结，它们不变），之后每一步只跑 MTP 模块，所以多轮训练比第一轮快得多；
 缓存放不下（超过 ``CACHE_BYTES``）时每步重算。
+``generate_tokens``：基座先从训练文本的随机片段出发续写这么多 token，与原文一起训练（见 ``selfgen``）。
 ``max_minutes`` 给训练设时间上限：到时停在当前步（余弦学习率按计划步数排，所以 token 预算最好按实测每步耗时选）。
 可续训：每 ``save_every`` 步把优化器、调度器、随机状态与步数写到 ``<OUT>/mtp-train/``，``--resume`` 从那里接着训。
 """
@@ -187,7 +188,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         last = step + 1 == steps or out_of_time
         if state_dir is not None and acc.is_main_process and ((step + 1) % opts.save_every == 0 or last):
             save_state(state_dir, model.mtp.state_dict(), optimizer, schedule, step + 1, steps,
-                       keep=("generated.safetensors",))
+                       keep=(selfgen.FILE,))
         if out_of_time:
             break
     model.eval()

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 PROMPT_TOKENS = 32  # each new window starts with this many tokens of the training text
+FILE = "generated.safetensors"  # the written text, in a training state folder (carried over each state save)
 
 
 def _end_ids(model) -> list[int]:
@@ -114,7 +115,7 @@ def extended(model, windows: torch.Tensor, opts, seed: int, state_dir: Path | No
     if not opts.generate_tokens:
         return windows, None
     new, summary = windows_for(
-        state_dir / "generated.safetensors" if state_dir is not None else None, resume,
+        state_dir / FILE if state_dir is not None else None, resume,
         lambda: generate_windows(model, windows, opts.generate_tokens, opts.generate_temperature, seed,
                                  progress=progress))
     return torch.cat([windows, new]), summary

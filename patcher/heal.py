@@ -24,7 +24,7 @@ from torch import nn
 from . import selfgen
 from .recipe import Precision, Section
 from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
-                       save_state)
+                       save_file_atomic, save_state)
 
 STATE_DIR = "heal-train"
 # the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
@@ -173,7 +173,7 @@ def merge_lora(model: nn.Module) -> None:
 
 def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, path: Path | None) -> dict:
     """Top-k log-probabilities of the teacher at every position (cached in ``path`` when given)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     if path is not None and path.exists():
         cached = load_file(str(path))
@@ -188,10 +188,7 @@ def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, path: Path |
             indices.append(i.int())
     out = {"values": torch.stack(values), "indices": torch.stack(indices)}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(out, str(tmp))
-        tmp.rename(path)
+        save_file_atomic(path, out)
     return out
 
 

@@ -94,17 +94,15 @@ def windows_for(path: Path | None, resume: bool, make) -> tuple[torch.Tensor, di
     """``make()``'s windows and summary, kept in ``path`` (a training state folder's file) so that ``--resume``
     trains on the same text instead of writing it again."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from .training import save_file_atomic
 
     if resume and path is not None and path.exists():
         with safe_open(str(path), "pt") as f:
             return f.get_tensor("windows"), json.loads(f.metadata()["summary"])
     windows, summary = make()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"windows": windows.contiguous()}, str(tmp), metadata={"summary": json.dumps(summary)})
-        tmp.rename(path)
+        save_file_atomic(path, {"windows": windows.contiguous()}, metadata={"summary": json.dumps(summary)})
     return windows, summary
 
 

@@ -76,6 +76,16 @@ def save_state(state_dir: Path, tensors: dict, optimizer, schedule, step: int, s
             path.rename(tmp / path.name)
 
 
+def save_file_atomic(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """Write a safetensors file next to a training state (a cache), renamed into place only once complete."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.rename(path)
+
+
 def load_state(state_dir: Path | None, optimizer, schedule) -> tuple[dict, int]:
     """(saved tensors, step) of a resumable state; the optimizer and schedule are restored in place."""
     from safetensors.torch import load_file

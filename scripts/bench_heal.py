@@ -89,13 +89,13 @@ def main():
         recipe = {**case, "calibration": {"data": args.data, "tokens": args.calib_tokens},
                   "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
         with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            if args.converted:
+            if args.converted:  # the conversion ran before: its report has the time it took
                 rep = reuse(Path(args.converted), recipe, Path(tmp) / "out")
+                convert_s = rep.get("resources", {}).get("conversion_seconds")
             else:
+                t = time.perf_counter()
                 rep = convert("smollm2-135m", recipe, Path(tmp) / "out")
-            convert_s = rep.get("resources", {}).get("conversion_seconds") if args.converted else \
-                time.perf_counter() - t
+                convert_s = time.perf_counter() - t
             rec = heal_checkpoint(Path(tmp) / "out", opts)
         b, a = rec["before"], rec["after"]
         results["cases"][name] = {

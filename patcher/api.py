@@ -19,7 +19,7 @@ from torch import nn
 import converters
 from converters import mtp as mtp_converter
 
-from . import __version__, checkpoint, export_deepseek, modeling
+from . import __version__, checkpoint, export_deepseek, modeling, selfgen
 from .calibrate import DataError, digest, read_text, recipe_windows, stream, token_windows
 from .fidelity import cache_bytes_per_token, compare, evaluate_base, parameter_count, write_report
 from .locate import ModelMap, locate
@@ -159,7 +159,8 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
     mtp_training = None
     if recipe.mtp.enabled and recipe.mtp.train_tokens:
         with stages("train_mtp"):
-            mtp_training = train_mtp(patched, mtp_windows(tokenizer, recipe), recipe.mtp, None, progress=progress)
+            mtp_training = train_mtp(patched, mtp_windows(tokenizer, recipe), recipe.mtp, None, progress=progress,
+                                     chat=selfgen.chat_turns(tokenizer))
 
     with stages("verify"):
         fidelity = compare(patched, base_eval) if base_eval is not None else None
@@ -243,7 +244,8 @@ def train_mtp_checkpoint(out: str | Path, opts, resume: bool = False, progress=N
     windows = mtp_windows(tokenizer, recipe)
     eval_ids = token_windows(tokenizer, read_text(recipe.eval.data, "evaluation"), recipe.eval.tokens,
                              recipe.eval.seq_len, None)
-    training = train_mtp(model, windows, opts, out / mtp_train.STATE_DIR, resume, progress or _NullProgress())
+    training = train_mtp(model, windows, opts, out / mtp_train.STATE_DIR, resume, progress or _NullProgress(),
+                         selfgen.chat_turns(tokenizer))
     report["mtp"] = {**(report.get("mtp") or {}), "training": training, **measure_mtp(model, eval_ids)}
     report["recipe"]["mtp"] = opts.model_dump(mode="json")
     with checkpoint.atomic_dir(out, overwrite=True) as tmp:

@@ -261,8 +261,9 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
                  no_mtp: bool = typer.Option(False, "--no-mtp", help="不用 MTP 投机解码（普通 generate）"),
                  lookup: int = typer.Option(10, "--lookup", help="MTP 解码时也用上下文查找草稿：末尾 n-gram 在前文出现过"
                                             "就把其后最多这么多个 token 当草稿（0 表示只用 MTP 模块）"),
-                 branches: int | None = typer.Option(None, "--branches", help="贪心时第一个 MTP 模块给出的候选数，与其他"
-                                                     "草稿合成一棵树一次验证（1 为单链；缺省用模型的 DRAFT_BRANCHES）"),
+                 branches: str | None = typer.Option(None, "--branches", help="贪心时的草稿树形状：各 MTP 模块在每个上一级"
+                                                     "草稿后给出的候选数，逗号分隔（如 4,2；1 为单链；缺省用模型的 "
+                                                     "DRAFT_BRANCHES），与查找草稿合成一棵树一次验证"),
                  temperature: float = typer.Option(0.0, "--temperature", help="0 为贪心；>0 为（投机）采样"),
                  chat: bool = typer.Option(False, "--chat", help="按分词器的对话模板包装提示"),
                  as_json: bool = typer.Option(False, "--json", help="只输出一行 JSON（text、tokens_per_s、accepted_per_step…）")):
@@ -283,13 +284,17 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
     use_mtp = getattr(model, "mtp", None) is not None and not no_mtp
+    try:
+        widths = None if branches is None else tuple(int(w) for w in branches.split(","))
+    except ValueError:
+        _fail(f"--branches 应是逗号分隔的正整数（如 4,2），得到 {branches!r}")
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
     if temperature > 0:
         kwargs["temperature"] = temperature
     t = time.perf_counter()
     with torch.no_grad():
         if use_mtp:
-            new = model.generate(ids, use_mtp=True, mtp_lookup=lookup, mtp_branches=branches, **kwargs)
+            new = model.generate(ids, use_mtp=True, mtp_lookup=lookup, mtp_branches=widths, **kwargs)
         else:
             new = model.generate(ids, **({"use_mtp": False} if hasattr(model, "last_mtp_stats") else {}), **kwargs,
                                  pad_token_id=tok.pad_token_id or tok.eos_token_id)

@@ -294,5 +294,7 @@ def _generated_lines(g: dict | None, writer: str) -> list[str]:
     """The report line on self-generated training text (``selfgen``), if the training had any."""
     if not g:
         return []
-    return [f"训练数据中{writer}自己续写的文本：{g['windows']} 个窗口、{g['tokens']} 个 token（温度 {g['temperature']}），"
-            f"生成用时 {g['seconds']:.0f} s（计入时间预算）。"]
+    talk = g.get("dialogues")
+    return [f"训练数据中{writer}自己写的文本：{g['windows']} 个窗口、{g['tokens']} 个 token（温度 {g['temperature']}"
+            + (f"；其中对话 {talk['windows']} 个窗口、{talk['tokens']} 个 token" if talk else "")
+            + f"），生成用时 {g['seconds']:.0f} s（计入时间预算）。"]

@@ -60,12 +60,14 @@ class MTPModule(nn.Module):
         self.norm = norm
 
     def forward(self, model, hidden: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-                cache=None) -> torch.Tensor:
-        """Hidden states of this depth at ``positions`` (1-D); ``cache`` holds this module's own past, if any."""
+                cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of this depth at ``positions`` (1-D); ``cache`` holds this module's own past, if any.
+        ``mask``: an additive attention mask over cache + rows (a draft tree's), else causal."""
         x = self.eh_proj(torch.cat([self.hnorm(hidden), self.enorm(embeds)], -1))
         pos = positions[None].expand(x.shape[0], -1)
-        mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=cache,
-                                  position_ids=pos)
+        if mask is None:
+            mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=cache,
+                                      position_ids=pos)
         rotary = model.get_submodule(model.config.dsopt["rotary_path"])
         out = self.block(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None,
                          position_embeddings=rotary(x, pos))
@@ -122,8 +124,8 @@ class DraftHead:
     def token_ids(self, index: torch.Tensor) -> torch.Tensor:
         return index if self.ids is None else self.ids[index]
 
-    def top(self, h: torch.Tensor, n: int) -> list[int]:
-        """The ``n`` most likely draft tokens, best first."""
+    def top(self, h: torch.Tensor, n: int) -> list:
+        """The ``n`` most likely draft tokens, best first (a list per row when ``h`` holds several)."""
         return self.token_ids(self.logits(h).topk(n).indices).tolist()
 
     def pick(self, h: torch.Tensor, temperature: float, generator) -> tuple[int, torch.Tensor | None]:
@@ -151,6 +153,25 @@ def _keep_rows(cache, start: int, rows: list[int]) -> None:
                 t = getattr(layer, name)
                 t[..., start: start + len(rows), :] = t[..., src, :]
     _crop_to(cache, start + len(rows))
+
+
+def tree_mask(parents: list[int], cached: int, dtype, device, positions: list[int] | None = None,
+              window: int | None = None) -> torch.Tensor:
+    """Additive attention mask of shape (1, 1, rows, cached + rows) for rows that form a forest: row r sees all
+    ``cached`` positions, its ancestors (``parents[r]``, −1 for none; parents come first) and itself. ``window``
+    (with the rows' ``positions``): also drop keys ``window`` or more positions back, as sliding layers do."""
+    n = len(parents)
+    seen = torch.eye(n, dtype=torch.bool)
+    for r, p in enumerate(parents):
+        if p >= 0:
+            seen[r] |= seen[p]
+    seen = torch.cat([torch.ones(n, cached, dtype=torch.bool), seen], 1)
+    if window is not None:
+        rows = torch.tensor(positions)
+        cols = torch.cat([torch.arange(cached), rows])
+        seen &= rows[:, None] - cols[None, :] < window
+    mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
+    return mask[None, None].to(device)
 
 
 class DraftTree:
@@ -181,19 +202,8 @@ class DraftTree:
     def attention_mask(self, context: int, dtype, device, window: int | None = None) -> torch.Tensor:
         """Additive mask of shape (1, 1, 1 + nodes, context + 1 + nodes). ``window``: a sliding-window layer's
         reach, as transformers defines it (a query sees keys less than ``window`` positions back)."""
-        n = len(self.tokens) + 1
-        seen = torch.eye(n, dtype=torch.bool)
-        seen[:, 0] = True
-        for j, p in enumerate(self.parents):  # parents come before their children
-            if p >= 0:
-                seen[j + 1] |= seen[p + 1]
-        seen = torch.cat([torch.ones(n, context, dtype=torch.bool), seen], 1)
-        if window is not None:
-            rows = torch.tensor([context] + [context + d for d in self.depths])
-            cols = torch.cat([torch.arange(context), rows])
-            seen &= rows[:, None] - cols[None, :] < window
-        mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
-        return mask[None, None].to(device)
+        return tree_mask([-1] + [p + 1 for p in self.parents], context, dtype, device,
+                         [context] + [context + d for d in self.depths], window)
 
     def attention_masks(self, config, context: int, dtype, device):
         """The verification mask as the base model takes it: None for a single path (the model's own causal
@@ -214,6 +224,95 @@ class DraftTree:
             node = self.child[(node, choice[node + 1])]
             path.append(node)
         return path, choice[node + 1]
+
+
+def draft_widths(branches, heads: int) -> tuple[int, ...]:
+    """Candidates per draft at each of ``heads`` depths from ``branches`` (an int: the first module's; a sequence:
+    per module; modules past it propose 1)."""
+    widths = tuple(branches) if isinstance(branches, (tuple, list)) else (int(branches),)
+    if not widths or min(widths) < 1:
+        raise ValueError(f"branches 每项至少为 1，得到 {branches!r}")
+    return (widths + (1,) * heads)[:heads]
+
+
+def tree_nodes(widths: tuple[int, ...]) -> int:
+    """Drafts in a modules' tree of these widths: w1 + w1·w2 + …"""
+    total, level = 0, 1
+    for w in widths:
+        level *= w
+        total += level
+    return total
+
+
+class ModuleDrafts:
+    """One step of drafting by the MTP modules: a tree of candidates, ``widths[k-1]`` best tokens per node at
+    depth k − 1 (one width per module, see ``draft_widths``); sampling (``widths`` empty) draws one chain.
+
+    Depth k at position i reads depth k−1 at i and token i+k, so with the base at positions ..m−1 and token m
+    verified, module k's rows at positions ≤ m−k are final (cached for good) and those at m−k+1..m−1 read drafts.
+    Those draft rows are one per tree node u of depth 1..k−1, at position m−k+depth(u), attending to the final rows
+    and their own ancestors; the rows of depth k−1 (position m−1) give the candidates of depth k. Each row thus
+    computes what it would if its path were the text (the tree's masks), and a tree costs each module one call.
+    Updates ``hid``/``final``/``mcaches`` (per depth: final hidden states, how many, the module's cache)."""
+
+    def __init__(self, model, mtp, draft_heads, tokens, m, hid, final, mcaches, widths, temperature, generator):
+        self.tokens, self.parents, self.depths = [], [], []  # the tree's nodes (parents before children)
+        self.chain, self.qs = [], []  # the best path (each node's first candidate) and, sampling, its proposals
+        embed, dev = model.get_input_embeddings(), hid[0].device
+        frontier, chain_node, prev = [-1], -1, {}  # nodes to expand (−1 = the root); prev: node -> last module's row
+        for k, mod in enumerate(mtp, start=1):
+            first = m - k + 1  # the position of the depth-1 rows; final rows: positions start..stop−1
+            start, stop = final[k], max(first, 0)
+            _crop_to(mcaches[k - 1], start)
+            nodes = [u for u in range(len(self.tokens)) if first - 1 + self.depths[u] >= 0]
+            row = {u: stop - start + j for j, u in enumerate(nodes)}
+            last = stop - start - 1  # the last final row (−1: none yet, a prompt shorter than the depth)
+            parents = [r - 1 for r in range(stop - start)] + [row.get(self.parents[u], last) for u in nodes]
+            h_in = [hid[k - 1][start:stop]] + [(prev[self.parents[u]] if self.depths[u] > 1 else hid[k - 1][first])[None]
+                                               for u in nodes]
+            ids = tokens[start + k: m + 1] + [self.tokens[u] for u in nodes]
+            pos = list(range(start, stop)) + [first - 1 + self.depths[u] for u in nodes]
+            h = torch.cat(h_in)
+            out = mod(model, h[None], embed(torch.tensor(ids, device=dev))[None], torch.tensor(pos, device=dev),
+                      mcaches[k - 1], tree_mask(parents, start, h.dtype, dev) if nodes else None)[0]
+            hid[k] = torch.cat([hid[k][:start], out[: stop - start]])
+            final[k] = stop
+            _crop_to(mcaches[k - 1], stop)
+            prev = {u: out[row[u]] for u in nodes}
+            h_f = mod.norm(torch.stack([out[last] if f < 0 else prev[f] for f in frontier]))
+            if widths:  # one product for the whole frontier: reading the draft head's rows is the cost
+                best = draft_heads[k - 1].top(h_f, widths[k - 1])
+            else:
+                d, q = draft_heads[k - 1].pick(h_f[0], temperature, generator)
+                best = [[d]]
+                self.qs.append(q)
+            grown = []
+            for f, cands in zip(frontier, best):
+                for j, t in enumerate(cands):
+                    grown.append(len(self.tokens))
+                    if f == chain_node and j == 0:
+                        self.chain.append(t)
+                    self._add(t, f)
+            chain_node = next(u for u in grown if self.parents[u] == chain_node)
+            frontier = grown
+
+    def _add(self, token: int, parent: int) -> None:
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
+
+    def paths(self) -> list[list[int]]:
+        """Every root-to-leaf path's tokens (leaves last, so a ``DraftTree`` keeps the nodes' order)."""
+        has_child = set(self.parents)
+        out = []
+        for u in range(len(self.tokens)):
+            if u not in has_child:
+                path, v = [], u
+                while v >= 0:
+                    path.append(self.tokens[v])
+                    v = self.parents[v]
+                out.append(path[::-1])
+        return out
 
 
 def _pick(logits: torch.Tensor, temperature: float, generator) -> tuple[int, torch.Tensor | None]:
@@ -256,21 +355,24 @@ def lookup_drafts(tokens: list[int], max_ngram: int, limit: int) -> tuple[list[i
 @torch.no_grad()
 def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids=(),
                          temperature: float = 0.0, heads: int | None = None, generator=None,
-                         lookup: int = 0, lookup_ngram: int = 2, branches: int = 1) -> tuple[torch.Tensor, dict]:
+                         lookup: int = 0, lookup_ngram: int = 2,
+                         branches: int | tuple[int, ...] = 1) -> tuple[torch.Tensor, dict]:
     """Generate with the MTP modules drafting and the base verifying; batch 1. Returns (ids, statistics).
 
     ``lookup`` > 0: when the context's last n-gram (n ≤ ``lookup_ngram``) recurs, up to ``lookup`` tokens that
-    followed it are drafted too (see ``lookup_drafts``). ``branches`` > 1: the first module's next best tokens
-    are drafted too, each as a one-token branch.
+    followed it are drafted too (see ``lookup_drafts``). ``branches``: how many best tokens module k proposes
+    after each draft of depth k−1 (per module, the first module first; an int is the first module's, and a
+    module past the list proposes 1), so (4, 2) drafts 4 tokens for t+1 and 2 after each of them for t+2.
 
-    Greedy decoding verifies every candidate at once as a ``DraftTree`` (the modules' chain, the lookup
-    continuation, the branches) and keeps the longest path the base agrees with. Sampling verifies one chain,
-    as speculative sampling is defined for: the lookup continuation when there is one, else the modules' chain."""
+    Greedy decoding verifies every candidate at once as a ``DraftTree`` (the modules' tree and the lookup
+    continuation) and keeps the longest path the base agrees with. Sampling verifies one chain, as speculative
+    sampling is defined for: the lookup continuation when there is one, else the modules' chain."""
     if input_ids.shape[0] != 1:
         raise ValueError("MTP 投机解码只支持批大小 1")
     mtp = list(model.mtp)[: heads or len(model.mtp)]
     k_max = len(mtp)
-    base, head, embed = model.base_model, model.get_output_embeddings(), model.get_input_embeddings()
+    widths = draft_widths(branches, k_max)
+    base, head = model.base_model, model.get_output_embeddings()
     dev = input_ids.device
     eos = set(eos_token_ids or ())
     greedy = temperature <= 0
@@ -295,32 +397,17 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
         # a step yields at most drafts + 1 tokens: never draft past the budget
         found, n_match = lookup_drafts(tokens, lookup_ngram,
                                        min(lookup, max_new_tokens - (len(tokens) - prompt_len) - 1))
-        chain, qs, others = [], [], []
         # a recurring 2-gram is right often enough to draft alone (the modules catch up on a later step); a lone
         # recurring token is not, so greedy decoding lets the modules' drafts join it in the tree. SmolLM2, 12
         # prompts: 3.15 tokens/step against 2.88 when every match drafted alone, 39.0 vs 37.6 tok/s; the modules
         # on every step gave 3.17 but 36.7 tok/s. Sampling checks one chain, so there any match drafts alone.
-        for k, mod in enumerate(mtp if not found or (greedy and n_match < 2) else [], start=1):
-            start = final[k]
-            seq = tokens + chain
-            _crop_to(mcaches[k - 1], start)
-            emb = embed(torch.tensor(seq[start + k: m + k], device=dev))
-            out = mod(model, hid[k - 1][start:m][None], emb[None], torch.arange(start, m, device=dev),
-                      mcaches[k - 1])[0]
-            hid[k] = torch.cat([hid[k][:start], out])
-            final[k] = m - k + 1
-            if greedy:
-                best = draft_heads[k - 1].top(mod.norm(out[-1]), branches if k == 1 else 1)
-                d = best[0]
-                if k == 1:
-                    others = [[t] for t in best[1:]]
-            else:
-                d, q = draft_heads[k - 1].pick(mod.norm(out[-1]), temperature, generator)
-                qs.append(q)
-            chain.append(d)
+        use_modules = not found or (greedy and n_match < 2)
+        drafts = ModuleDrafts(model, mtp if use_modules else [], draft_heads, tokens, m, hid, final, mcaches,
+                              widths if greedy else (), temperature, generator)
+        chain, qs = drafts.chain, drafts.qs
         module_steps += bool(chain)
         if greedy:
-            tree = DraftTree([found, chain] + others)
+            tree = DraftTree([found] + drafts.paths())
         else:
             tree = DraftTree([found or chain])
             qs = [_one_hot(d, head.weight.shape[0], dev) for d in found] if found else qs

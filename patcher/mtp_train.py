@@ -138,14 +138,16 @@ def expected_tokens_per_step(acceptance: list[float]) -> float:
 
 
 def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume: bool = False,
-              progress=None) -> dict:
+              progress=None, chat: selfgen.ChatTurns | None = None) -> dict:
     """Train ``model.mtp`` for ``opts.train_tokens`` tokens on ``windows`` (N × seq_len token ids, repeated in
-    epochs when the budget is larger) with the base frozen; returns a summary."""
+    epochs when the budget is larger) with the base frozen; returns a summary. ``chat``: the tokenizer's chat
+    template, for the dialogues ``opts.generate_chat`` asks the base to write."""
     from accelerate import Accelerator
 
     acc = Accelerator()
     t0 = time.perf_counter()  # the time budget counts the base's writing too
-    windows, generated = selfgen.extended(model, windows, opts, 0, state_dir, resume, progress)
+    windows, generated = selfgen.extended(model, windows, opts, 0, state_dir, resume, progress, chat,
+                                          opts.generate_chat)
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for p in model.mtp.parameters()]

@@ -111,6 +111,9 @@ class MTPOptions(Section):
                                  "训练数据（0 表示不生成）；生成时间计入 --mtp-max-minutes", default=0, ge=0)
     generate_temperature: float = _flag("--mtp-generate-temperature", "基座续写时的采样温度（0 为贪心）",
                                         default=1.0, ge=0.0)
+    generate_chat: float = _flag("--mtp-generate-chat", "自生成文本中对话所占的比例：基座按分词器的对话模板自己写用户的"
+                                 "请求（温度 1）再作答（Magpie），学对话中要猜的回答；需要对话模板", default=0.0,
+                                 ge=0.0, le=1.0)
     target: Literal["distill", "text"] = _flag(
         "--mtp-target", "训练目标：distill（基座自己的预测分布，自蒸馏）或 text（文本中的真实 token）",
         default="distill")

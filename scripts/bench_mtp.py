@@ -2,7 +2,7 @@
 
 1. 追加 MTP 模块，在一本书上训练（基座冻结，自蒸馏），记录训练 token 数与耗时（即训练预算）；
 2. 在另一本书的提示与对话提示上，同一次运行中交替测量：普通贪心 ``generate()``、只用 MTP 模块的投机解码
-   （第一个模块给出 ``--branches`` 个候选，草稿树一次验证）、
+   （各模块按 ``--branches`` 给出候选，合成草稿树一次验证）、
    MTP + 上下文查找草稿（``mtp_lookup``）、transformers 的提示查找解码（``prompt_lookup_num_tokens``）；
    都在模型的结束符处自然停下；四者都用 ``generate()`` 默认的预打包 CPU 权重，另测一遍不打包的普通贪心
    （``packed_cpu=False``）作对照；
@@ -69,15 +69,15 @@ def median_ms(fn, repeats: int = 15) -> float:
 
 
 @torch.no_grad()
-def step_cost(model, ids, heads: int, branches: int) -> dict:
+def step_cost(model, ids, heads: int, branches) -> dict:
     """What one plain decode step and one speculative step cost, part by part (median of repeats, after a prompt
-    of ``ids`` is cached): the base forward on 1 and on 1 + heads + branches − 1 tokens (the modules' chain and
-    the first module's other candidates), the output head on as many rows, one MTP module on one position with
-    its draft head. ``break_even_accepted_per_step`` is the number of tokens a speculative step must yield to
-    match plain decoding."""
+    of ``ids`` is cached): the base forward on 1 and on 1 + the draft tree's tokens (``branches``' widths), the
+    output head on as many rows, one MTP module on one position with its draft head. The speculative step is
+    estimated as their sum (modules on more rows cost a little more); ``break_even_accepted_per_step`` is the
+    number of tokens a speculative step must yield to match plain decoding."""
     from transformers import DynamicCache
 
-    from patcher.mtp import DraftHead
+    from patcher.mtp import DraftHead, draft_widths, tree_nodes
 
     base, head, embed = model.base_model, model.get_output_embeddings(), model.get_input_embeddings()
     cache = DynamicCache(config=model.config)
@@ -100,10 +100,11 @@ def step_cost(model, ids, heads: int, branches: int) -> dict:
         draft.pick(mod.norm(out[-1]), 0.0, None)
         mcache.crop(-1)
 
-    n = heads + branches
+    widths = draft_widths(branches, heads)
+    n = 1 + tree_nodes(widths)
     out = {"base_forward_1": median_ms(forward(1)), f"base_forward_{n}": median_ms(forward(n)),
            "head_1": median_ms(lambda: head(h[-1:])), f"head_{n}": median_ms(lambda: head(h[-n:])),
-           "mtp_module_with_draft_head": median_ms(module_step), "heads": heads, "branches": branches}
+           "mtp_module_with_draft_head": median_ms(module_step), "heads": heads, "widths": list(widths)}
     plain = out["base_forward_1"] + out["head_1"]
     spec = out[f"base_forward_{n}"] + out[f"head_{n}"] + heads * out["mtp_module_with_draft_head"]
     out.update(plain_step=plain, speculative_step=spec, break_even_accepted_per_step=spec / plain)
@@ -141,13 +142,18 @@ def main():
     ap.add_argument("--max-minutes", type=float, default=0.0, help="训练时间上限（分钟，含自生成文本的时间；0 不限）")
     ap.add_argument("--generate-tokens", type=int, default=0, help="基座自己续写、加入训练的 token 数")
     ap.add_argument("--generate-temperature", type=float, default=0.0, help="基座续写的采样温度（0 为贪心）")
+    ap.add_argument("--generate-chat", type=float, default=0.0,
+                    help="自生成文本中对话（基座自己写用户请求再作答）所占的比例")
     ap.add_argument("--book-prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--decode-heads", type=int, default=0, help="解码时只用前几个 MTP 模块起草（0 表示全部）")
     ap.add_argument("--lookup", type=int, default=10,
                     help="另测 MTP + 上下文查找草稿（每步最多这么多个查找 token；0 表示不测）")
-    ap.add_argument("--branches", type=int, default=None,
-                    help="第一个 MTP 模块的候选数（mtp_branches；缺省用模型的 DRAFT_BRANCHES，1 为单链）")
+    ap.add_argument("--branches", type=lambda v: tuple(int(w) for w in v.replace("/", ",").split(",")), default=None,
+                    help="草稿树形状：各 MTP 模块在每个上一级草稿后给出的候选数，如 4,2（mtp_branches；缺省用模型的 "
+                         "DRAFT_BRANCHES；1 为单链）")
+    ap.add_argument("--lookup-branches", type=lambda v: tuple(int(w) for w in v.replace("/", ",").split(",")),
+                    default=None, help="MTP + 查找草稿时的草稿树形状（缺省用模型的 DRAFT_BRANCHES）")
     ap.add_argument("--save-model", default=None, help="也把训练好的检查点写到这里（供 dsopt generate 使用）")
     ap.add_argument("--load-model", default=None, help="不训练，加载 --save-model 写出的检查点只做测量")
     ap.add_argument("--train-result", default=None, help="与 --load-model 同用：训练那次运行的 JSON（取训练预算）")
@@ -160,7 +166,8 @@ def main():
         model, tok, _ = checkpoint.load("smollm2-135m")
         recipe = {"mtp": {"heads": args.heads, "train_tokens": args.train_tokens, "data": args.train_data,
                           "draft_vocab": args.draft_vocab, "max_minutes": args.max_minutes,
-                          "generate_tokens": args.generate_tokens, "generate_temperature": args.generate_temperature},
+                          "generate_tokens": args.generate_tokens, "generate_temperature": args.generate_temperature,
+                          "generate_chat": args.generate_chat},
                   "calibration": {"data": args.train_data, "tokens": 4096},
                   "eval": {"data": args.eval_data, "tokens": 4096}}
         patched, rep = patch_model(model, recipe, tok, progress=PrintProgress())
@@ -173,7 +180,9 @@ def main():
     res = {"command": " ".join(sys.argv), "train_data": args.train_data or "builtin", "eval_data": args.eval_data or "builtin",
            "model": args.load_model or "trained in this run", "report_mtp": mtp_report,
            "new_tokens": args.new_tokens, "lookup": args.lookup,
-           "branches": patched.DRAFT_BRANCHES if args.branches is None else args.branches, "prompts": []}
+           "branches": patched.DRAFT_BRANCHES if args.branches is None else args.branches,
+           "lookup_branches": patched.DRAFT_BRANCHES if args.lookup_branches is None else args.lookup_branches,
+           "prompts": []}
 
     prompts = bench_prompts(tok, args.eval_data, args.book_prompts)
 
@@ -192,7 +201,8 @@ def main():
             if args.lookup:
                 hybrid, t_hybrid = timed(lambda: patched.generate(ids, do_sample=False, max_new_tokens=n,
                                                                   mtp_heads=args.decode_heads or None,
-                                                                  mtp_lookup=args.lookup, mtp_branches=args.branches))
+                                                                  mtp_lookup=args.lookup,
+                                                                  mtp_branches=args.lookup_branches))
                 hstats = patched.last_mtp_stats
             lookup, t_lookup = timed(lambda: patched.generate(ids, use_mtp=False, prompt_lookup_num_tokens=10,
                                                                **common))

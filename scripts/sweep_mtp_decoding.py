@@ -29,23 +29,30 @@ def main():
     ap.add_argument("--model", required=True, help="带 MTP 模块的检查点（bench_mtp.py --save-model 写出的）")
     ap.add_argument("--out", default="bench-out/mtp-decoding-sweep.json")
     ap.add_argument("--eval-data", default=str(SHARED / "tinyshakespeare.txt") if SHARED.exists() else None)
-    ap.add_argument("--settings", default="0:2:1,0:2:2,0:2:3,10:2:1,10:2:2,10:2:3",
-                    help="逗号分隔的 查找token数:最长n-gram:候选数")
+    ap.add_argument("--settings", default="0:2:1,0:2:2,0:2:3/2,0:2:4/2,10:2:2,10:2:3/2,10:2:4/2",
+                    help="逗号分隔的 查找token数:最长n-gram:各模块候选数（用 / 分隔，如 4/2）")
     ap.add_argument("--new-tokens", type=int, default=96)
     args = ap.parse_args()
 
     model, tok, _ = checkpoint.load(args.model)
-    settings = [tuple(int(v) for v in (s + ":1").split(":")[:3]) for s in args.settings.split(",")]
+    settings = [(int(s.split(":")[0]), int(s.split(":")[1]), tuple(int(w) for w in s.split(":")[2].split("/")))
+                for s in args.settings.split(",")]
     prompts = bench_prompts(tok, args.eval_data, 8)
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     sums = {s: {kind: {"steps": 0, "tokens": 0, "seconds": 0.0, "lookup_steps": 0} for kind in ("book", "chat")}
             for s in settings}
     identical = {s: 0 for s in settings}
+    per_prompt = {s: [] for s in settings}  # tokens per step of each prompt (bench_mtp.py's mean)
+    plain_tokens, plain_seconds = 0, 0.0
     with torch.no_grad(), packed_linears(model):  # what generate() decodes with
+        model.generate(prompts[0][1], use_mtp=False, do_sample=False, max_new_tokens=8)  # warm-up
         for kind, ids in prompts:
+            t = time.perf_counter()
             plain = model.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=args.new_tokens,
                                    pad_token_id=tok.eos_token_id)
+            plain_seconds += time.perf_counter() - t
+            plain_tokens += plain.shape[1] - ids.shape[1]
             for setting in settings:
                 lookup, ngram, branches = setting
                 t = time.perf_counter()
@@ -58,6 +65,7 @@ def main():
                 acc["tokens"] += st["new_tokens"]
                 acc["seconds"] += sec
                 acc["lookup_steps"] += st["lookup_steps"]
+                per_prompt[setting].append(st["accepted_per_step"])
             print(kind, flush=True)
     rows = []
     for (lookup, ngram, branches), by_kind in sums.items():
@@ -66,12 +74,15 @@ def main():
                      "identical": f"{identical[(lookup, ngram, branches)]}/{len(prompts)}",
                      "tokens_per_step": {"all": every["tokens"] / every["steps"],
                                          **{k: v["tokens"] / v["steps"] for k, v in by_kind.items()}},
+                     "tokens_per_step_mean_of_prompts": sum(per_prompt[(lookup, ngram, branches)]) / len(prompts),
                      "lookup_step_fraction": every["lookup_steps"] / every["steps"],
-                     "tokens_per_s": every["tokens"] / every["seconds"]})
+                     "tokens_per_s": every["tokens"] / every["seconds"],
+                     "speedup_vs_plain": (every["tokens"] / every["seconds"]) / (plain_tokens / plain_seconds)})
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "eval_data": args.eval_data or "builtin",
                                           "new_tokens": args.new_tokens, "prompts": len(prompts),
+                                          "plain_tokens_per_s": plain_tokens / plain_seconds,
                                           "settings": rows}, indent=2))
     print(f"wrote {args.out}")
 

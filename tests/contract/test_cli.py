@@ -85,16 +85,18 @@ def test_mtp_convert_train_resume_and_generate(folder, tmp_path):
     assert json.loads((out / "fidelity.json").read_text())["mtp"]["training"]["resumed_from_step"] == 4
 
     rows = {}
-    for flag in (["--lookup", "0", "--branches", "1"], ["--no-mtp"], ["--lookup", "4", "--branches", "3"]):
+    for flag in (["--lookup", "0", "--branches", "1"], ["--no-mtp"], ["--lookup", "4", "--branches", "3,2"]):
         res = runner.invoke(app, ["generate", str(out), "--prompt", "hello world hello world hello",
                                   "--max-new-tokens", "12", "--json", *flag])
         assert res.exit_code == 0, res.output
         rows[" ".join(flag)] = json.loads(res.stdout.strip().splitlines()[-1])
-    mtp, plain, both = rows["--lookup 0 --branches 1"], rows["--no-mtp"], rows["--lookup 4 --branches 3"]
+    mtp, plain, both = rows["--lookup 0 --branches 1"], rows["--no-mtp"], rows["--lookup 4 --branches 3,2"]
     assert mtp["mtp"] is True and plain["mtp"] is False
     assert {"text", "tokens_per_s", "accepted_per_step"} <= set(mtp)
     assert mtp["lookup_steps"] == 0 and both["lookup_steps"] > 0  # "hello world" recurs
     assert mtp["text"] == plain["text"] == both["text"]  # lossless: the same greedy text every way
+    bad = runner.invoke(app, ["generate", str(out), "--prompt", "hi", "--branches", "4,x"])
+    assert bad.exit_code == 2 and "--branches" in bad.output
 
 
 def test_train_mtp_refuses_a_folder_without_heads(converted):

@@ -163,7 +163,7 @@ def test_healing_on_the_teachers_own_text_counts_it_and_resumes_on_the_same_text
     gen = rec["generated"]
     assert gen["windows"] == 16 and gen["tokens"] == 16 * 64 and gen["temperature"] == 1.0
     assert rec["steps"] == 1 and rec["seconds"] >= gen["seconds"]  # the writing counts in the training time
-    assert "老师自己续写的文本：16 个窗口" in (out / "fidelity.md").read_text()
+    assert "老师自己写的文本：16 个窗口" in (out / "fidelity.md").read_text()
     assert (out / "heal-train" / "generated.safetensors").exists()  # kept next to the state for --resume
 
     def never(*a, **k):

@@ -9,8 +9,9 @@ from conftest import FAST_RECIPE, tiny_model
 from patcher import patch_model
 from transformers import DynamicCache
 
-from patcher.mtp import DraftTree, _keep_rows, _one_hot, accept_or_resample, lookup_drafts, speculative_generate
-from patcher.mtp_train import train_mtp
+from patcher.mtp import (DraftHead, DraftTree, ModuleDrafts, _keep_rows, _one_hot, accept_or_resample, draft_widths,
+                         lookup_drafts, speculative_generate)
+from patcher.mtp_train import base_hidden, mtp_hiddens, train_mtp
 from patcher.recipe import MTPOptions
 
 
@@ -141,6 +142,43 @@ def test_tree_rows_score_like_their_branch_alone(tokenizer, family, mla):
             torch.testing.assert_close(got[rows], alone, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("heads,context", [(2, 9), (2, 1), (3, 9), (3, 1)])
+def test_module_draft_tree_candidates_are_those_of_each_path_alone(tokenizer, trained, heads, context):
+    """Every node's children in the modules' tree are the best tokens the modules give when that node's path is
+    the text (teacher-forced depths), also on later steps with some rows cached, for a context shorter than the
+    depth, and with three modules (whose draft rows attend to draft rows of their own)."""
+    patched = trained[0] if heads == 2 else patch_model(tiny_model("llama", seed=13), mtp_recipe(heads=3),
+                                                        tokenizer)[0]
+    mtp = list(patched.mtp)
+    head = patched.get_output_embeddings()
+    draft_heads = [DraftHead(head, mod.draft_ids) for mod in mtp]
+    text = torch.randint(4, 250, (1, context + 6), generator=torch.Generator().manual_seed(context)).tolist()[0]
+    hid, final, caches = [None] + [None] * len(mtp), [0] * (len(mtp) + 1), [DynamicCache() for _ in mtp]
+    with torch.no_grad():
+        for m in (context, context + 1, context + 4):  # three steps: the verified text grows by 1, then by 3
+            tokens = text[: m + 1]
+            hid[0] = base_hidden(patched, torch.tensor([tokens[:m]]))[0]
+            hid[1:] = [h[:f] if h is not None else hid[0][:0] for h, f in zip(hid[1:], final[1:])]
+            drafts = ModuleDrafts(patched, mtp, draft_heads, tokens, m, hid, final, caches, draft_widths((3, 2), heads),
+                                  0.0, None)
+            assert [drafts.depths.count(d) for d in range(1, heads + 1)] == [3, 6, 6][:heads]
+            for u in range(len(drafts.tokens)):
+                path, v = [], u
+                while v >= 0:
+                    path.insert(0, drafts.tokens[v])
+                    v = drafts.parents[v]
+                want = []
+                if len(path) < len(mtp):  # depth len(path)+1 at position m−1 reads the path's last token
+                    ids = torch.tensor([tokens + path + [5] * len(mtp)])  # padding no row here reads
+                    g = mtp_hiddens(patched, ids, base_hidden(patched, ids))[len(path)]
+                    want = draft_heads[len(path)].top(mtp[len(path)].norm(g[0, m - 1]), (3, 2, 1)[len(path)])
+                assert [drafts.tokens[c] for c, p in enumerate(drafts.parents) if p == u] == want
+            best = [0]
+            while len(best) < heads:
+                best.append(drafts.parents.index(best[-1]))  # each node's first child is its best candidate
+            assert drafts.chain == [drafts.tokens[u] for u in best]
+
+
 @pytest.mark.parametrize("family,mla", [("llama", None), ("qwen3", "latent"), ("mistral", None)])
 def test_greedy_draft_trees_equal_plain_greedy(tokenizer, trained, family, mla):
     """Module branches, the modules' chain and lookup continuations verified together as one tree; also on
@@ -155,7 +193,7 @@ def test_greedy_draft_trees_equal_plain_greedy(tokenizer, trained, family, mla):
         patched, _ = patch_model(model, recipe, tokenizer)
     for ids in (torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]]), torch.randint(4, 250, (1, 9))):
         plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
-        for lookup, branches in [(0, 3), (5, 3), (5, 1)]:
+        for lookup, branches in [(0, 3), (0, (3, 2)), (5, (2, 2)), (5, 1)]:
             spec, stats = speculative_generate(patched, ids, 40, (), lookup=lookup, branches=branches)
             assert torch.equal(plain, spec), (lookup, branches)
             assert stats["verify_steps"] < 40
@@ -172,7 +210,7 @@ def test_greedy_speculative_output_equals_plain_greedy_on_moe_models(tokenizer, 
     for ids in (torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]]), torch.randint(4, 250, (1, 9), generator=g),
                 torch.randint(4, 250, (1, 9), generator=g)):
         plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
-        for lookup, branches in [(0, 3), (5, 2)]:
+        for lookup, branches in [(0, (3, 2)), (5, 2)]:
             spec, _ = speculative_generate(patched, ids, 40, (), lookup=lookup, branches=branches)
             assert torch.equal(plain, spec), (lookup, branches)
 

@@ -338,7 +338,7 @@ def measure_mtp(model: nn.Module, eval_ids: torch.Tensor, new_tokens: int = 48) 
                             "lookup_steps": hstats["lookup_steps"], "mtp_steps": hstats["mtp_steps"]},
             "greedy_identical": bool(torch.equal(plain, spec) and torch.equal(plain, hybrid)),
             "measured_with": f"eval prompt of 64 tokens, {new_tokens} new tokens, greedy, batch 1, "
-                             f"{getattr(model, 'DRAFT_BRANCHES', 1)} first-module candidates in the draft tree"}
+                             f"draft tree widths {getattr(model, 'DRAFT_BRANCHES', 1)} per module"}
 
 
 class SensitivityProbe:

@@ -482,18 +482,21 @@ class DsoptPatchedMixin:
     带 MTP 模块时，``generate()`` 在批大小 1 且参数受支持时走投机解码（贪心输出与普通贪心逐 token 相同，
     采样保持基座分布）；``use_mtp=False`` 或其他情况交给 transformers 的普通 ``generate()``。
     上下文末尾的 n-gram 在前文出现过时，其后的至多 ``mtp_lookup`` 个 token 也作草稿（缺省 ``LOOKUP_TOKENS``，
-    0 表示只用 MTP 模块；见 ``mtp.lookup_drafts``）；贪心时第一个模块还给出 ``mtp_branches`` 个候选
-    （缺省 ``DRAFT_BRANCHES``，1 即单链），所有草稿合成一棵树由基座一次验证（见 ``mtp.DraftTree``）。
+    0 表示只用 MTP 模块；见 ``mtp.lookup_drafts``）；贪心时各模块在上一级的每个草稿之后给出 ``mtp_branches``
+    个候选（每个模块一个数，如 (4, 2)；整数只设第一个模块；缺省 ``DRAFT_BRANCHES``，1 即单链），所有草稿合成
+    一棵树由基座一次验证（见 ``mtp.ModuleDrafts``、``mtp.DraftTree``）。
     最近一次投机解码的统计在 ``self.last_mtp_stats``（有无查找草稿的步分开计）。
     """
 
     # SmolLM2, 12 prompts (scripts/results/mtp-smollm2-lookup-sweep.json): 36.8 tok/s with up to 10 lookup tokens,
     # 34.4 with 5, 36.3 with 20, 18.5 with the MTP modules alone; more tokens per step on book and chat prompts alike
     LOOKUP_TOKENS = 10
-    # same prompts (scripts/results/mtp-smollm2-decoding-sweep.json), 1 / 2 / 3 candidates: 36.8 / 37.9 / 37.3 tok/s
-    # with lookup, 18.6 / 19.2 / 18.9 with the modules alone; each extra tree row costs about 2 ms of a 48 ms base
-    # forward here, so more candidates buy tokens per step but not speed
-    DRAFT_BRANCHES = 2
+    # draft tree: 4 candidates for t+1, 2 after each for t+2. Same prompts, modules trained with dialogues
+    # (scripts/results/mtp-smollm2-chat-tree-sweep.json): with lookup 3.63 / 3.78 / 3.87 / 3.98 tokens per step for
+    # widths 1 / 2 / 4 / (4, 2) at the same speed (84.0 / 82.9 / 83.7 / 82.9 tok/s, 2.14-2.17x plain greedy); the
+    # modules alone 1.54 / 1.71 / 1.83 / 1.91 per step, 1.08-1.15x. On this CPU the 12 extra rows cost about as
+    # much as they save; where a verification forward is memory-bound (larger models, GPUs) they are nearly free.
+    DRAFT_BRANCHES = (4, 2)
 
     MTP_KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "do_sample", "temperature", "eos_token_id",
                   "pad_token_id", "generator", "mtp_heads", "mtp_lookup", "mtp_branches"}

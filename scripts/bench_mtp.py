@@ -44,6 +44,7 @@ class PrintProgress:
 
     def start(self, name, total, completed=0):
         self.total = total
+        print(f"{name}: {total} ({time.perf_counter() - self.t0:.0f}s)", flush=True)
 
     def step(self, layer, what):
         pass

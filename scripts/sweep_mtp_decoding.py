@@ -1,8 +1,9 @@
 """MTP 解码设置扫描（SmolLM2 + 已训练的 MTP 模块，CPU）：写出 JSON。
 
 在 ``bench_mtp.py`` 的同一组提示（另一本书的窗口与对话提示）上，逐提示交替运行每种设置：
-每步最多查找多少个 token（``mtp_lookup``，0 即只用 MTP 模块）、匹配的最长 n-gram、第一个模块起草的候选数
-（``mtp_branches``，1 即单链）。记录每步产出的 token 数（全部 / 书 / 对话）、查找步的比例、tokens/s，
+每步最多查找多少个 token（``mtp_lookup``，0 即只用 MTP 模块）、匹配的最长 n-gram、草稿树形状（``mtp_branches``：
+各模块在上一级每个草稿后给出的候选数，如 4/2；1 即单链）。记录每步产出的 token 数（全部 / 书 / 对话，以及
+``bench_mtp.py`` 用的逐提示平均）、查找步的比例、tokens/s 与对同一次运行里普通贪心的加速比，
 并检查每种设置的输出都与普通贪心逐 token 相同。``generate()`` 的缺省值（``LOOKUP_TOKENS``、
 ``DRAFT_BRANCHES``）由它选出。
 

@@ -142,7 +142,24 @@ def test_mtp_speculative_greedy_is_identical_on_real_prompts(smollm2):
     for ids in [book[:1], book[1:2], chat]:
         plain = patched.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=24)
         spec = patched.generate(ids, do_sample=False, max_new_tokens=24)  # both stop at end-of-turn
-        assert torch.equal(plain, spec)
+        tree = patched.generate(ids, do_sample=False, max_new_tokens=24, mtp_lookup=0, mtp_branches=(4, 2))
+        assert torch.equal(plain, spec) and torch.equal(plain, tree)
+
+
+def test_the_real_model_writes_dialogues_in_its_chat_template(smollm2):
+    """Self-generated dialogues (Magpie) on SmolLM2-Instruct: the template's parts are cut exactly, the model
+    writes a request of its own and then a reply to it."""
+    from patcher import selfgen
+
+    model, tok = smollm2
+    turns = selfgen.chat_turns(tok)
+    assert tok.decode(turns.opening).endswith("<|im_end|>\n<|im_start|>user\n")
+    assert tok.decode(turns.to_assistant) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(turns.to_user) == "<|im_end|>\n<|im_start|>user\n"
+    rows = selfgen.write_dialogues(model, turns, 2, 128, 0.0, torch.Generator().manual_seed(0))
+    for row in rows:
+        request, _, reply = tok.decode(row[len(turns.opening):]).partition("<|im_end|>\n<|im_start|>assistant\n")
+        assert len(request.split()) >= 3 and len(reply.split()) >= 10
 
 
 def test_deepseek_v3_export_of_the_real_model(tmp_path):

@@ -269,11 +269,11 @@ class ModuleDrafts:
             row = {u: stop - start + j for j, u in enumerate(nodes)}
             last = stop - start - 1  # the last final row (−1: none yet, a prompt shorter than the depth)
             parents = [r - 1 for r in range(stop - start)] + [row.get(self.parents[u], last) for u in nodes]
-            h_in = [hid[k - 1][start:stop]] + [(prev[self.parents[u]] if self.depths[u] > 1 else hid[k - 1][first])[None]
-                                               for u in nodes]
+            # a draft row reads its parent's row of the module before (depth 1: that module's last final row)
+            h = torch.cat([hid[k - 1][start:stop]] + [(prev[self.parents[u]] if self.depths[u] > 1
+                                                       else hid[k - 1][first])[None] for u in nodes])
             ids = tokens[start + k: m + 1] + [self.tokens[u] for u in nodes]
             pos = list(range(start, stop)) + [first - 1 + self.depths[u] for u in nodes]
-            h = torch.cat(h_in)
             out = mod(model, h[None], embed(torch.tensor(ids, device=dev))[None], torch.tensor(pos, device=dev),
                       mcaches[k - 1], tree_mask(parents, start, h.dtype, dev) if nodes else None)[0]
             hid[k] = torch.cat([hid[k][:start], out[: stop - start]])
@@ -303,7 +303,7 @@ class ModuleDrafts:
         self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
 
     def paths(self) -> list[list[int]]:
-        """Every root-to-leaf path's tokens (leaves last, so a ``DraftTree`` keeps the nodes' order)."""
+        """Every root-to-leaf path's tokens, in the order of the leaves (what ``DraftTree`` merges)."""
         has_child = set(self.parents)
         out = []
         for u in range(len(self.tokens)):

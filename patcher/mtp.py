@@ -302,6 +302,16 @@ class ModuleDrafts:
         self.parents.append(parent)
         self.depths.append(1 if parent < 0 else self.depths[parent] + 1)
 
+    def matched(self, tokens: list[int]) -> int:
+        """How many leading ``tokens`` follow a path of the tree: the depth the modules' drafts were right to."""
+        node, depth = -1, 0
+        for t in tokens:
+            node = next((u for u, (p, d) in enumerate(zip(self.parents, self.tokens)) if p == node and d == t), None)
+            if node is None:
+                break
+            depth += 1
+        return depth
+
     def paths(self) -> list[list[int]]:
         """Every root-to-leaf path's tokens, in the order of the leaves (what ``DraftTree`` merges)."""
         has_child = set(self.parents)
@@ -390,7 +400,8 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
     final = [0] * (k_max + 1)            # per depth: leading positions whose cache entries used verified tokens only
     mcaches = [DynamicCache() for _ in mtp]
     draft_heads = [DraftHead(head, mod.draft_ids) for mod in mtp]
-    accepted = [0] * k_max               # per depth: steps whose output began with the modules' first k+1 drafts
+    accepted = [0] * k_max               # per depth: steps whose output began with a path of the modules' tree
+                                         # at least k+1 deep
     module_steps = 0
     produced = {"mtp": [], "lookup": []}  # tokens each verification step yielded, by whether lookup drafted
     while len(tokens) - prompt_len < max_new_tokens and tokens[-1] not in eos:
@@ -430,8 +441,9 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
                 path.append(j)
             else:
                 new.append(_pick(logits[len(tree.tokens)], temperature, generator)[0])  # bonus after all drafts
+        reached = drafts.matched(new)
         for k in range(len(chain)):
-            accepted[k] += new[: k + 1] == chain[: k + 1]
+            accepted[k] += reached > k
         kept = [0] + [j + 1 for j in path]  # input rows on the verified path: the root and the accepted nodes
         _keep_rows(cache, m, kept)
         hid[0] = torch.cat([hid[0], hv[kept]])

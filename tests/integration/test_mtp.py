@@ -167,6 +167,7 @@ def test_module_draft_tree_candidates_are_those_of_each_path_alone(tokenizer, tr
                 while v >= 0:
                     path.insert(0, drafts.tokens[v])
                     v = drafts.parents[v]
+                assert drafts.matched(path + [-1]) == len(path)  # how deep an output follows the tree
                 want = []
                 if len(path) < len(mtp):  # depth len(path)+1 at position m−1 reads the path's last token
                     ids = torch.tensor([tokens + path + [5] * len(mtp)])  # padding no row here reads

@@ -127,7 +127,7 @@ def chat_turns(tokenizer) -> ChatTurns | None:
                                         tokenize=False)
     two = tokenizer.apply_chat_template([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
                                          {"role": "user", "content": u2}], add_generation_prompt=True, tokenize=False)
-    if not two.startswith(one[: one.index(u1)]) or u1 not in one or a1 not in two:
+    if one.count(u1) != 1 or a1 not in two or u2 not in two or not two.startswith(one[: one.index(u1)]):
         return None
     opening, to_assistant = one.split(u1)
     to_user = two[two.index(a1) + len(a1): two.index(u2)]

@@ -83,6 +83,11 @@ def test_mtp_convert_train_resume_and_generate(folder, tmp_path):
     res = runner.invoke(app, ["train-mtp", str(out), "--tokens", "1024", "--resume"])
     assert res.exit_code == 0, res.output  # already complete: resumes at the last step and trains nothing
     assert json.loads((out / "fidelity.json").read_text())["mtp"]["training"]["resumed_from_step"] == 4
+    # dialogues need a chat template; this tokenizer has none: a clear error, and the folder is untouched
+    before = (out / "fidelity.json").read_text()
+    res = runner.invoke(app, ["train-mtp", str(out), "--tokens", "256", "--mtp-generate-tokens", "128",
+                              "--mtp-generate-chat", "0.5"])
+    assert res.exit_code == 2 and "对话模板" in res.output and (out / "fidelity.json").read_text() == before
 
     rows = {}
     for flag in (["--lookup", "0", "--branches", "1"], ["--no-mtp"], ["--lookup", "4", "--branches", "3,2"]):

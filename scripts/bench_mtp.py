@@ -112,11 +112,13 @@ def step_cost(model, ids, heads: int, branches) -> dict:
     return out
 
 
-def bench_prompts(tok, eval_data: str | None, book_prompts: int) -> list[tuple[str, torch.Tensor]]:
-    """64-token windows of the evaluation book, then the chat prompts wrapped in the chat template."""
-    book = token_windows(tok, read_text(eval_data, "evaluation"), 64 * 50, 64, 7)[:book_prompts]
+def bench_prompts(tok, eval_data: str | None, book_prompts: int, seed: int = 7,
+                  questions: list[str] = CHAT) -> list[tuple[str, torch.Tensor]]:
+    """64-token windows of the evaluation book (picked by ``seed``), then the chat ``questions`` wrapped in the chat
+    template."""
+    book = token_windows(tok, read_text(eval_data, "evaluation"), 64 * 50, 64, seed)[:book_prompts]
     prompts = [("book", w[None]) for w in book]
-    for q in CHAT:
+    for q in questions:
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
         prompts.append(("chat", ids))

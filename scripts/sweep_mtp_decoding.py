@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from bench_mtp import SHARED, bench_prompts
+from bench_mtp import CHAT, SHARED, bench_prompts
 
 from patcher import checkpoint
 from patcher.mtp import speculative_generate
@@ -33,12 +34,15 @@ def main():
     ap.add_argument("--settings", default="0:2:1,0:2:2,0:2:3/2,0:2:4/2,10:2:2,10:2:3/2,10:2:4/2",
                     help="逗号分隔的 查找token数:最长n-gram:各模块候选数（用 / 分隔，如 4/2）")
     ap.add_argument("--new-tokens", type=int, default=96)
+    ap.add_argument("--book-seed", type=int, default=7, help="选书中窗口的种子（bench_mtp.py 用 7）")
+    ap.add_argument("--questions", default=None, help="用这些对话提示（| 分隔）代替 bench_mtp.py 的那 4 个")
     args = ap.parse_args()
 
     model, tok, _ = checkpoint.load(args.model)
     settings = [(int(s.split(":")[0]), int(s.split(":")[1]), tuple(int(w) for w in s.split(":")[2].split("/")))
                 for s in args.settings.split(",")]
-    prompts = bench_prompts(tok, args.eval_data, 8)
+    prompts = bench_prompts(tok, args.eval_data, 8, args.book_seed,
+                            args.questions.split("|") if args.questions else CHAT)
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     sums = {s: {kind: {"steps": 0, "tokens": 0, "seconds": 0.0, "lookup_steps": 0} for kind in ("book", "chat")}
@@ -81,7 +85,8 @@ def main():
                      "speedup_vs_plain": (every["tokens"] / every["seconds"]) / (plain_tokens / plain_seconds)})
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "eval_data": args.eval_data or "builtin",
+    Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "model": args.model,
+                                          "eval_data": args.eval_data or "builtin",
                                           "new_tokens": args.new_tokens, "prompts": len(prompts),
                                           "plain_tokens_per_s": plain_tokens / plain_seconds,
                                           "settings": rows}, indent=2))

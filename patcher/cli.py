@@ -284,8 +284,10 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
     use_mtp = getattr(model, "mtp", None) is not None and not no_mtp
+    from .mtp import parse_widths
+
     try:
-        widths = None if branches is None else tuple(int(w) for w in branches.split(","))
+        widths = None if branches is None else parse_widths(branches)
     except ValueError:
         _fail(f"--branches 应是逗号分隔的正整数（如 4,2），得到 {branches!r}")
     kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}

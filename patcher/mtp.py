@@ -236,6 +236,13 @@ def draft_widths(branches, heads: int) -> tuple[int, ...]:
     return (widths + (1,) * heads)[:heads]
 
 
+def parse_widths(text: str) -> tuple[int, ...]:
+    """A draft tree's widths written as "4,2" (or "4/2"); ValueError unless every one is a positive integer."""
+    widths = tuple(int(w) for w in text.replace("/", ",").split(","))
+    draft_widths(widths, len(widths))  # the same check generation applies
+    return widths
+
+
 def tree_nodes(widths: tuple[int, ...]) -> int:
     """Drafts in a modules' tree of these widths: w1 + w1·w2 + …"""
     total, level = 0, 1

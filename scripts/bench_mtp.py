@@ -28,6 +28,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 from patcher import checkpoint, patch_model  # noqa: E402
 from patcher.calibrate import read_text, token_windows  # noqa: E402
+from patcher.mtp import parse_widths  # noqa: E402
 from patcher.packed_linear import packed_linears  # noqa: E402
 
 CHAT = ["What is the capital of France, and why is it famous?",
@@ -152,11 +153,10 @@ def main():
     ap.add_argument("--decode-heads", type=int, default=0, help="解码时只用前几个 MTP 模块起草（0 表示全部）")
     ap.add_argument("--lookup", type=int, default=10,
                     help="另测 MTP + 上下文查找草稿（每步最多这么多个查找 token；0 表示不测）")
-    ap.add_argument("--branches", type=lambda v: tuple(int(w) for w in v.replace("/", ",").split(",")), default=None,
+    ap.add_argument("--branches", type=parse_widths, default=None,
                     help="草稿树形状：各 MTP 模块在每个上一级草稿后给出的候选数，如 4,2（mtp_branches；缺省用模型的 "
                          "DRAFT_BRANCHES；1 为单链）")
-    ap.add_argument("--lookup-branches", type=lambda v: tuple(int(w) for w in v.replace("/", ",").split(",")),
-                    default=None, help="MTP + 查找草稿时的草稿树形状（缺省用模型的 DRAFT_BRANCHES）")
+    ap.add_argument("--lookup-branches", type=parse_widths, default=None, help="MTP + 查找草稿时的草稿树形状（缺省用模型的 DRAFT_BRANCHES）")
     ap.add_argument("--save-model", default=None, help="也把训练好的检查点写到这里（供 dsopt generate 使用）")
     ap.add_argument("--load-model", default=None, help="不训练，加载 --save-model 写出的检查点只做测量")
     ap.add_argument("--train-result", default=None, help="与 --load-model 同用：训练那次运行的 JSON（取训练预算）")

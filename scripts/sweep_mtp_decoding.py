@@ -22,7 +22,7 @@ import torch
 from bench_mtp import CHAT, SHARED, bench_prompts
 
 from patcher import checkpoint
-from patcher.mtp import speculative_generate
+from patcher.mtp import parse_widths, speculative_generate
 from patcher.packed_linear import packed_linears
 
 
@@ -39,7 +39,7 @@ def main():
     args = ap.parse_args()
 
     model, tok, _ = checkpoint.load(args.model)
-    settings = [(int(s.split(":")[0]), int(s.split(":")[1]), tuple(int(w) for w in s.split(":")[2].split("/")))
+    settings = [(int(s.split(":")[0]), int(s.split(":")[1]), parse_widths(s.split(":")[2]))
                 for s in args.settings.split(",")]
     prompts = bench_prompts(tok, args.eval_data, 8, args.book_seed,
                             args.questions.split("|") if args.questions else CHAT)

@@ -100,8 +100,9 @@ def test_mtp_convert_train_resume_and_generate(folder, tmp_path):
     assert {"text", "tokens_per_s", "accepted_per_step"} <= set(mtp)
     assert mtp["lookup_steps"] == 0 and both["lookup_steps"] > 0  # "hello world" recurs
     assert mtp["text"] == plain["text"] == both["text"]  # lossless: the same greedy text every way
-    bad = runner.invoke(app, ["generate", str(out), "--prompt", "hi", "--branches", "4,x"])
-    assert bad.exit_code == 2 and "--branches" in bad.output
+    for shape in ("4,x", "4,0"):
+        bad = runner.invoke(app, ["generate", str(out), "--prompt", "hi", "--branches", shape])
+        assert bad.exit_code == 2 and "--branches" in bad.output
 
 
 def test_train_mtp_refuses_a_folder_without_heads(converted):

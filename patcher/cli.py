@@ -244,6 +244,13 @@ def _heal_command():
         table.add_row("平均 KL", f"{b['kl_mean']:.5f} → {a['kl_mean']:.5f}")
         table.add_row("步数 / token / 耗时", f"{rec['steps']} / {rec['tokens']} / {rec['seconds']:.0f} s")
         _generated_row(table, rec.get("generated"))
+        local = rec.get("local")
+        if local and local["layers"]:
+            from .reconstruct import mean_errors
+
+            before, after = mean_errors(local)
+            table.add_row("其中逐层重建：MoE 层数 / 相对误差 / 耗时",
+                          f"{len(local['layers'])} / {before:.4f} → {after:.4f} / {local['seconds']:.0f} s")
         Console().print(table)
 
     heal.__signature__ = inspect.Signature(params)

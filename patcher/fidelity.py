@@ -134,6 +134,23 @@ def _plots(folder: Path, report: dict) -> list[str]:
         fig.savefig(folder / "rope_frequencies.png", dpi=110)
         plt.close(fig)
         names.append("rope_frequencies.png")
+    local = (report.get("healing") or {}).get("local") or {}
+    if local.get("layers"):
+        rows = local["layers"]
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        x = torch.arange(len(rows)).numpy()
+        ax.bar(x - 0.2, [r["error_before"] for r in rows], 0.4, label="converted", color="#bbbbbb")
+        ax.bar(x + 0.2, [r["error_after"] for r in rows], 0.4, label="after reconstruction", color="#4477aa")
+        ax.set_xticks(x, [r["module"].split(".")[-2] if "." in r["module"] else r["module"] for r in rows],
+                      fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("relative error vs teacher MLP")
+        ax.set_title("Healing, stage 1: layer-wise reconstruction of the MoE MLPs (held rows)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "heal_local.png", dpi=110)
+        plt.close(fig)
+        names.append("heal_local.png")
     layers = report.get("layers") or []
     if not layers or "rank" not in layers[0]:
         return names
@@ -194,6 +211,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                   f"{'，LoRA 秩 ' + str(h['options']['lora']) if h['options']['lora'] else ''}）；老师 `{h['teacher']}`，"
                   f"老师 logits：{h['teacher_logits']}；文本 {h['data']}。"]
         lines += _generated_lines(h.get("generated"), "老师")
+        lines += _local_lines(h.get("local"))
     r = report.get("resources") or {}
     if r:
         lines += ["", f"转换耗时 {r['conversion_seconds']:.1f} s，峰值常驻内存 {r['peak_rss_mib']:.0f} MiB。"]
@@ -288,6 +306,20 @@ def check(report: dict, max_ppl_increase: float | None = None, min_top1: float |
         elif kv["ratio"] > max_kv_ratio:
             failures.append(f"KV 缓存比例 {kv['ratio']:.3f} 超过上限 {max_kv_ratio}")
     return failures
+
+
+def _local_lines(local: dict | None) -> list[str]:
+    """The report line on healing's layer-wise reconstruction stage (``reconstruct``), if it ran."""
+    if not local or not local["layers"]:
+        return []
+    from .reconstruct import mean_errors
+
+    n = len(local["layers"])
+    before, after = mean_errors(local)
+    return ["", f"KL 之前的逐层重建：{n} 个 MoE MLP 各 {local['steps_per_layer']} 步（{local['tokens']} 个 token，"
+                f"每步 {local['batch_rows']} 行），对老师稠密 MLP 输出的相对误差平均 {before:.4f} → {after:.4f}，"
+                f"用时 {local['seconds']:.0f} s（计入时间预算）"
+                + (f"；时间用完，{local['skipped_layers']} 层未做" if local["skipped_layers"] else "") + "。"]
 
 
 def _generated_lines(g: dict | None, writer: str) -> list[str]:

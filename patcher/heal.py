@@ -4,6 +4,8 @@
   ``all`` 训练除嵌入与输出头外的全部参数，``--lora R`` 改为在这些模块的线性层上加 LoRA、训练后合并回权重
   （检查点格式不变）。MTP 模块的目标是基座自己的预测，修复之后用 ``dsopt train-mtp`` 重新训练它们。
 - ``--generate-tokens N``：老师先从训练文本的随机片段出发续写 N 个 token，与原文一起训练（见 ``selfgen``）。
+- ``--local-steps S``：KL 蒸馏之前，每个 MoE MLP 先单独对齐老师同一层稠密 MLP 的输出 S 步（逐层重建，见
+  ``reconstruct``）；一层只算自己，比端到端的一步便宜得多。
 - 老师的 logits 在线计算，或（``--top-k K``）先算一遍每个位置的 top-K 对数概率存盘，之后每轮、续训都从
   磁盘读：KL 在 top-K 上精确计算，其余概率质量合并成一个"其他"类。
 - 建立在 accelerate 上（同一条命令在 CPU、单卡、多卡 ``accelerate launch`` 上运行）；每 ``save_every`` 步把
@@ -18,10 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
-from . import selfgen
+from . import reconstruct, selfgen
 from .recipe import Precision, Section
 from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
                        save_file_atomic, save_state)
@@ -50,12 +52,24 @@ class HealOptions(Section):
         0, ge=0, description="老师从训练文本的随机片段出发自己续写这么多 token，加入训练数据（0 表示不生成）；"
         "生成时间计入 --max-minutes")
     generate_temperature: float = Field(1.0, ge=0.0, description="老师续写时的采样温度（0 为贪心）")
+    local_steps: int = Field(
+        200, ge=0, description="KL 蒸馏之前，每个 MoE MLP 先单独对齐老师同一层稠密 MLP 的输出这么多步"
+        "（逐层重建，见 reconstruct；0 表示不做；没有 MoE 的模型不做）；时间计入 --max-minutes")
+    local_tokens: int = Field(32768, ge=64, description="逐层重建用的 token 数（取自训练窗口，在老师的前向里记下各层输入）")
+    local_lr: float = Field(5e-4, gt=0.0, description="逐层重建的学习率")
+    local_batch: int = Field(1024, ge=1, description="逐层重建每步的 token 行数")
     save_every: int = Field(50, ge=1, description="每隔多少步保存可续训的状态")
     val_tokens: int = Field(2048, ge=0, description="从训练文本中留出、不参与训练的验证 token 数（0 表示不验证）")
     val_every: int = Field(25, ge=1, description="每隔多少步在留出窗口上量一次 KL；最后保留 KL 最小的权重")
     seed: int = Field(0, description="随机种子（窗口顺序）")
     precision: Precision = Field(
         "auto", description="前向精度：auto（硬件支持 bf16 时用 bf16 autocast）、bf16 或 fp32；权重与优化器总是 fp32")
+
+    @model_validator(mode="after")
+    def _local_trains_weights(self):
+        if self.local_steps and self.lora:
+            raise ValueError("逐层重建（--local-steps）直接训练 MoE 自身的权重，不能与 --lora 同用")
+        return self
 
 
 class LoRALinear(nn.Module):
@@ -243,6 +257,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     t0 = time.perf_counter()  # the time budget counts the teacher's writing too
     teacher.eval()
     windows, generated = selfgen.extended(teacher, windows, opts, opts.seed, state_dir, resume, progress)
+    local = reconstruct.stage(student, teacher, windows, opts, t0, state_dir, resume, progress)
     rescaled = rescale_latents(student)
     params = select_trainable(student, opts)
     cache = None
@@ -314,7 +329,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
                 "best_kl": torch.tensor(best["kl"]), "best_step": torch.tensor(best["step"]),
                 "val_curve": torch.tensor(val_curve, dtype=torch.float64)} if best["params"] is not None else {}
             save_state(state_dir, {f"p{i}": p for i, p in enumerate(params)} | kept, optimizer, schedule, step + 1,
-                       steps, keep=("teacher-*.safetensors", selfgen.FILE))  # caches outlive the state
+                       steps, keep=("teacher-*.safetensors", selfgen.FILE, reconstruct.FILE))  # caches outlive the state
         if out_of_time:
             break
     if best["params"] is not None:
@@ -335,5 +350,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "loss_curve": losses[:: max(1, len(losses) // 50)], "precision": precision_label(opts.precision, acc.device),
             "teacher_logits": f"top-{opts.top_k} cached" if opts.top_k else "full, on the fly", "generated": generated,
+            "local": local,
             "validation": None if val_base is None else {"tokens": int(val.numel()), "kl_curve": val_curve,
                                                          "best_step": best["step"], "best_kl": best["kl"]}}

@@ -68,6 +68,11 @@ def main():
     ap.add_argument("--val-every", type=int, default=25, help="每隔多少步在留出窗口上量一次 KL（保留最好的权重）")
     ap.add_argument("--generate-tokens", type=int, default=0, help="老师自己续写、加入训练的 token 数（计入时间预算）")
     ap.add_argument("--generate-temperature", type=float, default=1.0, help="老师续写的采样温度")
+    field = HealOptions.model_fields
+    ap.add_argument("--local-steps", type=int, default=field["local_steps"].default,
+                    help="KL 之前逐层重建 MoE MLP 的步数（每层，0 不做）")
+    ap.add_argument("--local-tokens", type=int, default=field["local_tokens"].default, help="逐层重建用的 token 数")
+    ap.add_argument("--local-lr", type=float, default=field["local_lr"].default, help="逐层重建的学习率")
     ap.add_argument("--converted", default=None,
                     help="修复这个已转换目录的副本，不再转换（只有一种情况时可用；配方须与该情况一致）")
     args = ap.parse_args()
@@ -81,7 +86,8 @@ def main():
     opts = HealOptions(data=args.data, tokens=args.tokens, lr=args.lr, seq_len=args.seq_len,
                        batch_size=args.batch, top_k=args.top_k, val_every=args.val_every,
                        max_minutes=args.max_minutes, precision=args.precision,
-                       generate_tokens=args.generate_tokens, generate_temperature=args.generate_temperature)
+                       generate_tokens=args.generate_tokens, generate_temperature=args.generate_temperature,
+                       local_steps=args.local_steps, local_tokens=args.local_tokens, local_lr=args.local_lr)
     if args.converted and "," in args.cases:
         raise SystemExit("--converted 只能配一种情况（--cases mla|moe|both）")
     for name in args.cases.split(","):
@@ -106,7 +112,7 @@ def main():
             "budget": {"tokens": rec["tokens"], "steps": rec["steps"], "planned_steps": rec["planned_steps"],
                        "epochs": rec["epochs"], "seconds": rec["seconds"], "max_minutes": args.max_minutes,
                        "trainable_parameters": rec["trainable_parameters"], "teacher_logits": rec["teacher_logits"],
-                       "precision": rec["precision"], "generated": rec["generated"]},
+                       "precision": rec["precision"], "generated": rec["generated"], "local": rec["local"]},
             "loss_curve": rec["loss_curve"], "validation": rec["validation"], "lr": args.lr,
             "convert_seconds": convert_s}
         print(f"{name}: ppl {b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %  KL {b['kl_mean']:.4f} → "

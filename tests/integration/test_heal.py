@@ -173,3 +173,38 @@ def test_healing_on_the_teachers_own_text_counts_it_and_resumes_on_the_same_text
     again = heal_checkpoint(out, opts.model_copy(update={"max_minutes": 0.0}), resume=True)
     assert again["generated"] == gen and again["resumed_from_step"] == 1 and again["steps"] == again["planned_steps"]
     assert again["after"]["kl_mean"] < again["before"]["kl_mean"]
+
+
+def test_layerwise_reconstruction_brings_every_moe_mlp_closer_before_the_kl_stage(source, tmp_path, monkeypatch):
+    import patcher.reconstruct as reconstruct
+
+    out = converted(source, tmp_path, moe={"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"})
+    opts = HealOptions(**{**FAST, "tokens": 4096, "val_every": 1000, "local_steps": 80, "local_tokens": 4096,
+                          "local_batch": 256, "local_lr": 3e-3})
+    rec = heal_checkpoint(out, opts)
+    local = rec["local"]
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert [l["module"] for l in local["layers"]] == [f"model.layers.{i}.mlp" for i in range(layers)]
+    assert local["skipped_layers"] == 0 and local["tokens"] == 4096
+    assert all(l["error_after"] < 0.9 * l["error_before"] for l in local["layers"])
+    assert rec["seconds"] >= local["seconds"]  # the stage counts in the healing time
+    assert rec["after"]["kl_mean"] < rec["before"]["kl_mean"]
+    assert "逐层重建" in (out / "fidelity.md").read_text() and (out / "heal_local.png").exists()
+
+    def never(*a, **k):
+        raise AssertionError("a resumed heal already has the reconstruction in its saved weights")
+
+    monkeypatch.setattr(reconstruct, "fit_layer", never)
+    again = heal_checkpoint(out, opts, resume=True)
+    assert again["local"] == local
+
+
+def test_layerwise_reconstruction_stops_at_the_time_budget_and_refuses_lora(source, tmp_path):
+    from pydantic import ValidationError
+
+    out = converted(source, tmp_path, moe={"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"})
+    rec = heal_checkpoint(out, HealOptions(**{**FAST, "local_steps": 40, "max_minutes": 1e-6, "val_every": 1000}))
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert rec["local"]["layers"] == [] and rec["local"]["skipped_layers"] == layers and rec["steps"] == 1
+    with pytest.raises(ValidationError, match="lora"):
+        HealOptions(local_steps=10, lora=4)

@@ -1,0 +1,164 @@
+"""逐层重建：修复的第一段。每个转换过的 MLP（MoE）先单独学着给出老师同一层稠密 MLP 的输出。
+
+在老师的前向里记下这些层的输入（一次前向记一组层，按内存分组），然后每层各自训练：学生的 MoE 与老师的
+稠密 MLP 读同一批 token，最小化相对平方误差 ‖moe(x) − mlp(x)‖² / ‖mlp(x)‖²（路由仍是硬 top-k）。一层只做
+自己的前向与反向，不跑注意力、不跑整个模型，所以同样的 CPU 时间能看到多得多的 token；之后的 KL 蒸馏再
+端到端地收拾层与层之间的误差（分块重建再整体微调，见 BRECQ、OmniQuant 与剪枝中的逐层重建）。
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .training import autocast, past_budget
+
+# inputs of at most this many bytes are held at once (bf16): the layers are captured in groups that fit
+CAPTURE_BYTES = 2 << 30
+FILE = "reconstruct.json"  # the stage's summary, kept in the training state: a resumed heal does not redo it
+EVAL_ROWS = 4096  # rows held out of the training to measure the error before and after on (at most 1/8 of them)
+
+
+def mlp_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, the student's MoE MLP, the teacher's module of the same name) for every MoE MLP conversion made."""
+    from .heal import converted_modules
+
+    pairs = []
+    for name, mod in converted_modules(student):
+        if type(mod).__name__ in ("MoEMLP", "DeepseekV3MoE"):
+            try:
+                pairs.append((name, mod, teacher.get_submodule(name)))
+            except AttributeError:
+                raise ValueError(f"老师没有模块 {name}：逐层重建需要与学生同结构的源模型（--teacher）") from None
+    return pairs
+
+
+def capture_inputs(teacher: nn.Module, modules: list[nn.Module], windows: torch.Tensor, batch_size: int,
+                   precision: str) -> list[torch.Tensor]:
+    """The rows (tokens × hidden) each of ``modules`` reads in the teacher's forward over ``windows``, as bf16."""
+    rows = [[] for _ in modules]
+
+    def keep(i):
+        return lambda _m, args, _out: rows[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).bfloat16())
+
+    hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
+    try:
+        with torch.no_grad(), autocast(precision, windows.device):
+            for b in range(0, len(windows), batch_size):
+                teacher(input_ids=windows[b:b + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(r) for r in rows]
+
+
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out.float() - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-20)
+
+
+def fit_layer(student_mlp: nn.Module, teacher_mlp: nn.Module, x: torch.Tensor, steps: int, lr: float, batch: int,
+              precision: str, seed: int) -> tuple[float, float]:
+    """Train ``student_mlp``'s parameters to give ``teacher_mlp``'s output on the rows ``x``; (error before, after)
+    on held-out rows (the first ``EVAL_ROWS`` of them, at most an eighth, never trained on)."""
+
+    def run(mod, rows):
+        with autocast(precision, rows.device):
+            return mod(rows[None].to(next(mod.parameters()).dtype))[0].float()
+
+    held, x = x[:min(EVAL_ROWS, len(x) // 8)], x[min(EVAL_ROWS, len(x) // 8):]
+    with torch.no_grad():
+        target_held = run(teacher_mlp, held)
+        before = float(relative_error(run(student_mlp, held), target_held))
+    params = [p for p in student_mlp.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = x[torch.randint(0, len(x), (batch,), generator=g)]
+        with torch.no_grad():
+            target = run(teacher_mlp, rows)
+        loss = relative_error(run(student_mlp, rows), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        after = float(relative_error(run(student_mlp, held), target_held))
+    return before, after
+
+
+def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts, t0: float,
+                progress=None) -> dict | None:
+    """Layer-wise reconstruction of every converted MLP on ``windows`` (``opts.local_steps`` steps each, batch
+    ``opts.local_batch`` rows); stops between layers when ``opts.max_minutes`` since ``t0`` are spent."""
+    pairs = mlp_pairs(student, teacher)
+    if not opts.local_steps or not pairs:
+        return None
+    start = time.perf_counter()
+    teacher.eval()
+    d = student.config.hidden_size
+    per_layer = windows.numel() * d * 2
+    group = max(1, CAPTURE_BYTES // max(1, per_layer))
+    layers, skipped = [], 0
+    if progress:
+        progress.start("修复：逐层重建 MLP", len(pairs))
+    for g0 in range(0, len(pairs), group):
+        chunk = pairs[g0:g0 + group]
+        if past_budget(t0, opts.max_minutes):
+            skipped += len(pairs) - g0
+            break
+        inputs = capture_inputs(teacher, [t for _, _, t in chunk], windows, opts.batch_size, opts.precision)
+        for k, ((name, s_mlp, t_mlp), x) in enumerate(zip(chunk, inputs)):
+            if past_budget(t0, opts.max_minutes):
+                skipped += len(chunk) - k
+                break
+            if progress:
+                numbers = re.findall(r"\d+", name)  # the layer index in the module's name
+                progress.step(int(numbers[-1]) if numbers else g0 + k, "MoE 对齐老师的稠密 MLP")
+            before, after = fit_layer(s_mlp, t_mlp, x, opts.local_steps, opts.local_lr, opts.local_batch,
+                                      opts.precision, opts.seed + g0 + k)
+            layers.append({"module": name, "error_before": before, "error_after": after})
+            if progress:
+                progress.advance()
+        del inputs
+        if skipped:
+            break
+    return {"steps_per_layer": opts.local_steps, "tokens": int(windows.numel()), "batch_rows": opts.local_batch,
+            "lr": opts.local_lr, "layers": layers, "skipped_layers": skipped,
+            "seconds": time.perf_counter() - start}
+
+
+def mean_errors(summary: dict) -> tuple[float, float]:
+    """The layers' mean relative error (before, after) of a ``reconstruct`` summary with at least one layer."""
+    n = len(summary["layers"])
+    return (sum(l["error_before"] for l in summary["layers"]) / n, sum(l["error_after"] for l in summary["layers"]) / n)
+
+
+def stage(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts, t0: float, state_dir: Path | None,
+          resume: bool, progress=None) -> dict | None:
+    """The first stage of healing: ``reconstruct`` on ``opts.local_tokens`` of the training windows (drawn with
+    ``opts.seed``). A resumed heal whose state exists already has its result in the saved weights."""
+    if not opts.local_steps:
+        return None
+    saved = state_dir / FILE if state_dir is not None else None
+    if resume and state_dir is not None and (state_dir / "progress.json").exists():
+        return json.loads(saved.read_text()) if saved.exists() else None
+    n = max(1, min(len(windows), opts.local_tokens // windows.shape[1]))
+    pick = torch.randperm(len(windows), generator=torch.Generator().manual_seed(opts.seed))[:n]
+    summary = reconstruct(student, teacher, windows[pick], opts, t0, progress)
+    if saved is not None and summary is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary))
+        tmp.rename(saved)
+    return summary

@@ -54,7 +54,7 @@ class HealOptions(Section):
     generate_temperature: float = Field(1.0, ge=0.0, description="老师续写时的采样温度（0 为贪心）")
     local_steps: int = Field(
         200, ge=0, description="KL 蒸馏之前，每个 MoE MLP 先单独对齐老师同一层稠密 MLP 的输出这么多步"
-        "（逐层重建，见 reconstruct；0 表示不做；没有 MoE 的模型不做）；时间计入 --max-minutes")
+        "（逐层重建，见 reconstruct；0 表示不做；没有 MoE 的模型与 --lora 时不做）；时间计入 --max-minutes")
     local_tokens: int = Field(32768, ge=64, description="逐层重建用的 token 数（取自训练窗口，在老师的前向里记下各层输入）")
     local_lr: float = Field(5e-4, gt=0.0, description="逐层重建的学习率")
     local_batch: int = Field(1024, ge=1, description="逐层重建每步的 token 行数")
@@ -67,7 +67,8 @@ class HealOptions(Section):
 
     @model_validator(mode="after")
     def _local_trains_weights(self):
-        if self.local_steps and self.lora:
+        # with --lora the stage is off (it trains the MoE's own weights); asked for by name, it is refused
+        if self.local_steps and self.lora and "local_steps" in self.model_fields_set:
             raise ValueError("逐层重建（--local-steps）直接训练 MoE 自身的权重，不能与 --lora 同用")
         return self
 

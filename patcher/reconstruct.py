@@ -148,7 +148,7 @@ def stage(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts, t
           resume: bool, progress=None) -> dict | None:
     """The first stage of healing: ``reconstruct`` on ``opts.local_tokens`` of the training windows (drawn with
     ``opts.seed``). A resumed heal whose state exists already has its result in the saved weights."""
-    if not opts.local_steps:
+    if not opts.local_steps or opts.lora:
         return None
     saved = state_dir / FILE if state_dir is not None else None
     if resume and state_dir is not None and (state_dir / "progress.json").exists():

@@ -208,3 +208,4 @@ def test_layerwise_reconstruction_stops_at_the_time_budget_and_refuses_lora(sour
     assert rec["local"]["layers"] == [] and rec["local"]["skipped_layers"] == layers and rec["steps"] == 1
     with pytest.raises(ValidationError, match="lora"):
         HealOptions(local_steps=10, lora=4)
+    assert HealOptions(lora=4).local_steps  # the default stays; the stage is off under LoRA, not an error

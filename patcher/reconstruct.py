@@ -19,7 +19,7 @@ from torch import nn
 
 from .training import autocast, past_budget
 
-# inputs of at most this many bytes are held at once (bf16): the layers are captured in groups that fit
+# inputs and outputs of at most this many bytes are held at once (bf16): the layers are captured in groups that fit
 CAPTURE_BYTES = 2 << 30
 FILE = "reconstruct.json"  # the stage's summary, kept in the training state: a resumed heal does not redo it
 EVAL_ROWS = 4096  # rows held out of the training to measure the error before and after on (at most 1/8 of them)
@@ -40,12 +40,16 @@ def mlp_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Modu
 
 
 def capture_inputs(teacher: nn.Module, modules: list[nn.Module], windows: torch.Tensor, batch_size: int,
-                   precision: str) -> list[torch.Tensor]:
-    """The rows (tokens × hidden) each of ``modules`` reads in the teacher's forward over ``windows``, as bf16."""
-    rows = [[] for _ in modules]
+                   precision: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows read, rows given), tokens × hidden as bf16, of each of ``modules`` in the teacher's forward over
+    ``windows``: the inputs and the targets of the reconstruction."""
+    rows = [([], []) for _ in modules]
 
     def keep(i):
-        return lambda _m, args, _out: rows[i].append(args[0].detach().reshape(-1, args[0].shape[-1]).bfloat16())
+        def hook(_m, args, out):
+            rows[i][0].append(args[0].detach().reshape(-1, args[0].shape[-1]).bfloat16())
+            rows[i][1].append(out.detach().reshape(-1, out.shape[-1]).bfloat16())
+        return hook
 
     hooks = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
     try:
@@ -55,25 +59,25 @@ def capture_inputs(teacher: nn.Module, modules: list[nn.Module], windows: torch.
     finally:
         for h in hooks:
             h.remove()
-    return [torch.cat(r) for r in rows]
+    return [(torch.cat(x), torch.cat(y)) for x, y in rows]
 
 
 def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out.float() - target) ** 2).sum() / (target ** 2).sum().clamp_min(1e-20)
 
 
-def fit_layer(student_mlp: nn.Module, teacher_mlp: nn.Module, x: torch.Tensor, steps: int, lr: float, batch: int,
+def fit_layer(student_mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int,
               precision: str, seed: int) -> tuple[float, float]:
-    """Train ``student_mlp``'s parameters to give ``teacher_mlp``'s output on the rows ``x``; (error before, after)
-    on held-out rows (the first ``EVAL_ROWS`` of them, at most an eighth, never trained on)."""
+    """Train ``student_mlp``'s parameters to give the teacher's outputs ``y`` on the rows ``x``; (error before,
+    after) on held-out rows (the first ``EVAL_ROWS`` of them, at most an eighth, never trained on)."""
 
     def run(mod, rows):
         with autocast(precision, rows.device):
             return mod(rows[None].to(next(mod.parameters()).dtype))[0].float()
 
-    held, x = x[:min(EVAL_ROWS, len(x) // 8)], x[min(EVAL_ROWS, len(x) // 8):]
+    n = min(EVAL_ROWS, len(x) // 8)
+    held, target_held, x, y = x[:n], y[:n].float(), x[n:], y[n:]
     with torch.no_grad():
-        target_held = run(teacher_mlp, held)
         before = float(relative_error(run(student_mlp, held), target_held))
     params = [p for p in student_mlp.parameters() if p.is_floating_point()]
     for p in params:
@@ -82,10 +86,8 @@ def fit_layer(student_mlp: nn.Module, teacher_mlp: nn.Module, x: torch.Tensor, s
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        rows = x[torch.randint(0, len(x), (batch,), generator=g)]
-        with torch.no_grad():
-            target = run(teacher_mlp, rows)
-        loss = relative_error(run(student_mlp, rows), target)
+        pick = torch.randint(0, len(x), (batch,), generator=g)
+        loss = relative_error(run(student_mlp, x[pick]), y[pick].float())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -107,7 +109,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, o
     start = time.perf_counter()
     teacher.eval()
     d = student.config.hidden_size
-    per_layer = windows.numel() * d * 2
+    per_layer = windows.numel() * d * 2 * 2  # inputs and outputs, bf16
     group = max(1, CAPTURE_BYTES // max(1, per_layer))
     layers, skipped = [], 0
     if progress:
@@ -118,14 +120,14 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, o
             skipped += len(pairs) - g0
             break
         inputs = capture_inputs(teacher, [t for _, _, t in chunk], windows, opts.batch_size, opts.precision)
-        for k, ((name, s_mlp, t_mlp), x) in enumerate(zip(chunk, inputs)):
+        for k, ((name, s_mlp, _), (x, y)) in enumerate(zip(chunk, inputs)):
             if past_budget(t0, opts.max_minutes):
                 skipped += len(chunk) - k
                 break
             if progress:
                 numbers = re.findall(r"\d+", name)  # the layer index in the module's name
                 progress.step(int(numbers[-1]) if numbers else g0 + k, "MoE 对齐老师的稠密 MLP")
-            before, after = fit_layer(s_mlp, t_mlp, x, opts.local_steps, opts.local_lr, opts.local_batch,
+            before, after = fit_layer(s_mlp, x, y, opts.local_steps, opts.local_lr, opts.local_batch,
                                       opts.precision, opts.seed + g0 + k)
             layers.append({"module": name, "error_before": before, "error_after": after})
             if progress:

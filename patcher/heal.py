@@ -56,7 +56,7 @@ class HealOptions(Section):
         200, ge=0, description="KL 蒸馏之前，每个 MoE MLP 先单独对齐老师同一层稠密 MLP 的输出这么多步"
         "（逐层重建，见 reconstruct；0 表示不做；没有 MoE 的模型与 --lora 时不做）；时间计入 --max-minutes")
     local_tokens: int = Field(32768, ge=64, description="逐层重建用的 token 数（取自训练窗口，在老师的前向里记下各层输入）")
-    local_lr: float = Field(5e-4, gt=0.0, description="逐层重建的学习率")
+    local_lr: float = Field(2e-3, gt=0.0, description="逐层重建的学习率")
     local_batch: int = Field(1024, ge=1, description="逐层重建每步的 token 行数")
     save_every: int = Field(50, ge=1, description="每隔多少步保存可续训的状态")
     val_tokens: int = Field(2048, ge=0, description="从训练文本中留出、不参与训练的验证 token 数（0 表示不验证）")

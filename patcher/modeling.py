@@ -381,6 +381,28 @@ class MoEMLP(nn.Module):
             w = (w / w.sum(-1, keepdim=True).clamp_min(1e-20) * self.routed_scaling).to(x.dtype)
         return idx, w
 
+    # temperature of the straight-through mask, relative to each token's threshold score (0.1 and 0.5 measured alike)
+    STRAIGHT_THROUGH_T = 0.5
+
+    def _learns_choice(self) -> bool:
+        """Training a split MoE whose scores are magnitudes and whose weights are 1 (gate or low-rank router)."""
+        return (torch.is_grad_enabled() and self.router_scale.requires_grad and self.weights == "one"
+                and self.n_group == 1 and self.top_k < self.num_experts)
+
+    def _straight_through(self, x: torch.Tensor, gates: torch.Tensor | None):
+        """``route`` for ``_learns_choice``: every expert, weighted exactly 1 if among the top-k and 0 if not, with
+        the gradient of a sigmoid of its score around the token's threshold. The router then also learns which
+        unchosen experts would have helped (top-k alone gives them no gradient). SmolLM2 layer 15, layer-wise
+        stage, 400 steps: held-out error 0.108 → 0.102 (session 19 probe). Costs nothing extra where training
+        runs the masked product over all experts anyway."""
+        choice = self.router_logits(x, gates) + self.e_score_correction_bias
+        top = choice.topk(self.top_k + 1, dim=-1)
+        tau = 0.5 * (top[0][:, -2:-1] + top[0][:, -1:])  # between the k-th and the (k+1)-th score
+        hard = torch.zeros_like(choice).scatter_(1, top[1][:, :-1], 1.0)
+        soft = torch.sigmoid((choice - tau) / (self.STRAIGHT_THROUGH_T * tau.abs().clamp_min(1e-20)))
+        idx = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
+        return idx, (hard + (soft - soft.detach())).to(x.dtype)  # exactly 0 or 1 in value
+
     # How a forward runs the chosen experts, by what measured fastest on CPU (SmolLM2 MLP sizes, one layer):
     # large experts (copy upcycling) run one by one on their own tokens, straight from their weights; small ones
     # run as one product over the experts some token chose (gathered once), or, when most are chosen or there are
@@ -454,7 +476,8 @@ class MoEMLP(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         gates = self.all_gates(x) if self.router == "gate" else None  # routing needs them all: compute once
-        idx, w = self.route(x, gates)
+        learns = self.gate is None and self._learns_choice()
+        idx, w = self._straight_through(x, gates) if learns else self.route(x, gates)
         self.last_routing = idx.detach()
         large = self.experts_up.shape[1] >= self.LOOP_MIN_EXPERT_SIZE
         used = self._used(idx) if large or x.shape[0] <= self.GATHER_MAX_TOKENS else None  # not for prefill

@@ -1,9 +1,10 @@
 """逐层重建：修复的第一段。每个转换过的 MLP（MoE）先单独学着给出老师同一层稠密 MLP 的输出。
 
 在老师的前向里记下这些层的输入（一次前向记一组层，按内存分组），然后每层各自训练：学生的 MoE 与老师的
-稠密 MLP 读同一批 token，最小化相对平方误差 ‖moe(x) − mlp(x)‖² / ‖mlp(x)‖²（路由仍是硬 top-k）。一层只做
-自己的前向与反向，不跑注意力、不跑整个模型，所以同样的 CPU 时间能看到多得多的 token；之后的 KL 蒸馏再
-端到端地收拾层与层之间的误差（分块重建再整体微调，见 BRECQ、OmniQuant 与剪枝中的逐层重建）。
+稠密 MLP 读同一批 token，最小化相对平方误差 ‖moe(x) − mlp(x)‖² / ‖mlp(x)‖²（前向仍是硬 top-k；训练时落选
+专家经直通估计也有梯度，见 ``MoEMLP._straight_through``）。一层只做自己的前向与反向，不跑注意力、不跑整个
+模型，所以同样的 CPU 时间能看到多得多的 token；之后的 KL 蒸馏再端到端地收拾层与层之间的误差（分块重建再
+整体微调，见 BRECQ、OmniQuant 与剪枝中的逐层重建）。
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def fit_layer(student_mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int,
               precision: str, seed: int) -> tuple[float, float]:
     """Train ``student_mlp``'s parameters to give the teacher's outputs ``y`` on the rows ``x``; (error before,
-    after) on held-out rows (the first ``EVAL_ROWS`` of them, at most an eighth, never trained on)."""
+    after) on held-out rows (the first ``EVAL_ROWS`` of them, at most an eighth, never trained on). A layer that
+    ends worse on them than it started gets its weights back: the stage never makes a layer worse."""
 
     def run(mod, rows):
         with autocast(precision, rows.device):
@@ -80,6 +82,7 @@ def fit_layer(student_mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
     with torch.no_grad():
         before = float(relative_error(run(student_mlp, held), target_held))
     params = [p for p in student_mlp.parameters() if p.is_floating_point()]
+    start = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -96,6 +99,10 @@ def fit_layer(student_mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: i
         p.requires_grad_(False)
     with torch.no_grad():
         after = float(relative_error(run(student_mlp, held), target_held))
+        if not after <= before:  # NaN too
+            for p, s in zip(params, start):
+                p.copy_(s)
+            after = before
     return before, after
 
 

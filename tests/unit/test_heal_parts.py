@@ -17,3 +17,26 @@ def test_epoch_order_repeats_the_text_in_reshuffled_epochs():
 def test_epoch_order_covers_a_text_longer_than_the_budget_once():
     order = epoch_order(40, HealOptions(tokens=64, seq_len=64))
     assert sorted(order.tolist()) == list(range(40))
+
+
+def test_layerwise_fit_gives_a_layer_its_weights_back_when_training_made_it_worse():
+    from patcher.modeling import MoEMLP
+    from patcher.reconstruct import fit_layer
+
+    torch.manual_seed(0)
+    spec = {"hidden_size": 8, "num_experts": 8, "top_k": 4, "expert_size": 4, "shared_size": 0, "gated": True,
+            "up_bias": False, "down_bias": False, "routing": "sigmoid", "weights": "one", "router": "gate"}
+    moe = MoEMLP(spec, None, torch.nn.SiLU())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(512, 8)
+    with torch.no_grad():
+        moe.experts_down.mul_(1.2)  # the target: the same layer with a larger down projection, within reach
+        y = moe(x[None])[0]
+        moe.experts_down.div_(1.2)
+    start = {n: p.clone() for n, p in moe.named_parameters()}
+    before, after = fit_layer(moe, x, y, steps=3, lr=100.0, batch=64, precision="fp32", seed=0)
+    assert after == before
+    assert all(torch.equal(p, start[n]) for n, p in moe.named_parameters())
+    before, after = fit_layer(moe, x, y, steps=50, lr=1e-2, batch=64, precision="fp32", seed=0)
+    assert after < before  # a sensible step size still trains

@@ -56,6 +56,26 @@ def test_unit_weights_are_exactly_one_yet_train_the_router(router):
     assert reader.grad is not None and reader.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("router", ["lowrank", "gate"])
+def test_training_reaches_the_scores_of_experts_the_token_did_not_choose(router):
+    """Top-k alone gives an unchosen expert no gradient; the straight-through mask tells the router which would
+    have helped, while the output stays exactly that of the chosen experts."""
+    torch.manual_seed(0)
+    moe = MoEMLP(_spec(weights="one", router=router, router_rank=4), None, torch.nn.SiLU())
+    for prm in moe.parameters():
+        torch.nn.init.normal_(prm)
+    x = torch.randn(1, 8)  # one token: 6 of the 8 experts unchosen
+    with torch.no_grad():
+        plain = moe(x)
+        chosen = moe.route(x)[0][0]
+    out = moe(x)
+    assert torch.equal(out.detach(), plain)
+    out.pow(2).sum().backward()
+    per_expert = moe.router_scale.grad.view(8, 4).abs().sum(-1)
+    unchosen = torch.ones(8, dtype=torch.bool).index_fill_(0, chosen, False)
+    assert (per_expert[unchosen] > 0).all()
+
+
 def test_group_limited_routing_stays_in_the_chosen_groups():
     moe = MoEMLP(_spec(n_group=4, topk_group=1), None, torch.nn.SiLU())
     torch.nn.init.normal_(moe.gate.weight)

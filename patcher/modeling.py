@@ -386,8 +386,8 @@ class MoEMLP(nn.Module):
 
     def _learns_choice(self) -> bool:
         """Training a split MoE whose scores are magnitudes and whose weights are 1 (gate or low-rank router)."""
-        return (torch.is_grad_enabled() and self.router_scale.requires_grad and self.weights == "one"
-                and self.n_group == 1 and self.top_k < self.num_experts)
+        return (self.gate is None and torch.is_grad_enabled() and self.router_scale.requires_grad
+                and self.weights == "one" and self.n_group == 1 and self.top_k < self.num_experts)
 
     def _straight_through(self, x: torch.Tensor, gates: torch.Tensor | None):
         """``route`` for ``_learns_choice``: every expert, weighted exactly 1 if among the top-k and 0 if not, with
@@ -476,8 +476,7 @@ class MoEMLP(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         gates = self.all_gates(x) if self.router == "gate" else None  # routing needs them all: compute once
-        learns = self.gate is None and self._learns_choice()
-        idx, w = self._straight_through(x, gates) if learns else self.route(x, gates)
+        idx, w = self._straight_through(x, gates) if self._learns_choice() else self.route(x, gates)
         self.last_routing = idx.detach()
         large = self.experts_up.shape[1] >= self.LOOP_MIN_EXPERT_SIZE
         used = self._used(idx) if large or x.shape[0] <= self.GATHER_MAX_TOKENS else None  # not for prefill

@@ -13,122 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from patcher.locate import LayerMap, ModelMap
-from patcher.modeling import DecoupledLatentAttention, LatentAttention
+from patcher.errors import PlanError
+from patcher.model.locate import LayerMap, ModelMap
+from patcher.model.weights import rope_angles, weight_of
+from patcher.runtime.modeling import DecoupledLatentAttention, LatentAttention
 
-from . import PlanError, register  # noqa: F401  (PlanError re-exported: callers import it from here)
 from . import rope_split
-from .weights import weight_of
+from .base import Planning
+from .lowrank import BlockDiagonal, factorize, low_rank, quad_diag
 
 
 def kv_width(lm: LayerMap) -> int:
     """Elements per token that the source caches in this layer (K plus V)."""
     return len(lm.k.flat_rows) + len(lm.v.flat_rows)
-
-
-def whitening(cov: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor L of the input covariance (damped until it is positive definite)."""
-    cov = cov.double()
-    damp = 1e-6 * cov.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(cov + damp * eye)
-        if int(info) == 0:
-            return L
-        damp *= 10
-    raise PlanError("校准输入协方差无法分解（全零或含 NaN？）")
-
-
-GRAM_SVD_MIN = 2048  # from this size on (7B-class K+V), the SVD goes through the Gram matrix: ~3× faster on CPU
-
-
-def thin_svd(m: torch.Tensor, rank: int | None = None):
-    """Thin SVD (float64). Large matrices: eigendecomposition of the smaller Gram matrix, then only the ``rank``
-    leading singular vectors on the other side — the same leading factors, without LAPACK's full SVD; a rank far
-    below the size (a router's 128 of 4096): randomized SVD with power iterations (only ``rank``+32 values)."""
-    if min(m.shape) < GRAM_SVD_MIN:
-        return torch.linalg.svd(m, full_matrices=False)
-    if rank is not None and rank * 8 <= min(m.shape):
-        return randomized_svd(m, rank)
-    wide = m.shape[0] < m.shape[1]
-    a = m.T if wide else m  # tall: the Gram matrix aᵀa is the small side
-    evals, V = torch.linalg.eigh(a.T @ a)
-    S = evals.flip(0).clamp_min(0).sqrt()
-    V = V.flip(1)
-    k = len(S) if rank is None else min(rank, len(S))
-    U = (a @ V[:, :k]) / S[:k].clamp_min(float(S[0]) * 1e-12)
-    return (V, S, U.T) if wide else (U, S, V.T)
-
-
-def randomized_svd(m: torch.Tensor, rank: int, oversample: int = 32, iters: int = 3):
-    """Leading ``rank``+``oversample`` singular triplets (Halko et al.), from a fixed seed: the same on every run."""
-    g = torch.Generator().manual_seed(0)
-    q = min(rank + oversample, min(m.shape))
-    Q = torch.linalg.qr(m @ torch.randn(m.shape[1], q, generator=g, dtype=m.dtype)).Q
-    for _ in range(iters):  # power iterations sharpen the decay, so the kept directions are the leading ones
-        Q = torch.linalg.qr(m @ torch.linalg.qr(m.T @ Q).Q).Q
-    Ub, S, Vh = torch.linalg.svd(Q.T @ m, full_matrices=False)
-    return Q @ Ub, S, Vh
-
-
-class BlockDiagonal:
-    """A block-diagonal output weighting G (K rows: a diagonal; V rows: one block per KV group).
-
-    Kept as blocks: at 7B sizes the dense G (8192²) costs more to multiply and solve than the SVD itself."""
-
-    def __init__(self, blocks: list[torch.Tensor]):
-        self.blocks = blocks  # 1-D: a diagonal; 2-D: a square block
-        self.sizes = [b.shape[0] for b in blocks]
-
-    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([b[:, None] * xs if b.dim() == 1 else b @ xs for b, xs in zip(self.blocks, x.split(self.sizes))])
-
-    def solve(self, x: torch.Tensor) -> torch.Tensor:
-        """G⁻¹·x."""
-        return torch.cat([xs / b[:, None] if b.dim() == 1 else torch.linalg.solve(b, xs)
-                          for b, xs in zip(self.blocks, x.split(self.sizes))])
-
-    def dense(self) -> torch.Tensor:
-        return torch.block_diag(*[torch.diag(b) if b.dim() == 1 else b for b in self.blocks])
-
-
-def quad_diag(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """diag(A·C·Aᵀ): products in float32 (4× faster on CPU), result in float64. For weights and reported errors,
-    never for the factors themselves."""
-    a32 = a.float()
-    return ((a32 @ c.float()) * a32).sum(1).double()
-
-
-def factorize(w: torch.Tensor, cov: torch.Tensor | None, init: str, g: BlockDiagonal | None = None,
-              rank: int | None = None):
-    """SVD of G·W·L: L whitens the input side (init == 'whitened'), G weights the output side (or None).
-
-    Returns U, S, Vh (of the weighted matrix; at least ``rank`` leading vectors), L (or None); the rank-r factors
-    are then up = G⁻¹·U_r·√S_r and down = √S_r·Vh_r·L⁻¹.
-    """
-    w = w.double()
-    L = whitening(cov) if init == "whitened" else None
-    m = w @ L if L is not None else w
-    if g is not None:
-        m = g @ m
-    U, S, Vh = thin_svd(m, rank)
-    return U, S, Vh, L
-
-
-def low_rank(w: torch.Tensor, cov: torch.Tensor | None, rank: int, init: str = "whitened",
-             g: BlockDiagonal | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``rank`` factors (up, down) with W ≈ up·down, minimising the (G-weighted, input-whitened) error."""
-    if rank >= w.shape[1]:  # full rank: W = W·I exactly, whatever the weighting (an MHA model at ≥ 50 % of its cache)
-        return w.double(), torch.eye(w.shape[1], dtype=torch.float64)
-    U, S, Vh, L = factorize(w, cov, init, g, rank)
-    root = S[:rank].sqrt()
-    up = U[:, :rank] * root
-    if g is not None:
-        up = g.solve(up)
-    down = root[:, None] * Vh[:rank]
-    if L is not None:  # undo the whitening on the input side: down · L⁻¹
-        down = torch.linalg.solve_triangular(L, down, upper=False, left=False)
-    return up, down
 
 
 def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective: str) -> BlockDiagonal | None:
@@ -229,70 +126,67 @@ class Analysis:
     rope_gain: torch.Tensor | None = None
 
 
-def decoupled(recipe) -> bool:
-    return recipe.mla.rope == "decoupled"
+def decoupled(o) -> bool:
+    return o.rope == "decoupled"
 
 
-def rope_dim(recipe, lm: LayerMap) -> int:
+def rope_dim(o, lm: LayerMap) -> int:
     """qk_rope_head_dim: as asked, else DeepSeek-V3's 64 (or the source's whole rotary part when smaller)."""
-    return recipe.mla.rope_dim if recipe.mla.rope_dim is not None else min(64, lm.rotary_dim)
+    return o.rope_dim if o.rope_dim is not None else min(64, lm.rotary_dim)
 
 
 class MLAConverter:
+    """MLA 技术：替换每层的注意力（配方小节 ``mla``，结构记录键 ``attention``）。"""
     section = "mla"
     structure_key = "attention"
 
-    def enabled(self, recipe) -> bool:
-        return recipe.mla.enabled
-
-    def check(self, lm: LayerMap, recipe) -> None:
+    def check(self, lm: LayerMap, o) -> None:
         lm.require("attention", "q", "k", "v", "o")
-        if decoupled(recipe):
+        if decoupled(o):
             where = f"第 {lm.index} 层注意力 {lm.prefix}.{lm.attention}"
             if not lm.rotary_dim:
                 raise PlanError(f"{where} 没有 RoPE（missing role rotary），解耦 RoPE 无从谈起；请用 --mla-rope latent")
             if lm.q_norm or lm.k_norm:
                 raise PlanError(f"{where} 对每头的 q/k 做 RMSNorm（{lm.q_norm or lm.k_norm}），是非线性的，"
                                 f"DeepSeek-V3 的解耦布局无法表达；请用 --mla-rope latent")
-            if rope_dim(recipe, lm) > lm.rotary_dim:
-                raise PlanError(f"--rope-dim {recipe.mla.rope_dim} 超过 {where} 的旋转维数 {lm.rotary_dim}")
+            if rope_dim(o, lm) > lm.rotary_dim:
+                raise PlanError(f"--rope-dim {o.rope_dim} 超过 {where} 的旋转维数 {lm.rotary_dim}")
 
-    def captures(self, lm: LayerMap, recipe) -> list[tuple[str, str]]:
+    def captures(self, lm: LayerMap, o) -> list[tuple[str, str]]:
         wants = [(lm.k.module, "cov")]  # k and v read the same input: one covariance serves both
-        if decoupled(recipe):  # measured attention-score errors need whole sequences
+        if decoupled(o):  # measured attention-score errors need whole sequences
             wants.append((lm.k.module, "sequences"))
         return wants
 
-    def needs_analysis(self, recipe) -> bool:
+    def planning(self, o) -> Planning:
         """Spectra are needed unless every layer gets the same rank (uniform or an explicit kv_lora_rank)."""
-        o = recipe.mla
-        return decoupled(recipe) or (o.kv_lora_rank is None and o.allocation != "uniform")
+        if decoupled(o):
+            return Planning("global", "做解耦 RoPE（频率要看完所有层才能选）")
+        if o.kv_lora_rank is None and o.allocation != "uniform":
+            style = "global_probe" if o.allocation == "sensitivity" else "global"
+            return Planning(style, f"按 {o.allocation} 在层间分配秩（要先看完所有层）", {"allocation": "uniform"})
+        return Planning("per_layer")
 
-    def needs_probe(self, recipe) -> bool:
-        return (recipe.mla.allocation == "sensitivity" and recipe.mla.kv_lora_rank is None
-                and not decoupled(recipe))
-
-    def analyse(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
+    def analyse(self, job, layer: nn.Module, lm: LayerMap, stats: dict, o, probe=None) -> Analysis:
         """Planning pass: the (whitened, weighted) singular values of [W_k; W_v] of this layer, and, for
         sensitivity allocation, the KL the model pays when only this layer runs at the uniform rank.
         Decoupled RoPE: the measured gain of keeping each frequency's position (the model picks one set)."""
-        if decoupled(recipe):
-            return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(ctx, layer, lm, stats)[2]))
+        if decoupled(o):
+            return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(job, layer, lm, stats)[2]))
         w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
         cov = stats.get((lm.k.module, "cov"))
-        g = output_weights(layer, lm, cov, recipe.mla.objective)
-        out = Analysis(factorize(w, cov, recipe.mla.init, g)[1].float())
-        if probe is not None and self.needs_probe(recipe):
-            out.probe_rank = max(recipe.mla.min_rank, min(len(out.spectrum), round(recipe.mla.kv_keep * kv_width(lm))))
-            module, _, _ = self.build(probe.config, layer, lm, cov, out.probe_rank, recipe, probe.rotary)
+        g = output_weights(layer, lm, cov, o.objective)
+        out = Analysis(factorize(w, cov, o.init, g)[1].float())
+        if probe is not None and self.planning(o).style == "global_probe":
+            out.probe_rank = max(o.min_rank, min(len(out.spectrum), round(o.kv_keep * kv_width(lm))))
+            module, _, _ = self.build(job.config, layer, lm, cov, out.probe_rank, o, job.rotary)
             out.kl = probe(lm.index, lm.attention, module)
         return out
 
-    def plan(self, mm: ModelMap, recipe, analyses: list[Analysis]) -> list:
+    def plan(self, mm: ModelMap, opts, analyses: list[Analysis]) -> list:
         """Per-layer ranks under the global KV budget (decoupled: one rank and one frequency set for all layers)."""
-        opts = recipe.mla
-        if decoupled(recipe):
-            return self._plan_decoupled(mm, recipe, analyses)
+        if decoupled(opts):
+            return self._plan_decoupled(mm, opts, analyses)
         spectra = [a.spectrum if a is not None else None for a in analyses]
         caps = [min(kv_width(lm), mm.hidden_size or kv_width(lm)) for lm in mm.layers]  # the most rank a latent can use
         if opts.kv_lora_rank is not None:
@@ -312,7 +206,7 @@ class MLAConverter:
             weights.append(max(a.kl, 1e-12) / max(residual, 1e-12))
         return allocate(spectra, budget, caps, opts.min_rank, "energy", layer_weights=weights)
 
-    def build(self, config, layer: nn.Module, lm: LayerMap, cov: torch.Tensor | None, rank: int, recipe,
+    def build(self, config, layer: nn.Module, lm: LayerMap, cov: torch.Tensor | None, rank: int, o,
               rotary: nn.Module | None):
         """The latent attention of one layer at ``rank``: (module, structure record, K/V errors)."""
         wk, bk = weight_of(layer, lm.k)
@@ -324,8 +218,8 @@ class MLAConverter:
             up, down = low_rank(w, cov, rank)
             errors = {"k_rel_error": 0.0, "v_rel_error": 0.0}
         else:
-            g = output_weights(layer, lm, cov, recipe.mla.objective)
-            up, down = low_rank(w, cov, rank, recipe.mla.init, g)
+            g = output_weights(layer, lm, cov, o.objective)
+            up, down = low_rank(w, cov, rank, o.init, g)
             errors = _relative_errors(w, up @ down, cov, wk.shape[0])
         attn = layer.get_submodule(lm.attention)
         spec = {
@@ -350,9 +244,8 @@ class MLAConverter:
         new._rotary = rotary
         return new, spec, errors
 
-    def _plan_decoupled(self, mm: ModelMap, recipe, analyses: list[Analysis]) -> list[dict]:
-        opts = recipe.mla
-        dim = rope_dim(recipe, mm.layers[0])
+    def _plan_decoupled(self, mm: ModelMap, opts, analyses: list[Analysis]) -> list[dict]:
+        dim = rope_dim(opts, mm.layers[0])
         half, n = mm.layers[0].rotary_dim // 2, dim // 2
         total = sum(a.rope_gain for a in analyses)
         pairs = rope_split.choose_pairs(opts.rope_method, total, half, n)
@@ -367,14 +260,14 @@ class MLAConverter:
         gain = [float(total[i]) for i in range(half)]
         return [{"rank": rank, "pairs": pairs, "gain": gain} for _ in mm.layers]
 
-    def _rope_parts(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict):
+    def _rope_parts(self, job, layer: nn.Module, lm: LayerMap, stats: dict):
         """Source weights (q bias folded), shared keys and per-frequency costs of one layer."""
         cov = stats[(lm.k.module, "cov")]
         seqs = stats[(lm.k.module, "sequences")]
         wq, bq = weight_of(layer, lm.q)
         wk, bk = weight_of(layer, lm.k)
         rot = lm.rotary_dim
-        theta, scale = rope_split.rope_angles(ctx.rotary, rot)
+        theta, scale = rope_angles(job.rotary, rot)
         q_bias_kept = None
         if bq is not None:  # q_proj has no bias in DeepSeek-V3: least-squares fold of the constant into W_q
             flat = seqs.reshape(-1, seqs.shape[-1]).double()
@@ -391,10 +284,10 @@ class MLAConverter:
         costs = rope_split.frequency_costs(seqs, wq, None, wk, bk, sk, theta, lm, rot)
         return (wq, wk, bk, scale, q_bias_kept), sk, costs
 
-    def build_decoupled(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, plan: dict, recipe):
+    def build_decoupled(self, job, layer: nn.Module, lm: LayerMap, stats: dict, plan: dict, o):
         """The decoupled-RoPE latent attention of one layer: (module, structure record, errors)."""
         cov = stats[(lm.k.module, "cov")]
-        (wq, wk, bk, scale, q_bias_kept), sk, costs = self._rope_parts(ctx, layer, lm, stats)
+        (wq, wk, bk, scale, q_bias_kept), sk, costs = self._rope_parts(job, layer, lm, stats)
         wv, bv = weight_of(layer, lm.v)
         wo, bo = weight_of(layer, lm.o, rows=False)
         pairs, rank, hd = plan["pairs"], plan["rank"], lm.head_dim
@@ -405,8 +298,8 @@ class MLAConverter:
         heads, groups, per = lm.num_heads, lm.num_kv_heads, lm.num_heads // lm.num_kv_heads
         q_nope = q_rows.view(heads, hd + rope, -1)[:, :hd].reshape(-1, q_rows.shape[-1])
         w = torch.cat([k_nope, wv.double()])
-        g = weighting(q_nope, k_nope, wv, wo, lm, cov, recipe.mla.objective, k_ref=wk)
-        up, down = low_rank(w, cov, rank, recipe.mla.init, g)
+        g = weighting(q_nope, k_nope, wv, wo, lm, cov, o.objective, k_ref=wk)
+        up, down = low_rank(w, cov, rank, o.init, g)
         errors = _relative_errors(w, up @ down, cov, k_nope.shape[0], k_ref=wk)
         eps = DecoupledLatentAttention.KV_NORM_EPS
         alpha = rope_split.latent_scale(down, cov, eps)
@@ -415,14 +308,15 @@ class MLAConverter:
         kv_b = torch.cat([up_k, up_v], 1).repeat_interleave(per, 0).reshape(-1, rank)
         o_bias = bo.double() if bo is not None else None
         if bv is not None:  # attention weights sum to 1, so V's bias reaches the output as W_o·b_v: exact
-            o_bias = (o_bias if o_bias is not None else 0) + wo.double() @ bv.double().view(groups, vd).repeat_interleave(per, 0).reshape(-1)
+            bv_heads = bv.double().view(groups, vd).repeat_interleave(per, 0).reshape(-1)
+            o_bias = (o_bias if o_bias is not None else 0) + wo.double() @ bv_heads
         attn = layer.get_submodule(lm.attention)
         spec = {"kind": "decoupled", "path": lm.attention, "hidden_size": wq.shape[1], "num_heads": heads,
                 "qk_nope_head_dim": hd, "qk_rope_head_dim": rope, "v_head_dim": vd, "rank": rank,
                 "scaling": ds_scaling, "rope_pairs": list(pairs), "rope_half": lm.rotary_dim // 2,
                 "kv_a_bias": bk is not None, "o_bias": o_bias is not None, "out_size": wo.shape[0],
-                "sliding_window": getattr(attn, "sliding_window", None), "rope_method": recipe.mla.rope_method}
-        new = DecoupledLatentAttention(spec, ctx.config, getattr(attn, "layer_idx", lm.index))
+                "sliding_window": getattr(attn, "sliding_window", None), "rope_method": o.rope_method}
+        new = DecoupledLatentAttention(spec, job.config, getattr(attn, "layer_idx", lm.index))
         dtype = weight_of(layer, lm.q)[0].dtype
         with torch.no_grad():
             new.q_proj.weight.copy_(q_rows.to(dtype))
@@ -435,7 +329,7 @@ class MLAConverter:
             if o_bias is not None:
                 new.o_proj.bias.copy_(o_bias.to(dtype))
         new.to(device=wq.device, dtype=dtype)
-        new._rotary = ctx.rotary
+        new._rotary = job.rotary
         keep_inc = (costs["keep_inc"] < costs["keep_drop"])[pairs].sum().item()
         nope_inc = [i for i in range(lm.rotary_dim // 2) if i not in pairs and costs["nope_inc"][i] < costs["nope_drop"][i]]
         info = {**errors, "rope_pairs": list(pairs), "rope_shared_key_energy": float(sk.captured[pairs].mean()),
@@ -445,20 +339,19 @@ class MLAConverter:
             info["q_bias_share_kept"] = q_bias_kept
         return new, spec, info
 
-    def convert(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, rank, recipe) -> tuple[dict, dict]:
+    def convert(self, job, layer: nn.Module, lm: LayerMap, stats: dict, rank, o) -> tuple[dict, dict]:
         """Replace layer ``lm.index``'s attention in place; return its structure record and its errors."""
-        if decoupled(recipe):
-            new, spec, info = self.build_decoupled(ctx, layer, lm, stats, rank, recipe)
+        if decoupled(o):
+            new, spec, info = self.build_decoupled(job, layer, lm, stats, rank, o)
             layer.set_submodule(lm.attention, new)
             return spec, {"rank": rank["rank"], "kv_width": kv_width(lm), **info}
         cov = stats.get((lm.k.module, "cov"))
-        new, spec, errors = self.build(ctx.config, layer, lm, cov, rank, recipe, ctx.rotary)
+        new, spec, errors = self.build(job.config, layer, lm, cov, rank, o, job.rotary)
         layer.set_submodule(lm.attention, new)
         return spec, {"rank": rank, "kv_width": kv_width(lm), **errors}
 
-    def summary(self, mm: ModelMap, recipe, ranks: list, specs: dict) -> dict:
-        o = recipe.mla
-        if decoupled(recipe):
+    def summary(self, mm: ModelMap, o, ranks: list, specs: dict) -> dict:
+        if decoupled(o):
             p = ranks[0]
             dim = 2 * len(p["pairs"])
             return {"rope": "decoupled", "rope_method": o.rope_method, "qk_rope_head_dim": dim,
@@ -486,5 +379,3 @@ def _relative_errors(w: torch.Tensor, w_hat: torch.Tensor, cov: torch.Tensor | N
         out[f"{name}_rel_error"] = float((num / den).clamp_min(0).sqrt())
     return out
 
-
-register(MLAConverter())

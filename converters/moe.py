@@ -21,12 +21,13 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from patcher.locate import LayerMap, LocateError, ModelMap
-from patcher.modeling import MoEMLP, largest_inputs
+from patcher.errors import LocateError, PlanError
+from patcher.model.locate import LayerMap, ModelMap
+from patcher.model.weights import weight_of
+from patcher.runtime.modeling import MoEMLP, largest_inputs
 
-from . import PlanError, register
-from .mla import low_rank
-from .weights import weight_of
+from .base import Planning
+from .lowrank import low_rank
 
 
 def balanced_kmeans(features: torch.Tensor, clusters: int, size: int, seed: int, iters: int = 12) -> list[list[int]]:
@@ -145,29 +146,27 @@ def split_sizing(inter: int, frac: float, o, choice: dict) -> dict:
 
 
 class MoEConverter:
+    """MoE 技术：把每层的 MLP 换成路由专家加共享专家（配方小节 ``moe``，结构记录键 ``mlp``）。"""
     section = "moe"
     structure_key = "mlp"
     SPREAD = 0.2  # how far below the uniform fraction sensitivity allocation may take a layer
 
-    def enabled(self, recipe) -> bool:
-        return recipe.moe.enabled
-
-    def check(self, lm: LayerMap, recipe) -> None:
+    def check(self, lm: LayerMap, o) -> None:
         lm.require("up", "down")
         if lm.mlp is None or lm.act_module is None:
             raise LocateError(f"第 {lm.index} 层（{lm.prefix}）的 MLP 没有可复用的激活模块，无法改造为 MoE"
                               f"（layer {lm.index}: missing role act_module）")
 
-    def captures(self, lm: LayerMap, recipe) -> list[tuple[str, str]]:
-        if recipe.moe.mode == "copy":
+    def captures(self, lm: LayerMap, o) -> list[tuple[str, str]]:
+        if o.mode == "copy":
             return []
         return [(lm.up.module, "inputs"), (lm.down.module, "inputs")]
 
-    def needs_analysis(self, recipe) -> bool:
-        return recipe.moe.mode == "split" and recipe.moe.allocation == "sensitivity"
-
-    def needs_probe(self, recipe) -> bool:
-        return self.needs_analysis(recipe)
+    def planning(self, o) -> Planning:
+        if o.mode == "split" and o.allocation == "sensitivity":
+            return Planning("global_probe", f"按 {o.allocation} 在层间分配激活比例（要先看完所有层）",
+                            {"allocation": "uniform"})
+        return Planning("per_layer")
 
     def uniform(self, lm: LayerMap, d: int, o, choice: dict) -> dict:
         """The split of a layer that, router included, uses ``--moe-active`` of its FFN parameters."""
@@ -211,10 +210,9 @@ class MoEConverter:
             raise errors[-1]
         return out
 
-    def analyse(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, recipe, probe=None) -> Analysis:
+    def analyse(self, job, layer: nn.Module, lm: LayerMap, stats: dict, o, probe=None) -> Analysis:
         """Planning pass: this layer's output error at each candidate fraction, and the KL the whole model pays
         when only this layer is split uniformly (the layer's sensitivity)."""
-        o = recipe.moe
         mlp = layer.get_submodule(lm.mlp)
         wu, _ = weight_of(layer, lm.up)
         inter, d = wu.shape[0], wu.shape[1]
@@ -238,16 +236,14 @@ class MoEConverter:
             # the KL is measured at the uniform split of the router that fits this layer best
             out.probe = min(((r, f) for r, f in uniform.items()), key=lambda key: options[key]["error"])
             # the probe measures the layer, not the partition: a random one is as telling and much quicker
-            module, _, _ = self.build(probe.config, layer, lm, ls, options[out.probe]["sizing"], recipe,
-                                      partition="random")
+            module, _, _ = self.build(job, layer, lm, ls, options[out.probe]["sizing"], o, partition="random")
             out.kl = probe(lm.index, lm.mlp, module)
         return out
 
-    def plan(self, mm: ModelMap, recipe, analyses) -> list[dict]:
+    def plan(self, mm: ModelMap, o, analyses) -> list[dict]:
         """Per-layer sizing. Sensitivity: each layer's cost = measured KL per unit of output error at the uniform
         split × its error at a candidate split; pick per layer (dense included) to minimise the total cost
         within the parameter budget (Lagrangian search over the price of a parameter)."""
-        o = recipe.moe
         out = []
         for lm in mm.layers:
             inter, d = len(lm.up.flat_rows), mm.hidden_size
@@ -296,8 +292,7 @@ class MoEConverter:
             _, i, u = max(moves, key=lambda m: m[0])
             chosen[i] = u
 
-    def summary(self, mm: ModelMap, recipe, plans: list[dict], specs: dict) -> dict:
-        o = recipe.moe
+    def summary(self, mm: ModelMap, o, plans: list[dict], specs: dict) -> dict:
         layers, resolved = [], []
         for lm, p in zip(mm.layers, plans):
             if "candidates" in p:  # `auto` under a uniform split: the layer's structure record says what was chosen
@@ -316,10 +311,11 @@ class MoEConverter:
                 "allocation": o.allocation if o.mode == "split" else None,
                 "dense_layers": [l["layer"] for l in layers if l.get("dense")], "layers": layers}
 
-    def build(self, config, layer: nn.Module, lm: LayerMap, ls: "LayerStats | None", sizing: dict, recipe,
+    def build(self, job, layer: nn.Module, lm: LayerMap, ls: "LayerStats | None", sizing: dict, o,
               partition: str | None = None):
         """The MoE MLP of one layer at ``sizing``: (module, structure record, router statistics)."""
-        o = recipe.moe if partition is None else recipe.moe.model_copy(update={"partition": partition})
+        o = o if partition is None else o.model_copy(update={"partition": partition})
+        config = job.config
         mlp = layer.get_submodule(lm.mlp)
         wu, bu = weight_of(layer, lm.up)
         wg, bg = weight_of(layer, lm.gate) if lm.gate is not None else (None, None)
@@ -330,7 +326,7 @@ class MoEConverter:
                 "top_k": sizing["top_k"], "expert_size": sizing["expert_size"],
                 "shared_size": sizing["shared_size"], "gated": wg is not None, "up_bias": bu is not None,
                 "down_bias": bd is not None, "routing": o.routing, "n_group": o.n_group, "topk_group": o.topk_group}
-        seed = recipe.calibration.seed * 1000 + lm.index
+        seed = job.seed * 1000 + lm.index
         if o.mode == "copy":
             spec.update(router="linear", weights="prob")
             new = MoEMLP(spec, config, mlp.get_submodule(lm.act_module))
@@ -340,7 +336,7 @@ class MoEConverter:
             # DeepSeek-V3 cannot give chosen experts a weight of exactly 1: its weights are sigmoid scores normalised
             # over the top-k and scaled by routed_scaling_factor. With scaling = top_k and router logits squeezed
             # near 0 (σ ≈ ½ ± 10⁻³) every chosen expert gets 1 ± 10⁻³, and the ranking is unchanged.
-            deepseek = recipe.output.format == "deepseek-v3"
+            deepseek = not job.target.unit_expert_weights
             spec.update(router=sizing["router"], weights="prob" if deepseek else "one",
                         routed_scaling=float(sizing["top_k"]) if deepseek else 1.0,
                         router_rank=min(o.router_rank, wu.shape[1], sizing["experts"] * sizing["expert_size"]),
@@ -352,17 +348,17 @@ class MoEConverter:
         new.to(device=wu.device, dtype=wu.dtype)
         return new, spec, info
 
-    def convert(self, ctx, layer: nn.Module, lm: LayerMap, stats: dict, sizing: dict, recipe):
+    def convert(self, job, layer: nn.Module, lm: LayerMap, stats: dict, sizing: dict, o):
         """Replace layer ``lm.index``'s MLP in place (unless the plan keeps it dense)."""
         if sizing.get("dense"):
             return None, {"moe_dense": True}
-        ls = LayerStats.of(lm, stats) if recipe.moe.mode == "split" else None
+        ls = LayerStats.of(lm, stats) if o.mode == "split" else None
         if "candidates" in sizing:
             # `--moe-router auto` under a uniform split: the router kind with the smaller output error on this
             # layer's calibration data (the structure record keeps the choice; the summary reads it there)
             sizing = min(sizing["candidates"],
-                         key=lambda c: ls.masked_error(c, *self.scores(layer, lm, ls, c, recipe.moe)))
-        new, spec, info = self.build(ctx.config, layer, lm, ls, sizing, recipe)
+                         key=lambda c: ls.masked_error(c, *self.scores(layer, lm, ls, c, o)))
+        new, spec, info = self.build(job, layer, lm, ls, sizing, o)
         layer.set_submodule(lm.mlp, new)
         return spec, {f"moe_{k}": v for k, v in info.items()}
 
@@ -671,5 +667,3 @@ def _balance(new: MoEMLP, x: torch.Tensor, steps: int = 60) -> None:
             load = torch.bincount(_choose(new, x).reshape(-1), minlength=new.num_experts).float()
             new.e_score_correction_bias -= 0.02 * spread * torch.sign(load - load.mean())
 
-
-register(MoEConverter())

@@ -24,16 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
-
-def rope_angles(rotary: nn.Module, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(θ_i, scale_i) of the source rotary for each of its rot/2 pairs, read from its cos/sin at positions 0 and 1."""
-    like = torch.zeros(1, 2, rot, dtype=torch.float32)
-    cos, sin = rotary(like, torch.arange(2)[None])
-    half = rot // 2
-    theta = torch.atan2(sin[0, 1, :half].double(), cos[0, 1, :half].double())
-    return theta, cos[0, 0, :half].double()
 
 
 def complex_rows(w: torch.Tensor, heads: int, hd: int, half: int) -> torch.Tensor:

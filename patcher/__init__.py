@@ -4,17 +4,32 @@ Python 接口::
 
     from patcher import patch_model, convert, load_recipe
     model, report = patch_model(model, {"mla": {"enabled": True, "kv_keep": 0.6}}, tokenizer)
+
+出错时抛出 ``DsoptError`` 的子类（``patcher.errors``），消息写明原因与出路。
 """
 
-__version__ = "0.1.0"
+from . import legacy as _legacy  # noqa: E402
+from .model.families import FAMILIES as _FAMILIES  # noqa: E402
+from .runtime import modeling as _modeling  # noqa: E402
+from .version import __version__  # noqa: E402,F401
 
-from . import modeling as _modeling  # noqa: E402
-from .families import FAMILIES as _FAMILIES  # noqa: E402
-
+_legacy.install()  # the module paths before the redesign still import
 for _model_type in _FAMILIES:  # loading a converted checkpoint then needs no remote code
     _modeling.register(_model_type)
 
-from .api import convert, patch_model  # noqa: E402
+from .errors import DataError, DsoptError, ExportError, LocateError, OutputError, PlanError, RecipeError, SourceError  # noqa: E402
 from .recipe import Recipe, load_recipe  # noqa: E402
 
-__all__ = ["convert", "patch_model", "Recipe", "load_recipe", "__version__"]
+
+def __getattr__(name: str):
+    """``convert`` and ``patch_model`` load the pipeline on first use: importing ``patcher.errors`` (as every
+    technique does) then never pulls in the pipeline that imports the techniques."""
+    if name in ("convert", "patch_model"):
+        from . import jobs
+
+        return getattr(jobs, name)
+    raise AttributeError(f"module 'patcher' has no attribute {name!r}")
+
+
+__all__ = ["convert", "patch_model", "Recipe", "load_recipe", "__version__", "DsoptError", "RecipeError",
+           "PlanError", "LocateError", "SourceError", "OutputError", "DataError", "ExportError"]

@@ -69,26 +69,22 @@ def _option_type(annotation):
 
 
 def _convert_impl(source: str, out: Optional[Path], recipe: Optional[str], **flags):
-    from .recipe import RecipeError, flag_fields, load_recipe, with_overrides
+    from . import jobs
+    from .errors import DsoptError
+    from .recipe import flag_fields, load_recipe, with_overrides
 
     try:
         base = load_recipe(recipe)
         overrides = {(sec, name): flags[f"{sec}__{name}"] for sec, name, _ in flag_fields()
                      if flags.get(f"{sec}__{name}") is not None}
         rec = with_overrides(base, overrides)
-    except RecipeError as e:
+    except DsoptError as e:
         _fail(str(e))
-    from . import api
-    from .calibrate import DataError
-    from .checkpoint import OutputError, SourceError
-    from .locate import LocateError
-    from converters.mla import PlanError
-
     out = out or Path(f"{Path(source).name}-dsopt")
     try:
         with Progress(*_columns(), console=console, transient=False) as progress:
-            report = api.convert(source, rec, out, progress=RichProgress(progress), resume=flags.get("resume", False))
-    except (RecipeError, DataError, OutputError, SourceError, LocateError, PlanError) as e:
+            report = jobs.convert(source, rec, out, progress=RichProgress(progress), resume=flags.get("resume", False))
+    except DsoptError as e:
         _fail(str(e))
     _print_summary(report, out)
 
@@ -172,9 +168,9 @@ def _mtp_train_command():
     def train_mtp(**kw):
         from pydantic import ValidationError
 
-        from . import api
-        from .checkpoint import OutputError, SourceError
-        from .fidelity import read_report
+        from . import jobs
+        from .errors import DsoptError
+        from .evaluation.report import read_report
 
         out = kw.pop("out")
         try:
@@ -185,8 +181,8 @@ def _mtp_train_command():
             _fail(str(e))
         try:
             with Progress(*_columns(), console=console, transient=False) as progress:
-                rep = api.train_mtp_checkpoint(out, opts, kw["resume"], RichProgress(progress))
-        except (FileNotFoundError, SourceError, OutputError, ValueError) as e:
+                rep = jobs.train_mtp_checkpoint(out, opts, kw["resume"], RichProgress(progress))
+        except (FileNotFoundError, DsoptError, ValueError) as e:
             _fail(str(e))
         table = Table(title=f"MTP 训练完成 → {out}")
         table.add_column("指标")
@@ -208,7 +204,7 @@ app.command("train-mtp")(_mtp_train_command())
 
 
 def _heal_command():
-    from .heal import HealOptions
+    from .training.heal import HealOptions
 
     params = [inspect.Parameter("out", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path,
                                 default=typer.Argument(..., help="dsopt 输出目录（dsopt 或 deepseek-v3 格式）")),
@@ -223,8 +219,8 @@ def _heal_command():
     def heal(**kw):
         from pydantic import ValidationError
 
-        from . import api
-        from .checkpoint import OutputError, SourceError
+        from . import jobs
+        from .errors import DsoptError
 
         out, resume = kw.pop("out"), kw.pop("resume")
         try:
@@ -233,8 +229,8 @@ def _heal_command():
             _fail(str(e))
         try:
             with Progress(*_columns(), console=console, transient=False) as progress:
-                rec = api.heal_checkpoint(out, opts, resume, RichProgress(progress))
-        except (FileNotFoundError, SourceError, OutputError, ValueError) as e:
+                rec = jobs.heal_checkpoint(out, opts, resume, RichProgress(progress))
+        except (FileNotFoundError, DsoptError, ValueError) as e:
             _fail(str(e))
         table = Table(title=f"修复完成 → {out}")
         table.add_column("指标")
@@ -246,7 +242,7 @@ def _heal_command():
         _generated_row(table, rec.get("generated"))
         local = rec.get("local")
         if local and local["layers"]:
-            from .reconstruct import mean_errors
+            from .evaluation.render import mean_errors
 
             before, after = mean_errors(local)
             table.add_row("其中逐层重建：MoE 层数 / 相对误差 / 耗时",
@@ -275,47 +271,14 @@ def generate_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录（或�
                  chat: bool = typer.Option(False, "--chat", help="按分词器的对话模板包装提示"),
                  as_json: bool = typer.Option(False, "--json", help="只输出一行 JSON（text、tokens_per_s、accepted_per_step…）")):
     """用转换后的检查点生成文本；有 MTP 模块时缺省走无损投机解码。"""
-    import time
-
-    import torch
-
-    from .checkpoint import SourceError, load
+    from . import jobs
+    from .errors import DsoptError
 
     try:
-        model, tok, _ = load(str(out))
-    except SourceError as e:
+        row = jobs.generate(out, prompt, max_new_tokens, not no_mtp, lookup, branches, temperature, chat)
+    except DsoptError as e:
         _fail(str(e))
-    if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(prompt, return_tensors="pt")["input_ids"]
-    use_mtp = getattr(model, "mtp", None) is not None and not no_mtp
-    from .mtp import parse_widths
-
-    try:
-        widths = None if branches is None else parse_widths(branches)
-    except ValueError:
-        _fail(f"--branches 应是逗号分隔的正整数（如 4,2），得到 {branches!r}")
-    kwargs = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
-    if temperature > 0:
-        kwargs["temperature"] = temperature
-    t = time.perf_counter()
-    with torch.no_grad():
-        if use_mtp:
-            new = model.generate(ids, use_mtp=True, mtp_lookup=lookup, mtp_branches=widths, **kwargs)
-        else:
-            new = model.generate(ids, **({"use_mtp": False} if hasattr(model, "last_mtp_stats") else {}), **kwargs,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    seconds = time.perf_counter() - t
-    text = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
-    n = new.shape[1] - ids.shape[1]
-    stats = model.last_mtp_stats if use_mtp else None
-    row = {"text": text, "new_tokens": n, "seconds": seconds,
-           "tokens_per_s": stats["tokens_per_s"] if stats else n / seconds,
-           "accepted_per_step": stats["accepted_per_step"] if stats else 1.0, "mtp": use_mtp,
-           "head_acceptance": stats["head_acceptance"] if stats else None,
-           "lookup_steps": stats["lookup_steps"] if stats else 0}
+    text, n, use_mtp = row["text"], row["new_tokens"], row["mtp"]
     if as_json:
         print(json.dumps(row, ensure_ascii=False))
     else:
@@ -329,17 +292,21 @@ def inspect_cmd(source: str = typer.Argument(..., help="来源：本地目录、
                 trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="信任远程代码"),
                 as_json: bool = typer.Option(False, "--json", help="以 JSON 输出")):
     """打印定位器在每层找到的角色（来自 FX 图的数据流），以及找不到的角色。"""
-    from .checkpoint import SourceError, load
-    from .locate import LocateError, locate
+    from .errors import DsoptError
+    from .model.families import family_of
+    from .model.locate import locate
+    from .model.sources import load
 
     try:
         model, _, _ = load(source, trust_remote_code=trust_remote_code)
         mm = locate(model)
-    except (SourceError, LocateError) as e:
+    except DsoptError as e:
         _fail(str(e))
+    notes = family_of(mm.model_type).notes
     if as_json:
         print(json.dumps({"model_type": mm.model_type, "layers_path": mm.layers_path, "rotary_path": mm.rotary_path,
-                          "layers": [_layer_row(lm) for lm in mm.layers]}, ensure_ascii=False, indent=1))
+                          "family_notes": notes, "layers": [_layer_row(lm) for lm in mm.layers]},
+                         ensure_ascii=False, indent=1))
         return
     table = Table(title=f"{source}（{mm.model_type}）：{mm.layers_path} × {len(mm.layers)}，RoPE 来自 {mm.rotary_path}")
     cols = ["layer", "attention", "q", "k", "v", "o", "rope", "qk_norm", "gate", "up", "down", "act", "norms", "missing"]
@@ -349,6 +316,8 @@ def inspect_cmd(source: str = typer.Argument(..., help="来源：本地目录、
         row = _layer_row(lm)
         table.add_row(*[str(row[c]) for c in cols])
     Console(width=200).print(table)
+    if notes:
+        console.print(f"[dim]{mm.model_type}：{notes}[/]")
     if any(lm.missing for lm in mm.layers):
         console.print("[yellow]有角色未能定位：这些层不能被对应的转换器改写。[/]")
 
@@ -369,7 +338,8 @@ def _layer_row(lm) -> dict:
 def report_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
                as_json: bool = typer.Option(False, "--json", help="输出 fidelity.json 原文")):
     """打印输出目录中的保真度报告。"""
-    from .fidelity import read_report, render_markdown
+    from .evaluation.render import render_markdown
+    from .evaluation.report import read_report
 
     try:
         rep = read_report(out)
@@ -388,7 +358,8 @@ def check_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
               max_kl: Optional[float] = typer.Option(None, "--max-kl", help="平均 KL 上限"),
               max_kv_ratio: Optional[float] = typer.Option(None, "--max-kv-ratio", help="KV 缓存比例上限（0–1）")):
     """CI 门禁：任一阈值不满足时以非零状态退出，并逐条说明原因。"""
-    from .fidelity import check, read_report
+    from .evaluation.gate import check
+    from .evaluation.report import read_report
 
     try:
         rep = read_report(out)

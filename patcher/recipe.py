@@ -1,19 +1,24 @@
 """配方（Recipe）：一个 pydantic 模式同时驱动 ``patch_model`` 与 CLI 的每个参数。
 
 每个字段的 ``flag`` 元数据就是它的命令行参数名；``patcher.cli`` 从这里生成参数，
-所以新增一个选项只改这一处。YAML 预设放在仓库的 ``recipes/`` 中，可按名字加载
+所以新增一个选项只改这一处。YAML 预设在 ``recipes`` 包中（随 wheel 安装的包数据），可按名字加载
 （``--recipe mla-kv40``）。未知键、类型错误和不可能的数值都会给出清楚的错误。
+各输出格式能表达什么（``FORMATS``）是数据：格式要求哪些技术、固定哪些选项。
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from .errors import RecipeError
+
+PRESETS = resources.files("recipes")  # the presets, as installed package data
 
 
 def _flag(name: str, help: str, **kw) -> Any:
@@ -163,6 +168,32 @@ class OutputOptions(Section):
         "auto（源权重超过 2 GiB 时开启）、on 或 off", default="auto")
 
 
+@dataclass(frozen=True)
+class FormatRules:
+    """What an output format can express: the techniques it needs and the options its layout fixes.
+
+    ``fixes``: (section, option, value, when) — the option takes ``value`` while the section's options equal
+    ``when``; a user's explicit other value is an error."""
+    layout: str
+    requires: tuple[str, ...] = ()
+    why: str = ""
+    fixes: tuple[tuple[str, str, Any, dict], ...] = ()
+    unit_expert_weights: bool = True  # a chosen expert may be weighted exactly 1
+
+
+FORMATS: dict[str, FormatRules] = {
+    "dsopt": FormatRules("源家族的类加 dsopt 模块"),
+    "deepseek-v3": FormatRules(
+        "DeepSeek-V3", requires=("mla",), why="DeepSeek-V3 的注意力只有 MLA 一种",
+        # decoupled RoPE always uses one rank for all layers; DeepSeek's router is sigmoid-scored and linear
+        fixes=(("mla", "rope", "decoupled", {}),
+               ("moe", "routing", "sigmoid", {"enabled": True}),
+               ("moe", "allocation", "uniform", {"enabled": True}),
+               ("moe", "router", "linear", {"enabled": True, "mode": "split"})),
+        unit_expert_weights=False),
+}
+
+
 class Recipe(Section):
     """一次转换的完整描述；保存为输出目录中的 ``recipe.yaml``。"""
     name: str = "custom"
@@ -174,23 +205,21 @@ class Recipe(Section):
     output: OutputOptions = OutputOptions()
 
     @model_validator(mode="after")
-    def _deepseek_v3(self):
-        """``--format deepseek-v3`` fixes what the native layout can express; an explicit conflicting choice is an error."""
-        if self.output.format != "deepseek-v3":
-            return self
-        if not self.mla.enabled:
-            raise ValueError("--format deepseek-v3 需要 --mla：DeepSeek-V3 的注意力只有 MLA 一种")
-        needs = [(self.mla, "rope", "decoupled", "--mla-rope")]  # decoupled RoPE always uses one rank for all layers
-        if self.moe.enabled:
-            needs += [(self.moe, "routing", "sigmoid", "--moe-routing"), (self.moe, "allocation", "uniform", "--moe-allocation")]
-            if self.moe.mode == "split":
-                needs.append((self.moe, "router", "linear", "--moe-router"))
-        for section, name, value, flag in needs:
-            if getattr(section, name) != value:
-                if name in section.model_fields_set:
-                    raise ValueError(f"--format deepseek-v3 要求 {flag} {value}（DeepSeek-V3 的布局只能表达这一种），"
-                                     f"收到 {getattr(section, name)}")
-                setattr(section, name, value)
+    def _format_rules(self):
+        """The output format fixes what its layout can express; an explicit conflicting choice is an error."""
+        rules = FORMATS[self.output.format]
+        for section in rules.requires:
+            if not getattr(self, section).enabled:
+                raise ValueError(f"--format {self.output.format} 需要 {_flag_of(section, 'enabled')}：{rules.why}")
+        for section, name, value, when in rules.fixes:
+            opts = getattr(self, section)
+            if not all(getattr(opts, k) == v for k, v in when.items()):
+                continue
+            if getattr(opts, name) != value:
+                if name in opts.model_fields_set:
+                    raise ValueError(f"--format {self.output.format} 要求 {_flag_of(section, name)} {value}"
+                                     f"（{rules.layout} 的布局只能表达这一种），收到 {getattr(opts, name)}")
+                setattr(opts, name, value)
         return self
 
     def techniques(self) -> list[str]:
@@ -199,9 +228,6 @@ class Recipe(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
-
-class RecipeError(ValueError):
-    """配方无效：消息逐条列出出错的键与原因。"""
 
 
 def _explain(err: ValidationError, where: str) -> RecipeError:
@@ -220,23 +246,35 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
         raise _explain(e, where) from None
 
 
+def preset_names() -> list[str]:
+    """The names of the packaged presets (``recipes/*.yaml``)."""
+    return sorted(p.name[:-5] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
 def load_recipe(name_or_path: str | Path | None) -> Recipe:
     """按路径或预设名加载配方；None 给出默认配方。"""
     if name_or_path is None:
         return Recipe()
     path = Path(name_or_path)
-    if not path.exists():
-        path = PRESETS_DIR / f"{name_or_path}.yaml"
-    if not path.exists():
-        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-        raise RecipeError(f"找不到配方 {name_or_path!r}：既不是文件也不是预设（可用预设：{names}）")
+    if path.exists():
+        where, read = str(path), lambda: path.read_text(encoding="utf-8")
+    elif f"{name_or_path}" in preset_names():
+        preset = PRESETS.joinpath(f"{name_or_path}.yaml")
+        where, read = f"预设 {name_or_path}", lambda: preset.read_text(encoding="utf-8")
+    else:
+        raise RecipeError(f"找不到配方 {name_or_path!r}：既不是文件也不是预设（可用预设：{', '.join(preset_names())}）")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read())
     except yaml.YAMLError as e:
-        raise RecipeError(f"配方 {path} 不是有效的 YAML：{e}") from None
+        raise RecipeError(f"配方 {where} 不是有效的 YAML：{e}") from None
     if data is not None and not isinstance(data, dict):
-        raise RecipeError(f"配方 {path} 的顶层必须是映射")
-    return parse_recipe(data, str(path))
+        raise RecipeError(f"配方 {where} 的顶层必须是映射")
+    return parse_recipe(data, where)
+
+
+def _flag_of(section: str, name: str) -> str:
+    """The CLI flag of an option, as the user types it (the ``--x/--no-x`` pair's first half)."""
+    return Recipe.model_fields[section].annotation.model_fields[name].json_schema_extra["flag"].split("/")[0]
 
 
 def flag_fields() -> list[tuple[str, str, Any]]:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
 from patcher import convert  # noqa: E402
-from patcher.api import heal_checkpoint  # noqa: E402
-from patcher.heal import HealOptions  # noqa: E402
+from patcher.jobs import heal_checkpoint  # noqa: E402
+from patcher.training.heal import HealOptions  # noqa: E402
 
 CASES = {
     "mla": {"mla": {"enabled": True, "kv_keep": 0.6}},
@@ -38,7 +38,7 @@ def reuse(folder: Path, recipe: dict, out: Path) -> dict:
     """A copy of an already converted checkpoint of this case (its report's recipe must agree), and its report."""
     import shutil
 
-    from patcher.fidelity import read_report
+    from patcher.evaluation.report import read_report
 
     rep = read_report(folder)
     for part, want in recipe.items():

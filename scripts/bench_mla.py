@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-from patcher import checkpoint, patch_model  # noqa: E402
-from patcher.calibrate import read_text, token_windows  # noqa: E402
+from patcher import patch_model  # noqa: E402
+from patcher.data.text import read_text, token_windows  # noqa: E402
+from patcher.model import sources  # noqa: E402
 
 
 def decode_rate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, int]:
@@ -81,7 +82,7 @@ def main():
                "variants": {}}
     models = {}
     for name, mla in variants:
-        model, tok, _ = checkpoint.load("smollm2-135m")
+        model, tok, _ = sources.load("smollm2-135m")
         t = time.perf_counter()
         patched, rep = patch_model(model, {**common, "mla": {"enabled": True, **mla}}, tok)
         f, kv = rep["fidelity"], rep["kv_cache"]
@@ -96,7 +97,7 @@ def main():
         if name.startswith("best-0.6"):
             models["patched"] = patched
         del model
-    base, tok, _ = checkpoint.load("smollm2-135m")
+    base, tok, _ = sources.load("smollm2-135m")
     models["base"] = base
 
     text = read_text(args.eval_data, "evaluation")

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-from patcher import checkpoint, patch_model  # noqa: E402
-from patcher.calibrate import read_text, token_windows  # noqa: E402
-from patcher.modeling import DsoptPatchedMixin  # noqa: E402
-from patcher.packed_linear import packed_linears  # noqa: E402
+from patcher import patch_model  # noqa: E402
+from patcher.data.text import read_text, token_windows  # noqa: E402
+from patcher.model import sources  # noqa: E402
+from patcher.runtime.modeling import DsoptPatchedMixin  # noqa: E402
+from patcher.runtime.packed_linear import packed_linears  # noqa: E402
 
 
 def forward_ms_per_token(model, ids: torch.Tensor, repeats: int) -> list[float]:
@@ -106,7 +107,7 @@ def main():
               "eval": {"data": args.eval_data, "tokens": args.eval_tokens}}
     res = {"calib_data": args.calib_data or "builtin", "eval_data": args.eval_data or "builtin"}
 
-    base, tok, _ = checkpoint.load("smollm2-135m")
+    base, tok, _ = sources.load("smollm2-135m")
     text = read_text(args.eval_data, "evaluation")
     ids = token_windows(tok, text, 512, 512, None)
     prompts = token_windows(tok, text, 16 * 64, 64, 3)  # 16 different windows: batch rows route differently
@@ -121,7 +122,7 @@ def main():
         print(f"wrote {args.out}")
         return
 
-    model, _, _ = checkpoint.load("smollm2-135m")
+    model, _, _ = sources.load("smollm2-135m")
     copy_model, rep = patch_model(model, {**common, "moe": {"enabled": True, "mode": "copy", "experts": 8,
                                                             "top_k": 2}}, tok)
     with torch.no_grad():
@@ -137,7 +138,7 @@ def main():
     variants = [v.split(":") for v in args.variants.split(",")]
     for active in [float(a) for a in args.actives.split(",")]:
         for partition, allocation in variants:
-            model, _, _ = checkpoint.load("smollm2-135m")
+            model, _, _ = sources.load("smollm2-135m")
             t = time.perf_counter()
             patched, rep = patch_model(model, {**common, "moe": {"enabled": True, "mode": "split", "active": active,
                                                                  "partition": partition, "allocation": allocation}},

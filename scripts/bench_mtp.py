@@ -26,10 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-from patcher import checkpoint, patch_model  # noqa: E402
-from patcher.calibrate import read_text, token_windows  # noqa: E402
-from patcher.mtp import parse_widths  # noqa: E402
-from patcher.packed_linear import packed_linears  # noqa: E402
+from patcher import patch_model  # noqa: E402
+from patcher.data.text import read_text, token_windows  # noqa: E402
+from patcher.files import atomic_dir  # noqa: E402
+from patcher.formats.folder import write_checkpoint  # noqa: E402
+from patcher.model import sources  # noqa: E402
+from patcher.runtime.mtp import parse_widths  # noqa: E402
+from patcher.runtime.packed_linear import packed_linears  # noqa: E402
 
 CHAT = ["What is the capital of France, and why is it famous?",
         "Write a short poem about the sea.",
@@ -79,7 +82,7 @@ def step_cost(model, ids, heads: int, branches) -> dict:
     number of tokens a speculative step must yield to match plain decoding."""
     from transformers import DynamicCache
 
-    from patcher.mtp import DraftHead, draft_widths, tree_nodes
+    from patcher.runtime.mtp import DraftHead, draft_widths, tree_nodes
 
     base, head, embed = model.base_model, model.get_output_embeddings(), model.get_input_embeddings()
     cache = DynamicCache(config=model.config)
@@ -156,17 +159,18 @@ def main():
     ap.add_argument("--branches", type=parse_widths, default=None,
                     help="草稿树形状：各 MTP 模块在每个上一级草稿后给出的候选数，如 4,2（mtp_branches；缺省用模型的 "
                          "DRAFT_BRANCHES；1 为单链）")
-    ap.add_argument("--lookup-branches", type=parse_widths, default=None, help="MTP + 查找草稿时的草稿树形状（缺省用模型的 DRAFT_BRANCHES）")
+    ap.add_argument("--lookup-branches", type=parse_widths, default=None,
+                    help="MTP + 查找草稿时的草稿树形状（缺省用模型的 DRAFT_BRANCHES）")
     ap.add_argument("--save-model", default=None, help="也把训练好的检查点写到这里（供 dsopt generate 使用）")
     ap.add_argument("--load-model", default=None, help="不训练，加载 --save-model 写出的检查点只做测量")
     ap.add_argument("--train-result", default=None, help="与 --load-model 同用：训练那次运行的 JSON（取训练预算）")
     args = ap.parse_args()
 
     if args.load_model:
-        patched, tok, _ = checkpoint.load(args.load_model)
+        patched, tok, _ = sources.load(args.load_model)
         mtp_report = json.loads(Path(args.train_result).read_text())["report_mtp"] if args.train_result else None
     else:
-        model, tok, _ = checkpoint.load("smollm2-135m")
+        model, tok, _ = sources.load("smollm2-135m")
         recipe = {"mtp": {"heads": args.heads, "train_tokens": args.train_tokens, "data": args.train_data,
                           "draft_vocab": args.draft_vocab, "max_minutes": args.max_minutes,
                           "generate_tokens": args.generate_tokens, "generate_temperature": args.generate_temperature,
@@ -178,8 +182,8 @@ def main():
         print(f"trained: {mtp_report['training']['tokens']} tokens in {mtp_report['training']['seconds']:.0f} s; "
               f"teacher-forced acceptance {mtp_report['head_acceptance_teacher_forced']}", flush=True)
         if args.save_model:
-            with checkpoint.atomic_dir(Path(args.save_model), overwrite=True) as tmp:
-                checkpoint.write_checkpoint(patched, tok, tmp)
+            with atomic_dir(Path(args.save_model), overwrite=True) as tmp:
+                write_checkpoint(patched, tok, tmp)
     res = {"command": " ".join(sys.argv), "train_data": args.train_data or "builtin", "eval_data": args.eval_data or "builtin",
            "model": args.load_model or "trained in this run", "report_mtp": mtp_report,
            "new_tokens": args.new_tokens, "lookup": args.lookup,

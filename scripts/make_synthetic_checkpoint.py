@@ -51,7 +51,7 @@ def make_tokenizer(vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from patcher.calibrate import builtin_text
+    from patcher.data.text import builtin_text
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -66,7 +66,7 @@ def write_synthetic(out: Path, shape: dict, dtype=torch.bfloat16, seed: int = 0,
     """Write the checkpoint shard by shard (one per decoder layer, one for the rest); returns ``out``."""
     from transformers import LlamaConfig
 
-    from patcher.shards import shard_name, write_index, write_shard
+    from patcher.formats.shards import shard_name, write_index, write_shard
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=False)

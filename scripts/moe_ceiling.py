@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 
-from patcher import checkpoint  # noqa: E402
-from patcher.calibrate import read_text, token_windows  # noqa: E402
-from patcher.fidelity import compare, evaluate_base  # noqa: E402
+from patcher.data.text import read_text, token_windows  # noqa: E402
+from patcher.evaluation.metrics import compare, evaluate_base  # noqa: E402
+from patcher.model import sources  # noqa: E402
 
 
 def oracle_forward(mlp, share: dict, threshold: bool):
@@ -57,7 +57,7 @@ def main():
     ap.add_argument("--threshold", action="store_true", help="也测每层一个阈值（每 token 个数可变）的版本")
     args = ap.parse_args()
 
-    model, tokenizer, _ = checkpoint.load(args.model)
+    model, tokenizer, _ = sources.load(args.model)
     ids = token_windows(tokenizer, read_text(args.eval_data, "evaluation"), args.eval_tokens, 512, None)
     base = evaluate_base(model, ids)
     share = {"f": 1.0}

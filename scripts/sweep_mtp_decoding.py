@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from bench_mtp import CHAT, SHARED, bench_prompts
 
-from patcher import checkpoint
-from patcher.mtp import parse_widths, speculative_generate
-from patcher.packed_linear import packed_linears
+from patcher.model import sources
+from patcher.runtime.mtp import parse_widths, speculative_generate
+from patcher.runtime.packed_linear import packed_linears
 
 
 def main():
@@ -38,7 +38,7 @@ def main():
     ap.add_argument("--questions", default=None, help="用这些对话提示（| 分隔）代替 bench_mtp.py 的那 4 个")
     args = ap.parse_args()
 
-    model, tok, _ = checkpoint.load(args.model)
+    model, tok, _ = sources.load(args.model)
     settings = [(int(s.split(":")[0]), int(s.split(":")[1]), parse_widths(s.split(":")[2]))
                 for s in args.settings.split(",")]
     prompts = bench_prompts(tok, args.eval_data, 8, args.book_seed,

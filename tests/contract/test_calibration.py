@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import fast_recipe, tiny_model
+
 from patcher import patch_model
-from patcher.calibrate import DataError, read_text, token_windows
-from patcher.checkpoint import resolve
+from patcher.data.text import read_text, token_windows
+from patcher.errors import DataError
+from patcher.model.sources import resolve
 
 
 def _weights(model):
@@ -49,10 +50,10 @@ def test_windows_are_seeded_and_sized(tokenizer):
 
 def test_streaming_feeds_converted_outputs_forward(tokenizer, monkeypatch):
     """Layer 1's statistics in the convert pass come from the already converted layer 0."""
-    import patcher.api as api
+    import patcher.pipeline.memory as memory
 
     seen = []
-    real = api.stream
+    real = memory.stream
 
     def spy(model, layers, ids, bs, needs, on_layer, progress=None):
         def wrapped(i, layer, stats):
@@ -60,7 +61,7 @@ def test_streaming_feeds_converted_outputs_forward(tokenizer, monkeypatch):
             on_layer(i, layer, stats)
         return real(model, layers, ids, bs, needs, wrapped, progress)
 
-    monkeypatch.setattr(api, "stream", spy)
+    monkeypatch.setattr(memory, "stream", spy)
     patch_model(tiny_model("llama"), fast_recipe(kv_keep=0.5), tokenizer)
     # plan pass: layer 0 untouched when layer 1 is analysed; convert pass: layer 0 already latent
     assert (1, "LlamaAttention") in seen[:2] and (1, "LatentAttention") in seen[2:]

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, byte_tokenizer, fast_recipe, tiny_model
-from patcher import api, checkpoint, convert
-from patcher.checkpoint import OutputError, SourceError
+
+from patcher import convert, patch_model
+from patcher.errors import OutputError, SourceError
+from patcher.formats import folder
+from patcher.model import sources
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def test_save_load_save_is_bit_exact(converted, tmp_path):
     out, _ = converted
     model = AutoModelForCausalLM.from_pretrained(out)
     again = tmp_path / "again"
-    checkpoint.write_checkpoint(model, None, again)
+    folder.write_checkpoint(model, None, again)
     first = _hashes(out)
     second = _hashes(again)
     assert {k: v for k, v in first.items() if k.endswith(".safetensors")} == \
@@ -122,7 +124,7 @@ def test_a_crash_leaves_no_half_checkpoint(source_folder, tmp_path, monkeypatch)
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "write_checkpoint", boom)
+    monkeypatch.setattr(folder, "write_checkpoint", boom)
     with pytest.raises(OutputError, match="磁盘已满"):
         convert(str(source_folder), fast_recipe(), out)
     assert not out.exists()
@@ -137,7 +139,7 @@ def test_truncated_weights_are_reported(source_folder, tmp_path):
     shard = sorted(bad.glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(SourceError, match="损坏或被截断"):
-        checkpoint.load(str(bad))
+        sources.load(str(bad))
 
 
 def test_nan_weights_are_refused(tmp_path):
@@ -147,17 +149,17 @@ def test_nan_weights_are_refused(tmp_path):
     model.save_pretrained(tmp_path / "nan")
     byte_tokenizer().save_pretrained(tmp_path / "nan")
     with pytest.raises(SourceError, match="k_proj.weight.*NaN"):
-        checkpoint.load(str(tmp_path / "nan"))
+        sources.load(str(tmp_path / "nan"))
 
 
 def test_hub_name_offline_says_so(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceError, match="离线"):
-        checkpoint.load("meta-llama/Llama-2-7b-hf")
+        sources.load("meta-llama/Llama-2-7b-hf")
 
 
 def test_eval_text_must_differ_from_calibration(tokenizer, tmp_path):
-    from patcher.calibrate import DataError
+    from patcher.errors import DataError
 
     text = tmp_path / "same.txt"
     text.write_text("the same words again and again. " * 400)
@@ -165,7 +167,7 @@ def test_eval_text_must_differ_from_calibration(tokenizer, tmp_path):
     recipe["calibration"] = {**recipe["calibration"], "data": str(text)}
     recipe["eval"] = {**recipe["eval"], "data": str(text)}
     with pytest.raises(DataError, match="相同"):
-        api.patch_model(tiny_model("llama"), recipe, tokenizer)
+        patch_model(tiny_model("llama"), recipe, tokenizer)
 
 
 @pytest.mark.parametrize("family, config_name, model_name", [("llama", "DsoptLlamaConfig", "DsoptLlamaForCausalLM"),
@@ -175,7 +177,7 @@ def test_auto_map_names_resolve_to_one_family(family, config_name, model_name):
     """Remote code builds the classes config.json's auto_map names. transformers maps several model types to one
     class (exaone, internlm3 and iquestcoder to LlamaForCausalLM; gpt-sw3 to GPT2LMHeadModel): the config and the
     model must still resolve to the same family, or loading a converted Llama (SmolLM2) fails."""
-    from patcher import modeling
+    from patcher.runtime import modeling
 
     config_cls, model_cls = getattr(modeling, config_name), getattr(modeling, model_name)
     assert config_cls.model_type == "dsopt_" + family

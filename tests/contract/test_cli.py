@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import byte_tokenizer, tiny_model
 from typer.testing import CliRunner
 
-from conftest import byte_tokenizer, tiny_model
 from patcher.cli import app
 
 runner = CliRunner()
@@ -55,6 +55,9 @@ def test_inspect_lists_roles(folder):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["layers"][0]["k"].startswith("self_attn.k_proj") and data["layers"][1]["missing"] == "—"
+    from patcher.model.families import family_of
+
+    assert data["family_notes"] == family_of(data["model_type"]).notes  # the family data reaches the user
 
 
 def test_existing_output_and_bad_values_exit_cleanly(converted, folder):

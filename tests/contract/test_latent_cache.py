@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import fast_recipe, tiny_model
+
 from patcher import patch_model
 
 

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import FAST_RECIPE, ROOT, byte_tokenizer, tiny_model
+
 from patcher import patch_model
 from patcher.recipe import RecipeError, parse_recipe
 
@@ -39,7 +39,7 @@ def test_decoupled_mqa_at_full_rank_reproduces_the_source(tokenizer):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A 3-layer Llama with MLA + split MoE (first layer dense) + one MTP module, written as DeepSeek-V3."""
-    from patcher.export_deepseek import write_deepseek_v3
+    from patcher.formats.deepseek_v3 import write_deepseek_v3
 
     tok = byte_tokenizer()
     model = tiny_model("llama", seed=5, rms_norm_eps=1e-6, num_hidden_layers=3)
@@ -65,7 +65,7 @@ def test_export_config_and_files(exported):
 
 
 def test_stock_model_equals_dsopt_forward(exported):
-    from patcher.export_deepseek import load_stock
+    from patcher.formats.deepseek_v3 import load_stock
 
     patched, _, out = exported
     stock = load_stock(out)
@@ -149,7 +149,7 @@ def test_recipe_rules_for_the_deepseek_format():
 
 
 def test_layouts_decoupled_rope_cannot_express_are_refused(tokenizer):
-    from converters.mla import PlanError
+    from patcher.errors import PlanError
 
     with pytest.raises(PlanError, match="q_norm|RMSNorm"):  # Qwen3's per-head q/k norms are not linear
         patch_model(tiny_model("qwen3"), ds_recipe(), tokenizer)

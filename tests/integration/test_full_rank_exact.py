@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAMILY_CONFIGS, fast_recipe, tiny_model
+
 from patcher import patch_model
 
 
@@ -27,7 +27,7 @@ def test_full_rank_latent_attention_reproduces_the_source(family, tokenizer):
 
 
 def test_unsupported_attention_is_named_not_patched(tokenizer):
-    from patcher.locate import LocateError
+    from patcher.model.locate import LocateError
 
     model = tiny_model("llama")
     for layer in model.model.layers:  # an attention the locator cannot see into: no q/k/v data flow

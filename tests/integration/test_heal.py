@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import FAST_RECIPE, byte_tokenizer, tiny_model
+
 from patcher import convert
-from patcher.api import heal_checkpoint
-from patcher.heal import HealOptions
+from patcher.jobs import heal_checkpoint
+from patcher.training.heal import HealOptions
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_lora_and_topk_cache(source, tmp_path):
 
 
 def test_healing_resumes_exactly(source, tmp_path, monkeypatch):
-    import patcher.heal as heal
+    import patcher.training.heal as heal
 
     a = converted(source, tmp_path / "a")
     b = converted(source, tmp_path / "b")
@@ -99,7 +99,7 @@ def test_healing_resumes_exactly(source, tmp_path, monkeypatch):
 
 
 def test_healing_a_deepseek_export_keeps_it_stock(source, tmp_path):
-    from patcher.export_deepseek import load_stock
+    from patcher.formats.deepseek_v3 import load_stock
 
     extra = {"mla": {"enabled": True, "rope_dim": 8, "kv_keep": 0.5}, "mtp": {"heads": 1, "draft_vocab": 0},
              "output": {"format": "deepseek-v3"}}
@@ -155,7 +155,7 @@ def test_healing_stops_at_its_time_budget_and_keeps_a_resumable_state(source, tm
 
 
 def test_healing_on_the_teachers_own_text_counts_it_and_resumes_on_the_same_text(source, tmp_path, monkeypatch):
-    import patcher.selfgen as selfgen
+    import patcher.training.selfgen as selfgen
 
     out = converted(source, tmp_path)
     opts = HealOptions(**{**FAST, "generate_tokens": 16 * 64, "max_minutes": 1e-6, "val_every": 1000})
@@ -176,7 +176,7 @@ def test_healing_on_the_teachers_own_text_counts_it_and_resumes_on_the_same_text
 
 
 def test_layerwise_reconstruction_brings_every_moe_mlp_closer_before_the_kl_stage(source, tmp_path, monkeypatch):
-    import patcher.reconstruct as reconstruct
+    import patcher.training.reconstruct as reconstruct
 
     out = converted(source, tmp_path, moe={"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"})
     opts = HealOptions(**{**FAST, "tokens": 4096, "val_every": 1000, "local_steps": 80, "local_tokens": 4096,

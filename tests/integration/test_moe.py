@@ -4,8 +4,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAST_RECIPE, tiny_model
+
 from patcher import patch_model
 
 
@@ -38,8 +38,8 @@ def test_copy_noise_breaks_symmetry(tokenizer):
 def test_split_mode_reports_routing_and_balance(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from patcher import checkpoint
-    from patcher.fidelity import write_report
+    from patcher.evaluation.report import write_report
+    from patcher.formats.folder import write_checkpoint
 
     model = tiny_model("llama", seed=8)
     patched, report = patch_model(model, moe_recipe(mode="split", experts=8, active=0.5, balance=True, router_rank=4), tokenizer)
@@ -56,7 +56,7 @@ def test_split_mode_reports_routing_and_balance(tokenizer, tmp_path):
     assert active["ffn_flops_per_token"] == 2 * active["ffn_active"]
     assert dense["flops_per_token"] - active["flops_per_token"] == 2 * (dense["active"] - active["active"])
     assert all(0 <= l["moe_router_recall"] <= 1 for l in report["layers"])
-    checkpoint.write_checkpoint(patched, None, tmp_path / "out")
+    write_checkpoint(patched, None, tmp_path / "out")
     write_report(tmp_path / "out", report)
     assert (tmp_path / "out" / "moe_balance.png").exists()
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()

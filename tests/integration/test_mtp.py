@@ -4,15 +4,23 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAST_RECIPE, tiny_model
-from patcher import patch_model
 from transformers import DynamicCache
 
-from patcher.mtp import (DraftHead, DraftTree, ModuleDrafts, _keep_rows, _one_hot, accept_or_resample, draft_widths,
-                         lookup_drafts, speculative_generate)
-from patcher.mtp_train import base_hidden, mtp_hiddens, train_mtp
+from patcher import patch_model
 from patcher.recipe import MTPOptions
+from patcher.runtime.mtp import (
+    DraftHead,
+    DraftTree,
+    ModuleDrafts,
+    _keep_rows,
+    _one_hot,
+    accept_or_resample,
+    draft_widths,
+    lookup_drafts,
+    speculative_generate,
+)
+from patcher.training.draft_heads import base_hidden, mtp_hiddens, train_mtp
 
 
 def mtp_recipe(**mtp):
@@ -247,7 +255,7 @@ def test_speculative_sampling_end_to_end_matches_the_base_distribution(trained, 
         every = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
         exact = p1 @ torch.softmax(patched(input_ids=every).logits[:, -1] / temp, -1)  # Σ_x1 p(x1) p(x2 | x1)
     if drafts == "lookup":
-        monkeypatch.setattr("patcher.mtp.lookup_drafts", lambda tokens, n, limit: ([int(exact.argmax())][:limit], 1))
+        monkeypatch.setattr("patcher.runtime.mtp.lookup_drafts", lambda tokens, n, limit: ([int(exact.argmax())][:limit], 1))
     g = torch.Generator().manual_seed(1)
     n = 1500
     counts = torch.zeros_like(p1)
@@ -327,10 +335,10 @@ def test_training_in_either_precision_learns_and_keeps_fp32_modules(tokenizer, p
 def test_mtp_checkpoint_round_trip(trained, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from patcher import checkpoint
+    from patcher.formats.folder import write_checkpoint
 
     patched, _ = trained
-    checkpoint.write_checkpoint(patched, None, tmp_path / "out")
+    write_checkpoint(patched, None, tmp_path / "out")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     for k, v in patched.mtp.state_dict().items():
         torch.testing.assert_close(again.mtp.state_dict()[k], v)
@@ -340,7 +348,7 @@ def test_mtp_checkpoint_round_trip(trained, tmp_path):
 
 
 def test_mtp_needs_rope(tokenizer):
-    from patcher.locate import LocateError
+    from patcher.model.locate import LocateError
 
     with pytest.raises(LocateError, match="rotary"):
         patch_model(tiny_model("gpt2", seed=1), mtp_recipe(), tokenizer)

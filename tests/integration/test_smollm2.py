@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
-from patcher.locate import locate
+
+from patcher.model.locate import locate
 
 pytestmark = pytest.mark.real
 
@@ -69,7 +69,7 @@ def test_copy_upcycling_is_exact_on_real_text(smollm2):
     import copy
 
     from patcher import patch_model
-    from patcher.calibrate import read_text, token_windows
+    from patcher.data.text import read_text, token_windows
 
     base, tok = smollm2
     model = copy.deepcopy(base)
@@ -128,7 +128,7 @@ def test_mtp_speculative_greedy_is_identical_on_real_prompts(smollm2):
     import copy
 
     from patcher import patch_model
-    from patcher.calibrate import read_text, token_windows
+    from patcher.data.text import read_text, token_windows
 
     base, tok = smollm2
     model = copy.deepcopy(base)
@@ -149,7 +149,7 @@ def test_mtp_speculative_greedy_is_identical_on_real_prompts(smollm2):
 def test_the_real_model_writes_dialogues_in_its_chat_template(smollm2):
     """Self-generated dialogues (Magpie) on SmolLM2-Instruct: the template's parts are cut exactly, the model
     writes a request of its own and then a reply to it."""
-    from patcher import selfgen
+    from patcher.training import selfgen
 
     model, tok = smollm2
     turns = selfgen.chat_turns(tok)

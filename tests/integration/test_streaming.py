@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST_RECIPE, ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -39,15 +37,32 @@ def source_bf16(tmp_path_factory):
 def _load(folder):
     from transformers import AutoModelForCausalLM
 
-    from patcher import modeling
+    from patcher.runtime import modeling
 
     modeling.register("llama")
     return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-def _dsopt(*args, env=None):
-    cmd = [sys.executable, "-c", "from patcher.cli import main; main()", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+# the CLI in a subprocess; ``kill_after=i`` SIGKILLs it right after layer i's state is committed (a real kill at a
+# known point: nothing gets to clean up)
+KILLING = """
+import os, sys
+from patcher.pipeline import streaming
+commit, after = streaming.Run.commit, int(sys.argv.pop(1))
+def commit_then_die(run, i, *a, **kw):
+    commit(run, i, *a, **kw)
+    if i == after:
+        os.kill(os.getpid(), 9)
+streaming.Run.commit = commit_then_die
+from patcher.cli import main
+main()
+"""
+
+
+def _dsopt(*args, kill_after: int | None = None):
+    script = "from patcher.cli import main; main()" if kill_after is None else KILLING
+    cmd = [sys.executable, "-c", script, *([str(kill_after)] if kill_after is not None else []), *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
 def _digests(folder: Path) -> dict:
@@ -59,7 +74,7 @@ def _digests(folder: Path) -> dict:
 def test_streaming_matches_in_memory_pipeline(source, tmp_path):
     """Same recipe, same source: the streamed checkpoint holds exactly the weights the in-memory pipeline writes,
     and its report the same fidelity and KV cache figures."""
-    from patcher.api import convert
+    from patcher.jobs import convert
 
     uniform = {**RECIPE, "mla": {**RECIPE["mla"], "allocation": "uniform"},
                "moe": {**RECIPE["moe"], "allocation": "uniform"}}
@@ -78,7 +93,7 @@ def test_streaming_matches_in_memory_pipeline(source, tmp_path):
 
 
 def test_streaming_bf16_checkpoint_loads_generates_and_reports(source_bf16, tmp_path):
-    from patcher.api import convert
+    from patcher.jobs import convert
 
     report = convert(str(source_bf16), {**RECIPE, "output": {"streaming": "on"}}, tmp_path / "out")
     model = _load(tmp_path / "out")
@@ -102,7 +117,7 @@ def test_killed_conversion_resumes_to_the_same_bytes(source, tmp_path):
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     out = tmp_path / "resumed"
-    killed = _dsopt("convert", source, "-o", out, *CLI_FLAGS, env={"DSOPT_TEST_KILL_AFTER_LAYER": "1"})
+    killed = _dsopt("convert", source, "-o", out, *CLI_FLAGS, kill_after=1)
     assert killed.returncode == -9  # SIGKILL: nothing was cleaned up
     partial = tmp_path / ".resumed.partial"
     assert not out.exists() and partial.is_dir()
@@ -122,14 +137,14 @@ def test_killed_conversion_resumes_to_the_same_bytes(source, tmp_path):
 
 def test_resume_refuses_a_different_recipe(source, tmp_path):
     out = tmp_path / "o"
-    killed = _dsopt("convert", source, "-o", out, *CLI_FLAGS, env={"DSOPT_TEST_KILL_AFTER_LAYER": "0"})
+    killed = _dsopt("convert", source, "-o", out, *CLI_FLAGS, kill_after=0)
     assert killed.returncode == -9
     other = _dsopt("convert", source, "-o", out, *CLI_FLAGS, "--kv-keep", "0.25", "--resume")
     assert other.returncode == 2 and "不同" in other.stderr
 
 
 def test_streaming_refuses_what_needs_all_layers(source, tmp_path):
-    from patcher.api import convert
+    from patcher.jobs import convert
     from patcher.recipe import RecipeError
 
     for extra, word in (({"mla": {"enabled": True, "allocation": "sensitivity"}}, "sensitivity"),
@@ -146,8 +161,8 @@ def test_bad_weights_are_named_and_nothing_looks_whole(source, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from patcher.api import convert
-    from patcher.checkpoint import SourceError
+    from patcher.errors import SourceError
+    from patcher.jobs import convert
 
     bad = tmp_path / "bad"
     shutil.copytree(source, bad)
@@ -174,7 +189,7 @@ def test_tied_embeddings_qwen2_biases_stream_like_in_memory(tmp_path, tokenizer)
     """A family with q/k/v biases and a head tied to the embedding: the head is read from the embedding's tensor."""
     from conftest import tiny_model
 
-    from patcher.api import convert
+    from patcher.jobs import convert
 
     model = tiny_model("qwen2", tie_word_embeddings=True)
     model.save_pretrained(tmp_path / "src")
@@ -182,8 +197,9 @@ def test_tied_embeddings_qwen2_biases_stream_like_in_memory(tmp_path, tokenizer)
     recipe = {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "allocation": "uniform"}, "mtp": {"heads": 1}}
     streamed = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "on"}}, tmp_path / "s")
     in_memory = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "off"}}, tmp_path / "m")
-    from patcher import modeling
     from transformers import AutoModelForCausalLM
+
+    from patcher.runtime import modeling
 
     modeling.register("qwen2")
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()

@@ -2,7 +2,7 @@
 
 import torch
 
-from patcher.heal import HealOptions, epoch_order
+from patcher.training.heal import HealOptions, epoch_order
 
 
 def test_epoch_order_repeats_the_text_in_reshuffled_epochs():
@@ -20,8 +20,8 @@ def test_epoch_order_covers_a_text_longer_than_the_budget_once():
 
 
 def test_layerwise_fit_gives_a_layer_its_weights_back_when_training_made_it_worse():
-    from patcher.modeling import MoEMLP
-    from patcher.reconstruct import fit_layer
+    from patcher.runtime.modeling import MoEMLP
+    from patcher.training.reconstruct import fit_layer
 
     torch.manual_seed(0)
     spec = {"hidden_size": 8, "num_experts": 8, "top_k": 4, "expert_size": 4, "shared_size": 0, "gated": True,

@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from conftest import FAMILY_CONFIGS, tiny_model
-from patcher.locate import LocateError, locate
+
+from patcher.model.locate import LocateError, locate
 
 EXPECT = {  # family: (fused qkv, rotary dim, qk-norm, gated mlp, conv1d)
     "llama": (False, 16, False, True, False),

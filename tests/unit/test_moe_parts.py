@@ -1,13 +1,12 @@
 import pytest
 import torch
-
-from converters.mla import PlanError
-from converters.moe import MoEConverter, balanced_kmeans
-from patcher.modeling import MoEMLP
-from patcher.recipe import parse_recipe
-
 from conftest import tiny_model
-from patcher.locate import locate
+
+from converters.moe import MoEConverter, balanced_kmeans
+from patcher.errors import PlanError
+from patcher.model.locate import locate
+from patcher.recipe import parse_recipe
+from patcher.runtime.modeling import MoEMLP
 
 
 def test_balanced_kmeans_gives_equal_groups_and_finds_structure():
@@ -98,7 +97,7 @@ def test_softmax_weights_are_normalised():
 def test_impossible_expert_plans_are_refused(moe, needle):
     recipe = parse_recipe({"moe": {"enabled": True, **moe}})
     with pytest.raises(PlanError, match=needle):
-        MoEConverter().plan(locate(tiny_model("llama")), recipe, None)
+        MoEConverter().plan(locate(tiny_model("llama")), recipe.moe, None)
 
 
 def test_gathered_and_looped_expert_paths_agree():
@@ -159,14 +158,14 @@ def test_sensitivity_allocation_spends_the_budget_where_the_model_is_sensitive()
     mm = locate(tiny_model("llama"))  # 2 layers
     recipe = parse_recipe({"moe": {"enabled": True, "active": 0.6, "router_rank": 2, "router": "lowrank"}})
     conv = MoEConverter()
-    uniform = conv.plan(mm, parse_recipe({"moe": {**recipe.moe.model_dump(), "allocation": "uniform"}}), None)
+    uniform = conv.plan(mm, parse_recipe({"moe": {**recipe.moe.model_dump(), "allocation": "uniform"}}).moe, None)
 
     def analysis(kl):  # error falls as the fraction grows; the same curve for both layers, only the KL differs
         opts = {("lowrank", f): {"sizing": {"f": f}, "params": 1000 * f + 20, "error": (1 - f) ** 2}
                 for f in (0.2, 0.4, 0.6, 0.8)}
         return Analysis(1000, opts, {"lowrank": 0.4}, probe=("lowrank", 0.4), kl=kl)
 
-    plans = conv.plan(mm, recipe, [analysis(1.0), analysis(0.001)])
+    plans = conv.plan(mm, recipe.moe, [analysis(1.0), analysis(0.001)])
     assert plans[0] in ({"dense": True}, {"f": 0.8}) and plans[1] in ({"f": 0.2}, {"f": 0.4})
     spent = sum(1000 if p.get("dense") else 1000 * p["f"] + 20 for p in plans)
     assert spent <= 0.6 * 2000  # the budget holds, router parameters included
@@ -213,16 +212,16 @@ def test_gate_router_split_fits_the_budget_and_auto_keeps_both_candidates():
     assert 0.7 * ffn < active_params(lm, d, half, o) <= 0.75 * ffn
     assert half["top_k"] > sizing["top_k"] and half["gate_input_dims"] == d // 2
     # auto: the gate reader on each candidate share of the input dims, and the low-rank one
-    auto = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.75, "allocation": "uniform"}}), None)
+    auto = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.75, "allocation": "uniform"}}).moe, None)
     assert [(c["router"], c.get("gate_input_dims")) for c in auto[0]["candidates"]] == \
         [("gate", round(f * d)) for f in GATE_INPUTS] + [("lowrank", None)]
     exact = {"gate_input": 1.0, "allocation": "uniform"}
-    low = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router_rank": 4, **exact}}), None)
+    low = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router_rank": 4, **exact}}).moe, None)
     assert low[0]["router"] == "lowrank"  # the gate rows alone are 1/3 of the FFN: only the low-rank router fits
     with pytest.raises(PlanError, match="--moe-router lowrank"):
-        conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router": "gate", **exact}}), None)
+        conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router": "gate", **exact}}).moe, None)
     both = conv.plan(mm, parse_recipe({"moe": {"enabled": True, "active": 0.3, "router_rank": 4, "gate_input": 0.5,
-                                               "allocation": "uniform"}}), None)
+                                               "allocation": "uniform"}}).moe, None)
     assert [c["router"] for c in both[0]["candidates"]] == ["gate", "lowrank"]  # half the dims: the gate fits
 
 
@@ -252,7 +251,7 @@ def test_gate_router_on_part_of_the_input_reads_each_tokens_largest_dims():
 
 
 def test_balance_plot_takes_layers_with_different_expert_counts(tmp_path):
-    from patcher.fidelity import write_report
+    from patcher.evaluation.report import write_report
 
     balance = [{"layer": 1, "tokens_per_expert": [3.0, 1.0, 0.0], "max_over_mean": 2.25, "entropy": 0.5},
                {"layer": 4, "tokens_per_expert": [2.0, 2.0], "max_over_mean": 1.0, "entropy": 1.0}]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from patcher.packed_linear import pack, packed_linears
+from patcher.runtime.packed_linear import pack, packed_linears
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN missing")
@@ -84,8 +84,8 @@ def test_nested_blocks_keep_the_outer_packing():
 def test_moe_expert_products_run_packed_inside_the_block_only(router, size):
     """MoE experts are 3-D parameters, not linear layers: their products over all experts are packed too,
     with the same results, only without gradients and only inside the block."""
-    from patcher import packed_linear
-    from patcher.modeling import MoEMLP
+    from patcher.runtime import packed_linear
+    from patcher.runtime.modeling import MoEMLP
 
     torch.manual_seed(0)
     spec = {"hidden_size": 8, "num_experts": 16 // size, "top_k": 3, "expert_size": size, "shared_size": 4,

@@ -1,6 +1,7 @@
 import pytest
+from conftest import ROOT
 
-from patcher.recipe import PRESETS_DIR, Recipe, RecipeError, flag_fields, load_recipe, parse_recipe, with_overrides
+from patcher.recipe import Recipe, RecipeError, flag_fields, load_recipe, parse_recipe, preset_names, with_overrides
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
@@ -25,8 +26,8 @@ def test_bad_recipes_get_clear_errors(data, needle):
 
 
 def test_presets_load_by_name():
-    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-    assert "mla-kv40" in names
+    names = preset_names()
+    assert "mla-kv40" in names and names == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
     for n in names:
         assert load_recipe(n).name == n
     assert load_recipe("mla-kv40").mla.enabled

@@ -4,9 +4,8 @@ import math
 
 import torch
 
-import patcher  # noqa: F401  (import order: the engine before the converters)
 from converters import rope_split
-from patcher.mtp import RMSNorm
+from patcher.runtime.mtp import RMSNorm
 
 
 def test_candidate_sets_are_exactly_the_geometric_subsets():

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
-import patcher  # noqa: F401  (converters import patcher modules)
-from converters import mla
-from patcher.checkpoint import SourceError
-from patcher.shards import LazyWeights, shard_name, write_index, write_shard
+from converters import lowrank, mla
+from patcher.errors import SourceError
+from patcher.formats.shards import LazyWeights, shard_name, write_index, write_shard
 
 
 def _decaying(rows, cols, seed=0):
@@ -24,7 +23,7 @@ def test_block_diagonal_products_and_solves_match_the_dense_matrix():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 3, generator=g, dtype=torch.float64)
     blocks = [torch.rand(4, generator=g, dtype=torch.float64) + 0.5, a @ a.T + torch.eye(3, dtype=torch.float64)]
-    bd = mla.BlockDiagonal(blocks)
+    bd = lowrank.BlockDiagonal(blocks)
     x = torch.randn(7, 5, generator=g, dtype=torch.float64)
     assert torch.allclose(bd @ x, bd.dense() @ x)
     assert torch.allclose(bd.solve(x), torch.linalg.solve(bd.dense(), x))
@@ -33,9 +32,9 @@ def test_block_diagonal_products_and_solves_match_the_dense_matrix():
 def test_gram_and_randomized_svd_give_the_leading_factors(monkeypatch):
     m = _decaying(300, 200)
     U, S, Vh = torch.linalg.svd(m, full_matrices=False)
-    monkeypatch.setattr(mla, "GRAM_SVD_MIN", 64)
+    monkeypatch.setattr(lowrank, "GRAM_SVD_MIN", 64)
     for rank, exact in ((100, True), (20, False)):  # 100: through the Gram matrix; 20 (≤ 200/8): randomized
-        u, s, vh = mla.thin_svd(m, rank)
+        u, s, vh = lowrank.thin_svd(m, rank)
         best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
         got = (u[:, :rank] * s[:rank]) @ vh[:rank]
         if exact:
@@ -43,8 +42,8 @@ def test_gram_and_randomized_svd_give_the_leading_factors(monkeypatch):
         else:  # near-optimal: the truncation error within 0.1 % of the best possible
             assert torch.allclose(s[:rank], S[:rank], rtol=1e-4)
             assert (m - got).norm() <= (m - best).norm() * 1.001
-    again = mla.thin_svd(m, 20)
-    assert torch.equal(again[0], mla.thin_svd(m, 20)[0])  # fixed seed: a resumed run draws the same numbers
+    again = lowrank.thin_svd(m, 20)
+    assert torch.equal(again[0], lowrank.thin_svd(m, 20)[0])  # fixed seed: a resumed run draws the same numbers
 
 
 def test_full_rank_is_exact_without_factorizing():

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from patcher import selfgen
+
+from patcher.training import selfgen
 
 
 @pytest.fixture(scope="module")

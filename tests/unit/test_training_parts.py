@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from patcher.training import autocast, fast_bf16, uses_bf16
+from patcher.training.loop import autocast, fast_bf16, uses_bf16
 
 CPU = torch.device("cpu")
 

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..errors import LocateError
+from .compat import traceable_config
 from .families import family_of
 
 aten = torch.ops.aten
@@ -29,9 +31,6 @@ NORM_OPS = {aten.rsqrt.default, aten.layer_norm.default, aten.native_layer_norm.
 ACT_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
            aten.sigmoid.default, aten.erf.default}
 
-
-class LocateError(ValueError):
-    """无法定位某层的某个角色时抛出，消息中写明层与缺少的角色。"""
 
 
 @dataclass
@@ -120,24 +119,15 @@ def _export_one_layer(model: nn.Module, layers_path: str):
     layers = model.get_submodule(layers_path)
     parent_path, attr = layers_path.rpartition(".")[::2]
     parent = model.get_submodule(parent_path) if parent_path else model
-    saved = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "layer_types")}
-    saved_impl = getattr(cfg, "_attn_implementation", None)
     setattr(parent, attr, nn.ModuleList(list(layers)[:1]))
     try:
-        cfg.num_hidden_layers = 1
-        if isinstance(saved["layer_types"], list):
-            cfg.layer_types = saved["layer_types"][:1]
-        cfg._attn_implementation = "sdpa"
-        ids = torch.arange(8).unsqueeze(0) % max(int(getattr(cfg, "vocab_size", 8)), 1)
-        kwargs = dict(family_of(cfg.model_type).trace_kwargs)
-        with torch.no_grad():
-            return torch.export.export(model, (ids,), kwargs=kwargs, strict=False)
+        with traceable_config(cfg):
+            ids = torch.arange(8).unsqueeze(0) % max(int(getattr(cfg, "vocab_size", 8)), 1)
+            kwargs = dict(family_of(cfg.model_type).trace_kwargs)
+            with torch.no_grad():
+                return torch.export.export(model, (ids,), kwargs=kwargs, strict=False)
     finally:
         setattr(parent, attr, layers)
-        for k, v in saved.items():
-            if v is not None:
-                setattr(cfg, k, v)
-        cfg._attn_implementation = saved_impl
 
 
 def _module_of(node) -> str:
@@ -350,3 +340,30 @@ def _replicate(model: nn.Module, layers_path: str, lm0: LayerMap) -> list[LayerM
         lm = LayerMap(**{**lm0.__dict__, "index": i, "prefix": f"{layers_path}.{i}", "missing": list(lm0.missing)})
         out.append(lm)
     return out
+
+
+def final_norm_path(model: nn.Module) -> str:
+    """The module whose output the output head reads (found by running a tiny forward, not by name)."""
+    head = model.get_output_embeddings()
+    seen, handles, head_in = {}, [], []
+
+    def remember(name):
+        def hook(_m, _a, out):
+            seen.setdefault(id(out), (name, out))  # keeps `out` alive, so ids stay unique; returns None
+        return hook
+
+    for name, mod in model.named_modules():
+        if name and mod is not head and not any(True for _ in mod.children()):
+            handles.append(mod.register_forward_hook(remember(name)))
+    handles.append(head.register_forward_pre_hook(lambda m, a: head_in.append(a[0])))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=head.weight.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    x = head_in[0]
+    hit = seen.get(id(x)) or seen.get(id(x._base)) if x._base is not None else seen.get(id(x))
+    if hit is None:
+        raise LocateError("找不到输出头之前的末层归一化（missing role final_norm），无法追加 MTP")
+    return hit[0]

@@ -1,103 +1,13 @@
-"""保真度：指标、报告（fidelity.json / fidelity.md / 图）与 ``dsopt check`` 的阈值。
-
-基座的评估在转换之前完成并保存每个 token 的 log 概率（float16），转换之后在同样的窗口上
-比较，所以不需要同时在内存中放两份模型。KV 字节数从真实 ``generate()`` 之后的缓存对象量出，
-不按公式推算。
-"""
+"""把报告 dict 渲染成人读的形式：fidelity.md 与图（PNG）。"""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
-
-REPORT_JSON = "fidelity.json"
-REPORT_MD = "fidelity.md"
 
 
-@dataclass
-class BaseEval:
-    windows: torch.Tensor
-    logprobs: list[torch.Tensor] = field(default_factory=list)  # per window, (T-1, V) float16
-    nll: list[torch.Tensor] = field(default_factory=list)
-    top1: list[torch.Tensor] = field(default_factory=list)  # from float32, before the float16 rounding
-
-
-def model_logits(model: nn.Module):
-    """The usual source of logits: the whole model on one window (streaming conversion passes its own)."""
-    return lambda _i, window: model(input_ids=window[None], use_cache=False).logits[0]
-
-
-def _logprobs(logits, i: int, window: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.log_softmax(logits(i, window)[:-1].float(), dim=-1)
-
-
-def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None) -> BaseEval:
-    """Per-token log-probs of the base on ``windows``; ``logits(i, window)`` replaces the model when given."""
-    logits = logits or model_logits(model)
-    ev = BaseEval(windows)
-    for i, w in enumerate(windows):
-        lp = _logprobs(logits, i, w)
-        ev.nll.append(-lp.gather(1, w[1:, None])[:, 0])
-        ev.top1.append(lp.argmax(-1))
-        ev.logprobs.append(lp.half())
-    return ev
-
-
-def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
-    """Perplexity of base and patched, mean KL(base‖patched) per token, top-1 agreement."""
-    logits = logits or model_logits(model)
-    nll_b, nll_p, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
-    for i, (w, lp_b16, nb, top1) in enumerate(zip(base.windows, base.logprobs, base.nll, base.top1)):
-        lp_p = _logprobs(logits, i, w)
-        lp_b = lp_b16.float()
-        nll_b += float(nb.sum())
-        nll_p += float(-lp_p.gather(1, w[1:, None]).sum())
-        kl += float((lp_b.exp() * (lp_b - lp_p)).sum())
-        agree += int((top1 == lp_p.argmax(-1)).sum())
-        n += w.numel() - 1
-    ppl_b, ppl_p = math.exp(nll_b / n), math.exp(nll_p / n)
-    return {"tokens": n, "ppl_base": ppl_b, "ppl_patched": ppl_p,
-            "ppl_increase_pct": 100.0 * (ppl_p / ppl_b - 1.0), "kl_mean": kl / n, "top1_agreement": agree / n}
-
-
-def cache_bytes_per_token(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 8) -> dict:
-    """Run a real greedy generate() and measure what its cache object holds, per token and layer summed."""
-    with torch.no_grad():
-        out = model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             return_dict_in_generate=True, use_cache=True, pad_token_id=0)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    total, length = 0, 0
-    for layer in cache.layers:
-        if not isinstance(layer.keys, torch.Tensor):  # a layer the model never wrote to
-            continue
-        for t in (layer.keys, layer.values):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-        length = max(length, layer.keys.shape[-2])
-    tokens = prompt_ids.shape[0] * length
-    return {"kv_bytes_per_token": total / tokens, "cached_tokens": tokens, "cache_bytes": total}
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-# ---------------------------------------------------------------- report files
-
-def write_report(folder: Path, report: dict) -> None:
-    folder = Path(folder)
-    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    plots = _plots(folder, report)
-    (folder / REPORT_MD).write_text(render_markdown(report, plots), encoding="utf-8")
-
-
-def _plots(folder: Path, report: dict) -> list[str]:
+def plots(folder: Path, report: dict) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -277,43 +187,10 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_report(folder: Path) -> dict:
-    path = Path(folder) / REPORT_JSON
-    if not path.exists():
-        raise FileNotFoundError(f"{folder} 中没有 {REPORT_JSON}：这不是 dsopt 的输出目录？")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def check(report: dict, max_ppl_increase: float | None = None, min_top1: float | None = None,
-          max_kl: float | None = None, max_kv_ratio: float | None = None) -> list[str]:
-    """CI 门禁：返回未通过的阈值说明（空列表表示全部通过）。"""
-    f = report.get("fidelity")
-    failures = []
-    wants_fidelity = any(v is not None for v in (max_ppl_increase, min_top1, max_kl))
-    if wants_fidelity and not f:
-        return ["报告中没有保真度指标（转换时用了 --no-eval？）"]
-    if max_ppl_increase is not None and f["ppl_increase_pct"] > max_ppl_increase:
-        failures.append(f"困惑度上升 {f['ppl_increase_pct']:.2f} % 超过上限 {max_ppl_increase} %"
-                        f"（{f['ppl_base']:.3f} → {f['ppl_patched']:.3f}）")
-    if min_top1 is not None and f["top1_agreement"] < min_top1:
-        failures.append(f"top-1 一致率 {f['top1_agreement']:.4f} 低于下限 {min_top1}")
-    if max_kl is not None and f["kl_mean"] > max_kl:
-        failures.append(f"平均 KL {f['kl_mean']:.5f} 超过上限 {max_kl}")
-    if max_kv_ratio is not None:
-        kv = report.get("kv_cache")
-        if not kv:
-            failures.append("报告中没有 KV 缓存测量")
-        elif kv["ratio"] > max_kv_ratio:
-            failures.append(f"KV 缓存比例 {kv['ratio']:.3f} 超过上限 {max_kv_ratio}")
-    return failures
-
-
 def _local_lines(local: dict | None) -> list[str]:
     """The report line on healing's layer-wise reconstruction stage (``reconstruct``), if it ran."""
     if not local or not local["layers"]:
         return []
-    from .reconstruct import mean_errors
-
     n = len(local["layers"])
     before, after = mean_errors(local)
     return ["", f"KL 之前的逐层重建：{n} 个 MoE MLP 各 {local['steps_per_layer']} 步（{local['tokens']} 个 token，"
@@ -330,3 +207,9 @@ def _generated_lines(g: dict | None, writer: str) -> list[str]:
     return [f"训练数据中{writer}自己写的文本：{g['windows']} 个窗口、{g['tokens']} 个 token（温度 {g['temperature']}"
             + (f"；其中对话 {talk['windows']} 个窗口、{talk['tokens']} 个 token" if talk else "")
             + f"），生成用时 {g['seconds']:.0f} s（计入时间预算）。"]
+
+
+def mean_errors(summary: dict) -> tuple[float, float]:
+    """The layers' mean relative error (before, after) of a ``reconstruct`` summary with at least one layer."""
+    n = len(summary["layers"])
+    return (sum(l["error_before"] for l in summary["layers"]) / n, sum(l["error_after"] for l in summary["layers"]) / n)

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.text import read_text, token_windows
+from ..runtime.mtp import DraftHead, choose_draft_vocab
 from . import selfgen
-from .mtp import DraftHead, choose_draft_vocab
-from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
-                       save_state)
+from .loop import autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs, save_state
 
 STATE_DIR = "mtp-train"
 CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
@@ -205,3 +205,34 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
             "precision": precision_label(opts.precision, acc.device),
             "final_loss": history[-1]["loss"] if history else None,
             "final_train_accuracy": history[-1]["accuracy"] if history else None}
+
+
+def measure_mtp(model: nn.Module, eval_ids: torch.Tensor, new_tokens: int = 48) -> dict:
+    """Per-head acceptance on held-out text, and one greedy generation with and without MTP, timed side by side."""
+    acceptance = mtp_acceptance(model, eval_ids[:2])
+    prompt = eval_ids[:1, :64]
+    with torch.no_grad():
+        t = time.perf_counter()
+        plain = model.generate(prompt, use_mtp=False, max_new_tokens=new_tokens, do_sample=False)
+        plain_s = time.perf_counter() - t
+        # both stop at end-of-turn; the MTP modules alone first, then with context lookup drafts (generate's default)
+        spec = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, mtp_lookup=0)
+        stats = model.last_mtp_stats
+        hybrid = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        hstats = model.last_mtp_stats
+    return {"head_acceptance_teacher_forced": acceptance,
+            "expected_tokens_per_step": expected_tokens_per_step(acceptance),
+            "accepted_per_step": stats["accepted_per_step"], "head_acceptance": stats["head_acceptance"],
+            "tokens_per_s_mtp": stats["tokens_per_s"], "tokens_per_s_plain": (plain.shape[1] - 64) / plain_s,
+            "with_lookup": {"accepted_per_step": hstats["accepted_per_step"], "tokens_per_s": hstats["tokens_per_s"],
+                            "lookup_steps": hstats["lookup_steps"], "mtp_steps": hstats["mtp_steps"]},
+            "greedy_identical": bool(torch.equal(plain, spec) and torch.equal(plain, hybrid)),
+            "measured_with": f"eval prompt of 64 tokens, {new_tokens} new tokens, greedy, batch 1, "
+                             f"draft tree widths {getattr(model, 'DRAFT_BRANCHES', 1)} per module"}
+
+
+def mtp_windows(tokenizer, recipe) -> torch.Tensor:
+    """MTP training windows: ``--mtp-data`` (default: the calibration text), ``--mtp-train-tokens`` of them."""
+    o = recipe.mtp
+    text = read_text(o.data or recipe.calibration.data, "calibration")
+    return token_windows(tokenizer, text, o.train_tokens, o.seq_len, recipe.calibration.seed)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -65,7 +66,7 @@ def save_state(state_dir: Path, tensors: dict, optimizer, schedule, step: int, s
     """Write the resumable state atomically; files named in ``keep`` (globs) move over from the previous state."""
     from safetensors.torch import save_file
 
-    from .checkpoint import atomic_dir
+    from ..files import atomic_dir
 
     carried = [p for pattern in keep for p in state_dir.glob(pattern)] if state_dir.exists() else []
     with atomic_dir(state_dir, overwrite=True) as tmp:
@@ -97,3 +98,14 @@ def load_state(state_dir: Path | None, optimizer, schedule) -> tuple[dict, int]:
     schedule.load_state_dict(opt["schedule"])
     step = json.loads((state_dir / "progress.json").read_text())["step"]
     return load_file(str(state_dir / "trainable.safetensors")), step
+
+
+# the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
+# with the parts conversion changed (None: all of it; the latent attention keeps the source's q and o projections)
+CONVERTED = {"LatentAttention": ("kv_a_proj", "k_b_proj", "v_b_proj"), "DecoupledLatentAttention": None,
+             "MoEMLP": None, "DeepseekV3Attention": None, "DeepseekV3MoE": None}
+
+
+def converted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in CONVERTED
+            and not n.startswith("mtp") and ".mtp" not in n]

@@ -23,18 +23,23 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..evaluation.metrics import compare, evaluate_base
+from ..recipe import Precision, Section
 from . import reconstruct, selfgen
-from .recipe import Precision, Section
-from .training import (autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs,
-                       save_file_atomic, save_state)
+from .loop import (
+    CONVERTED,
+    autocast,
+    converted_modules,
+    cosine_with_warmup,
+    load_state,
+    past_budget,
+    precision_label,
+    reshuffled_epochs,
+    save_file_atomic,
+    save_state,
+)
 
 STATE_DIR = "heal-train"
-# the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
-# with the parts conversion changed (None: all of it; the latent attention keeps the source's q and o projections)
-CONVERTED = {"LatentAttention": ("kv_a_proj", "k_b_proj", "v_b_proj"), "DecoupledLatentAttention": None,
-             "MoEMLP": None, "DeepseekV3Attention": None, "DeepseekV3MoE": None}
-
-
 class HealOptions(Section):
     """修复的选项（``dsopt heal`` 的参数与 ``heal()`` 的输入是同一个模型）。"""
     teacher: str | None = Field(None, description="老师：源检查点（目录、.gguf 或内置别名）；缺省为转换时的来源")
@@ -133,11 +138,6 @@ def restore_latents(modules: list[nn.Module]) -> None:
 
     for proj in modules:
         parametrize.remove_parametrizations(proj, "weight", leave_parametrized=True)
-
-
-def converted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in CONVERTED
-            and not n.startswith("mtp") and ".mtp" not in n]
 
 
 def select_trainable(model: nn.Module, opts: HealOptions) -> list[nn.Parameter]:
@@ -252,7 +252,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     """
     from accelerate import Accelerator
 
-    from .fidelity import compare, evaluate_base
 
     acc = Accelerator()
     t0 = time.perf_counter()  # the time budget counts the teacher's writing too

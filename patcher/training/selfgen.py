@@ -192,7 +192,7 @@ def windows_for(path: Path | None, resume: bool, make) -> tuple[torch.Tensor, di
     trains on the same text instead of writing it again."""
     from safetensors import safe_open
 
-    from .training import save_file_atomic
+    from .loop import save_file_atomic
 
     if resume and path is not None and path.exists():
         with safe_open(str(path), "pt") as f:

@@ -1,4 +1,4 @@
-"""校准：文本读取与逐层流式统计。
+"""校准：逐层流式统计。
 
 流程（同 GPTQ 一类的顺序管线）：把校准 token 送到第 0 层入口并截住其输入；之后对每一层
 i：带钩子运行第 i 层、收集转换器要的统计（线性层输入的协方差），交给回调转换第 i 层，
@@ -7,84 +7,10 @@ i：带钩子运行第 i 层、收集转换器要的统计（线性层输入的�
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
-from importlib import resources
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
-
-
-class DataError(ValueError):
-    """校准或评估数据不可用。"""
-
-
-def builtin_text(kind: str) -> str:
-    """Offline defaults shipped with the package: public-domain text (see patcher/data/PROVENANCE.md)."""
-    return resources.files("patcher.data").joinpath(f"{kind}.txt").read_text(encoding="utf-8")
-
-
-def read_text(path: str | None, kind: str) -> str:
-    """.txt 原样读取；.jsonl 取每行的 ``text`` 字段。None 用内置文本。"""
-    if path is None:
-        return builtin_text(kind)
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"找不到{'校准' if kind == 'calibration' else '评估'}数据文件 {path}")
-    raw = p.read_text(encoding="utf-8", errors="replace")
-    if p.suffix == ".jsonl":
-        parts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    parts.append(str(json.loads(line)["text"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path} 第 {i} 行不是含 \"text\" 字段的 JSON") from None
-        raw = "\n\n".join(parts)
-    if not raw.strip():
-        raise DataError(f"{path} 是空的")
-    return raw
-
-
-def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def token_windows(tokenizer, text: str, n_tokens: int, seq_len: int, seed: int | None) -> torch.Tensor:
-    """Windows of ``seq_len`` tokens covering ``n_tokens``: random non-overlapping windows when seeded, else in order."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    n_windows = max(1, n_tokens // seq_len)
-    total = ids.numel() // seq_len
-    if total < 1:
-        raise DataError(f"文本只有 {ids.numel()} 个 token，不足一个长度 {seq_len} 的窗口")
-    starts = list(range(total))
-    if seed is not None:
-        random.Random(seed).shuffle(starts)
-    starts = sorted(starts[:n_windows]) if seed is not None else starts[:n_windows]
-    return torch.stack([ids[s * seq_len:(s + 1) * seq_len] for s in starts])
-
-
-def recipe_windows(tokenizer, recipe) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Calibration and evaluation windows of a recipe, and their provenance for the report.
-
-    The evaluation text must differ from the calibration text: fidelity is measured on text the conversion never saw."""
-    calib_text = read_text(recipe.calibration.data, "calibration")
-    eval_text = read_text(recipe.eval.data, "evaluation")
-    if digest(calib_text) == digest(eval_text):
-        raise DataError("评估文本与校准文本相同：保真度必须在未见过的文本上测量，请换一个 --eval-data")
-    cal = recipe.calibration
-    calib_ids = token_windows(tokenizer, calib_text, cal.tokens, cal.seq_len, cal.seed)
-    eval_ids = token_windows(tokenizer, eval_text, recipe.eval.tokens, recipe.eval.seq_len, None)
-    provenance = {
-        "calibration": {"data": cal.data or "builtin:calibration.txt", "tokens": int(calib_ids.numel()),
-                        "seq_len": cal.seq_len, "seed": cal.seed, "sha256": digest(calib_text)},
-        "eval": {"data": recipe.eval.data or "builtin:evaluation.txt", "tokens": int(eval_ids.numel()),
-                 "sha256": digest(eval_text)},
-    }
-    return calib_ids, eval_ids, provenance
 
 
 class _Stop(Exception):
@@ -112,7 +38,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Ten
     return captured
 
 
-def _call(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -145,7 +71,7 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
     try:
         with torch.no_grad():
             for hidden, kwargs in inputs:
-                _call(layer, hidden, kwargs)
+                call_layer(layer, hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -171,4 +97,4 @@ def stream(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_siz
             progress(i, "转换")
         on_layer(i, layer, stats)
         with torch.no_grad():
-            inputs = [(_call(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+            inputs = [(call_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .training import autocast, past_budget
+from .loop import autocast, converted_modules, past_budget
 
 # inputs and outputs of at most this many bytes are held at once (bf16): the layers are captured in groups that fit
 CAPTURE_BYTES = 2 << 30
@@ -28,8 +28,6 @@ EVAL_ROWS = 4096  # rows held out of the training to measure the error before an
 
 def mlp_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """(name, the student's MoE MLP, the teacher's module of the same name) for every MoE MLP conversion made."""
-    from .heal import converted_modules
-
     pairs = []
     for name, mod in converted_modules(student):
         if type(mod).__name__ in ("MoEMLP", "DeepseekV3MoE"):
@@ -145,12 +143,6 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, o
     return {"steps_per_layer": opts.local_steps, "tokens": int(windows.numel()), "batch_rows": opts.local_batch,
             "lr": opts.local_lr, "layers": layers, "skipped_layers": skipped,
             "seconds": time.perf_counter() - start}
-
-
-def mean_errors(summary: dict) -> tuple[float, float]:
-    """The layers' mean relative error (before, after) of a ``reconstruct`` summary with at least one layer."""
-    n = len(summary["layers"])
-    return (sum(l["error_before"] for l in summary["layers"]) / n, sum(l["error_after"] for l in summary["layers"]) / n)
 
 
 def stage(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts, t0: float, state_dir: Path | None,

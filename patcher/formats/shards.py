@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import OutputError, SourceError
+from ..errors import OutputError, SourceError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -25,13 +25,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .modeling import DecoupledLatentAttention, MoEMLP
+from ..errors import ExportError
+from ..evaluation.metrics import cache_bytes_per_token
+from ..model.locate import final_norm_path
+from ..model.weights import rope_angles, weight_of
+from ..runtime.modeling import DecoupledLatentAttention, MoEMLP
 
 EXPORT_EPS = 1e-6
 
-
-class ExportError(ValueError):
-    """补丁模型无法表达为 DeepSeek-V3 布局：消息说明哪一层、哪一项。"""
 
 
 def adopt_eps(model: nn.Module) -> float | None:
@@ -66,8 +67,6 @@ def _plain_rms_weight(norm: nn.Module, where: str) -> torch.Tensor:
 
 def rope_parameters(rotary: nn.Module, rot: int, pairs: list[int]) -> dict:
     """DeepSeek rotary settings that reproduce the kept source frequencies exactly (or an ExportError)."""
-    from converters.rope_split import rope_angles
-
     theta, scale = rope_angles(rotary, rot)
     if not torch.allclose(scale, torch.ones_like(scale), atol=1e-6):
         raise ExportError("源 RoPE 对 cos/sin 有缩放（attention_scaling ≠ 1，例如 YaRN），DeepSeek-V3 的 default/linear "
@@ -119,8 +118,6 @@ def _moe_parts(mlp: MoEMLP, where: str) -> dict:
 
 
 def _dense_parts(layer: nn.Module, lm, where: str):
-    from converters.weights import weight_of
-
     if lm.gate is None:
         raise ExportError(f"{where} 的 MLP 没有 gate 投影（不是 SwiGLU 类），DeepSeek-V3 的 MLP 无法表达")
     (wg, bg), (wu, bu), (wd, bd) = weight_of(layer, lm.gate), weight_of(layer, lm.up), weight_of(layer, lm.down, rows=False)
@@ -275,8 +272,6 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
 
 
 def _final_norm(model: nn.Module) -> str:
-    from converters.mtp import final_norm_path
-
     rec = (model.config.dsopt or {}).get("mtp")
     return rec["norm_path"] if rec else final_norm_path(model)
 
@@ -302,7 +297,7 @@ def write_deepseek_v3(model: nn.Module, mm, tokenizer, tmp: Path, max_shard_size
     stock.generation_config = model.generation_config  # the source's stop tokens and sampling defaults
     stock.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     if mtp:
-        _append_shard(tmp, "model-mtp.safetensors",
+        append_shard(tmp, "model-mtp.safetensors",
                       {k: v.detach().to(dtype if "mlp.gate." not in k else torch.float32).contiguous()
                        for k, v in mtp.items()})
     if tokenizer is not None:
@@ -310,7 +305,7 @@ def write_deepseek_v3(model: nn.Module, mm, tokenizer, tmp: Path, max_shard_size
     return cfg_kwargs
 
 
-def _append_shard(folder: Path, name: str, tensors: dict) -> None:
+def append_shard(folder: Path, name: str, tensors: dict) -> None:
     """Add a safetensors file and list its tensors in the index.
 
     A single-file save is turned into a sharded one first: transformers prefers ``model.safetensors`` over the
@@ -355,8 +350,6 @@ def load_stock(folder: Path, with_mtp_keys: bool = True):
 
 def verify_export(folder: Path, patched: nn.Module, ids: torch.Tensor, mtp_tokens: int = 12) -> dict:
     """Load the export with stock transformers and compare it with dsopt's own forward of the same model."""
-    from .fidelity import cache_bytes_per_token
-
     stock = load_stock(folder)
     with torch.no_grad():
         ours = patched(input_ids=ids, use_cache=False).logits.float()

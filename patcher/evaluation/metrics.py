@@ -1,0 +1,115 @@
+"""保真度指标：困惑度、KL、top-1 一致率，KV 缓存字节，参数与 FLOPs。
+
+基座的评估在转换之前完成并保存每个 token 的 log 概率（float16），转换之后在同样的窗口上
+比较，所以不需要同时在内存中放两份模型。KV 字节数从真实 ``generate()`` 之后的缓存对象量出，
+不按公式推算。
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..model.locate import ModelMap
+from ..runtime.modeling import MoEMLP
+
+
+@dataclass
+class BaseEval:
+    windows: torch.Tensor
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # per window, (T-1, V) float16
+    nll: list[torch.Tensor] = field(default_factory=list)
+    top1: list[torch.Tensor] = field(default_factory=list)  # from float32, before the float16 rounding
+
+
+def model_logits(model: nn.Module):
+    """The usual source of logits: the whole model on one window (streaming conversion passes its own)."""
+    return lambda _i, window: model(input_ids=window[None], use_cache=False).logits[0]
+
+
+def _logprobs(logits, i: int, window: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(logits(i, window)[:-1].float(), dim=-1)
+
+
+def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None) -> BaseEval:
+    """Per-token log-probs of the base on ``windows``; ``logits(i, window)`` replaces the model when given."""
+    logits = logits or model_logits(model)
+    ev = BaseEval(windows)
+    for i, w in enumerate(windows):
+        lp = _logprobs(logits, i, w)
+        ev.nll.append(-lp.gather(1, w[1:, None])[:, 0])
+        ev.top1.append(lp.argmax(-1))
+        ev.logprobs.append(lp.half())
+    return ev
+
+
+def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
+    """Perplexity of base and patched, mean KL(base‖patched) per token, top-1 agreement."""
+    logits = logits or model_logits(model)
+    nll_b, nll_p, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
+    for i, (w, lp_b16, nb, top1) in enumerate(zip(base.windows, base.logprobs, base.nll, base.top1)):
+        lp_p = _logprobs(logits, i, w)
+        lp_b = lp_b16.float()
+        nll_b += float(nb.sum())
+        nll_p += float(-lp_p.gather(1, w[1:, None]).sum())
+        kl += float((lp_b.exp() * (lp_b - lp_p)).sum())
+        agree += int((top1 == lp_p.argmax(-1)).sum())
+        n += w.numel() - 1
+    ppl_b, ppl_p = math.exp(nll_b / n), math.exp(nll_p / n)
+    return {"tokens": n, "ppl_base": ppl_b, "ppl_patched": ppl_p,
+            "ppl_increase_pct": 100.0 * (ppl_p / ppl_b - 1.0), "kl_mean": kl / n, "top1_agreement": agree / n}
+
+
+def cache_bytes_per_token(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 8) -> dict:
+    """Run a real greedy generate() and measure what its cache object holds, per token and layer summed."""
+    with torch.no_grad():
+        out = model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             return_dict_in_generate=True, use_cache=True, pad_token_id=0)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    total, length = 0, 0
+    for layer in cache.layers:
+        if not isinstance(layer.keys, torch.Tensor):  # a layer the model never wrote to
+            continue
+        for t in (layer.keys, layer.values):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        length = max(length, layer.keys.shape[-2])
+    tokens = prompt_ids.shape[0] * length
+    return {"kv_bytes_per_token": total / tokens, "cached_tokens": tokens, "cache_bytes": total}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def active_parameters(model: nn.Module, mm: ModelMap) -> dict:
+    """Parameters one token uses (MoE layers count their router, shared part and top-k experts only)."""
+    total = parameter_count(model)
+    inactive, ffn_total, ffn_active = 0, 0, 0
+    for lm in mm.layers:
+        layer = model.get_submodule(lm.prefix)
+        mlp = layer.get_submodule(lm.mlp) if lm.mlp else None
+        if mlp is None:
+            continue
+        n = sum(p.numel() for p in mlp.parameters())
+        if isinstance(mlp, MoEMLP):
+            unused = mlp.inactive_params()
+            inactive += unused
+            ffn_total += n
+            ffn_active += n - unused
+        else:
+            ffn_total += n
+            ffn_active += n
+    # forward FLOPs per token on the weights: 2 per multiply-add of every weight a token uses; the embedding is a
+    # lookup, the output head a product (counted again when it shares the embedding's weight); attention over the
+    # context, which grows with its length, is not included
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == emb.weight.data_ptr()
+    products = total - inactive - emb.weight.numel() + (head.weight.numel() if tied else 0)
+    return {"total": total, "active": total - inactive, "ffn_total": ffn_total, "ffn_active": ffn_active,
+            "active_ffn_fraction": ffn_active / max(ffn_total, 1),
+            "flops_per_token": 2 * products, "ffn_flops_per_token": 2 * ffn_active}

@@ -1,0 +1,30 @@
+"""读取定位到的角色：投影的权重（统一成 nn.Linear 的 (out, in) 方向，按定位器给出的行取子集）与旋转位置编码的角度。"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .locate import Projection
+
+
+def weight_of(layer: nn.Module, proj: Projection, rows: bool = True):
+    """(weight, bias) of a located projection; Conv1D (stored in, out) is transposed; ``rows`` picks its rows."""
+    mod = layer.get_submodule(proj.module)
+    w = mod.weight.detach()
+    w = w.t() if proj.conv1d else w
+    b = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
+    if rows and proj.rows:
+        idx = torch.tensor(proj.flat_rows, dtype=torch.long)
+        w = w[idx]
+        b = b[idx] if b is not None else None
+    return w, b
+
+
+def rope_angles(rotary: nn.Module, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ_i, scale_i) of the source rotary for each of its rot/2 pairs, read from its cos/sin at positions 0 and 1."""
+    like = torch.zeros(1, 2, rot, dtype=torch.float32)
+    cos, sin = rotary(like, torch.arange(2)[None])
+    half = rot // 2
+    theta = torch.atan2(sin[0, 1, :half].double(), cos[0, 1, :half].double())
+    return theta, cos[0, 0, :half].double()

@@ -84,6 +84,23 @@ def plots(folder: Path, report: dict) -> list[str]:
 
 
 def render_markdown(report: dict, plots: list[str] | None = None) -> str:
+    """fidelity.md: the summary table, then one section per part of the report that is present."""
+    lines = []
+    for section in (_summary, _healing, _resources, _moe_balance, _mtp, _decoupled_rope, _export, _layers):
+        lines += section(report)
+    for name in plots or []:
+        lines += ["", f"![{name}]({name})"]
+    cal = report.get("calibration") or {}
+    if cal:
+        lines += ["", f"校准：{cal.get('tokens')} 个 token，来源 {cal.get('data')}；评估来源 "
+                      f"{(report.get('eval') or {}).get('data')}。"]
+    return "\n".join(lines) + "\n"
+
+
+
+
+def _summary(report: dict) -> list[str]:
+    """Title, techniques and the base-vs-converted table."""
     f = report.get("fidelity") or {}
     kv = report.get("kv_cache") or {}
     lines = [f"# 保真度报告 · {report.get('source', '')}", "",
@@ -108,6 +125,12 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                 lines.append(f"| 每 token 前向 FLOPs（权重部分；其中 FFN） | {a['flops_per_token'] / 1e6:,.1f} M"
                              f"（{a['ffn_flops_per_token'] / 1e6:,.1f} M） | {b['flops_per_token'] / 1e6:,.1f} M"
                              f"（{b['ffn_flops_per_token'] / 1e6:,.1f} M） |")
+    return lines
+
+
+def _healing(report: dict) -> list[str]:
+    """The healing section: before and after, its budget and data."""
+    lines = []
     h = report.get("healing")
     if h:
         c, a = h["before"], h["after"]
@@ -122,14 +145,32 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                   f"老师 logits：{h['teacher_logits']}；文本 {h['data']}。"]
         lines += _generated_lines(h.get("generated"), "老师")
         lines += _local_lines(h.get("local"))
+    return lines
+
+
+def _resources(report: dict) -> list[str]:
+    """Conversion time and peak memory."""
+    lines = []
     r = report.get("resources") or {}
     if r:
         lines += ["", f"转换耗时 {r['conversion_seconds']:.1f} s，峰值常驻内存 {r['peak_rss_mib']:.0f} MiB。"]
+    return lines
+
+
+def _moe_balance(report: dict) -> list[str]:
+    """Tokens per expert on held-out text, per MoE layer."""
+    lines = []
     balance = (report.get("moe") or {}).get("balance") or []
     if balance:
         lines += ["", "## MoE 负载（留出文本上每个专家的 token 数）", "", "| 层 | 最大/平均 | 归一化熵 |",
                   "|---|---|---|"]
         lines += [f"| {b['layer']} | {b['max_over_mean']:.2f} | {b['entropy']:.3f} |" for b in balance]
+    return lines
+
+
+def _mtp(report: dict) -> list[str]:
+    """MTP acceptance per head, tokens per step and speed, training."""
+    lines = []
     mtp = report.get("mtp") or {}
     if mtp.get("head_acceptance_teacher_forced") is not None:
         t = mtp.get("training") or {}
@@ -148,6 +189,12 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         if t:
             lines.append(f"训练：{t['tokens']} 个 token，{t['steps']} 步，{t['seconds']:.0f} s，目标 {t['target']}。")
             lines += _generated_lines(t.get("generated"), "基座")
+    return lines
+
+
+def _decoupled_rope(report: dict) -> list[str]:
+    """The decoupled-RoPE choice (DeepSeek-V3 layout)."""
+    lines = []
     mla = (report.get("plan") or {}).get("mla") or {}
     if mla.get("rope") == "decoupled":
         lines += ["", "## 解耦 RoPE（DeepSeek-V3 布局）", "",
@@ -155,6 +202,12 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                   f"qk_rope_head_dim = {mla['qk_rope_head_dim']}，kv_lora_rank = {mla['kv_lora_rank']}。"
                   "其余频率不带位置进入潜在向量（低频）或丢弃（实测代价更小的一种）；各层共享旋转键所含的"
                   "（查询加权）键能量见逐层表。"]
+    return lines
+
+
+def _export(report: dict) -> list[str]:
+    """What loading the native export with stock transformers showed."""
+    lines = []
     ex = report.get("export") or {}
     if ex:
         kvs = ex["stock_kv_cache"]["kv_bytes_per_token"]
@@ -166,6 +219,12 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
         if "mtp_generate_identical_to_greedy" in ex:
             lines.append(f"- `generate(use_mtp=True)`：输出与普通贪心"
                          f"{'一致' if ex['mtp_generate_identical_to_greedy'] else '不一致'}。")
+    return lines
+
+
+def _layers(report: dict) -> list[str]:
+    """Per-layer plan and errors on the calibration inputs."""
+    lines = []
     layers = report.get("layers") or []
     if layers and "rope_shared_key_energy" in layers[0]:
         lines += ["", "## 逐层误差（校准输入上）", "",
@@ -178,13 +237,7 @@ def render_markdown(report: dict, plots: list[str] | None = None) -> str:
                   "| 层 | 潜在秩 | 源 K+V 宽度 | K 相对误差 | V 相对误差 |", "|---|---|---|---|---|"]
         lines += [f"| {l['layer']} | {l['rank']} | {l['kv_width']} | {l['k_rel_error']:.4f} | {l['v_rel_error']:.4f} |"
                   for l in layers]
-    for name in plots or []:
-        lines += ["", f"![{name}]({name})"]
-    cal = report.get("calibration") or {}
-    if cal:
-        lines += ["", f"校准：{cal.get('tokens')} 个 token，来源 {cal.get('data')}；评估来源 "
-                      f"{(report.get('eval') or {}).get('data')}。"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _local_lines(local: dict | None) -> list[str]:

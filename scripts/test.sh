@@ -1,6 +1,14 @@
 #!/usr/bin/env bash
-# 运行全部测试（单元、契约、集成，含真实 SmolLM2 模型的测试）。
+# 运行全部检查与测试：代码风格（ruff）、分层契约（import-linter）、全部测试（单元、契约、集成，含真实
+# SmolLM2 模型的测试）及 patcher/ 与 converters/ 的行覆盖率（低于下限时失败）。
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-exec python3 -m pytest -q tests "$@"
+COVERAGE_FLOOR=${COVERAGE_FLOOR:-85}  # 覆盖率下限（%）：重构前实测的数字，新测试只许让它升高
+echo "== ruff（代码风格）"
+python3 -m ruff check .
+echo "== import-linter（分层契约）"
+lint-imports --no-cache
+echo "== pytest（含覆盖率）"
+exec python3 -m pytest -q -p no:cacheprovider --cov=patcher --cov=converters --cov-report=term:skip-covered \
+  --cov-fail-under="$COVERAGE_FLOOR" tests "$@"

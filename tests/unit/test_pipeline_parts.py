@@ -1,0 +1,76 @@
+"""管线的通用部分：技术声明规划方式、后端声明限制，``run.fit`` 据此调整或拒绝配方；格式规则是数据。"""
+
+import pytest
+
+from converters import registry
+from converters.base import STYLES
+from patcher.errors import RecipeError
+from patcher.pipeline.run import Limits, fit
+from patcher.pipeline.streaming import LIMITS
+from patcher.recipe import FORMATS, parse_recipe
+
+
+def test_every_technique_is_registered_the_same_way_in_conversion_order():
+    assert list(registry.TECHNIQUES) == ["mla", "moe", "mtp"]
+    for tech in registry.TECHNIQUES.values():
+        for method in ("planning", "plan", "check", "captures", "convert", "summary") if tech.structure_key else \
+                ("planning", "attach", "check_model"):
+            assert callable(getattr(tech, method)), (tech.section, method)
+    r = parse_recipe({"mla": {"enabled": True}, "mtp": {"heads": 1}})
+    assert [t.section for t in registry.enabled(r)] == ["mla", "mtp"]
+    assert [t.section for t in registry.layer_techniques(r)] == ["mla"]
+
+
+@pytest.mark.parametrize("options, style", [
+    ({"mla": {"enabled": True}}, "global_probe"),
+    ({"mla": {"enabled": True, "allocation": "energy"}}, "global"),
+    ({"mla": {"enabled": True, "allocation": "uniform"}}, "per_layer"),
+    ({"mla": {"enabled": True, "kv_lora_rank": 8}}, "per_layer"),
+    ({"mla": {"enabled": True, "rope": "decoupled"}}, "global"),
+    ({"moe": {"enabled": True}}, "global_probe"),
+    ({"moe": {"enabled": True, "mode": "copy"}}, "per_layer"),
+    ({"mtp": {"heads": 1}}, "none"),
+    ({"mtp": {"heads": 1, "train_tokens": 64}}, "whole_model"),
+])
+def test_techniques_declare_how_they_plan(options, style):
+    recipe = parse_recipe(options)
+    (tech,) = registry.enabled(recipe)
+    planning = tech.planning(getattr(recipe, tech.section))
+    assert planning.style == style and planning.style in STYLES
+    if style not in ("none", "per_layer"):
+        assert planning.needs  # said to the user when a backend cannot plan this way
+
+
+def test_a_backend_that_plans_per_layer_takes_the_declared_fallback_for_defaults_only():
+    recipe = parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True}})
+    fitted, notes = fit(recipe, LIMITS)
+    assert fitted.mla.allocation == fitted.moe.allocation == "uniform"
+    assert notes == ["mla.allocation: sensitivity → uniform（流式转换逐层规划，不做全模型敏感度探测）",
+                     "moe.allocation: sensitivity → uniform（流式转换逐层规划，不做全模型敏感度探测）"]
+    assert recipe.mla.allocation == "sensitivity"  # the caller's recipe is not changed
+    assert fit(recipe, Limits()) == (recipe, [])  # a backend that can do everything changes nothing
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"mla": {"enabled": True, "allocation": "sensitivity"}}, "按 sensitivity 在层间分配秩"),
+    ({"mla": {"enabled": True, "allocation": "log"}}, "按 log 在层间分配秩"),
+    ({"mla": {"enabled": True, "rope": "decoupled"}}, "解耦 RoPE"),
+    ({"mtp": {"heads": 1, "train_tokens": 64}}, "dsopt train-mtp"),
+    ({"mla": {"enabled": True}, "output": {"format": "deepseek-v3"}}, "导出 deepseek-v3 格式"),
+])
+def test_explicit_asks_a_backend_cannot_honour_are_refused_with_what_to_do(options, needle):
+    with pytest.raises(RecipeError, match=needle) as err:
+        fit(parse_recipe(options), LIMITS)
+    assert "--streaming off" in str(err.value)
+
+
+def test_format_rules_are_data_and_fix_only_what_the_user_left_open():
+    assert set(FORMATS) == {"dsopt", "deepseek-v3"} and FORMATS["dsopt"].unit_expert_weights
+    r = parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True}, "output": {"format": "deepseek-v3"}})
+    assert (r.mla.rope, r.moe.routing, r.moe.allocation, r.moe.router) == ("decoupled", "sigmoid", "uniform", "linear")
+    copy = parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True, "mode": "copy"},
+                         "output": {"format": "deepseek-v3"}})
+    assert copy.moe.router == "auto"  # the router rule applies to split mode only
+    with pytest.raises(RecipeError, match="--moe-allocation uniform"):
+        parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True, "allocation": "sensitivity"},
+                      "output": {"format": "deepseek-v3"}})

@@ -25,7 +25,7 @@ def _flag(name: str, help: str, **kw) -> Any:
     return Field(json_schema_extra={"flag": name}, description=help, **kw)
 
 
-# forward precision of the training loops (MTP training, healing): see patcher/training.py
+# forward precision of the training loops (MTP training, healing): see patcher/training/loop.py
 Precision = Literal["auto", "bf16", "fp32"]
 
 

@@ -1,7 +1,8 @@
-"""命令行：``dsopt convert / inspect / report / check``（typer + rich）。
+"""命令行：``dsopt convert / heal / train-mtp / generate / inspect / report / check``（typer，进度条用 rich）。
 
 ``convert`` 的参数由配方模式（``patcher.recipe``）生成：每个带 ``flag`` 的字段一个参数，
 用户给出的值覆盖 ``--recipe`` 预设，然后整体校验。CLI 与 ``patch_model`` 因此读同一个模式。
+这里只解析参数、调用 ``patcher.jobs``、打印结果；``DsoptError`` 变成一行清楚的错误与退出码 2。
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from torch import nn
 from ..data.text import read_text, token_windows
 from ..runtime.mtp import DraftHead, choose_draft_vocab
 from . import selfgen
-from .loop import autocast, cosine_with_warmup, load_state, past_budget, precision_label, reshuffled_epochs, save_state
+from .loop import autocast, past_budget, precision_label, reshuffled_epochs, save_state, start
 
 STATE_DIR = "mtp-train"
 CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
@@ -159,12 +159,8 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     batch_size = min(opts.batch_size, len(windows))
     order, epochs = training_order(len(windows), batch_size, opts.train_tokens or windows.numel(), windows.shape[1])
     steps = len(order)
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    schedule = cosine_with_warmup(optimizer, steps)
-    objective, optimizer, schedule = acc.prepare(objective, optimizer, schedule)
-    done = 0
+    objective, optimizer, schedule, saved, done = start(acc, objective, params, opts.lr, steps, state_dir, resume)
     if resume:
-        saved, done = load_state(state_dir, optimizer, schedule)
         model.mtp.load_state_dict(saved)
     model.train()
     hidden = HiddenCache(model, windows,

@@ -30,13 +30,12 @@ from .loop import (
     CONVERTED,
     autocast,
     converted_modules,
-    cosine_with_warmup,
-    load_state,
     past_budget,
     precision_label,
     reshuffled_epochs,
     save_file_atomic,
     save_state,
+    start,
 )
 
 STATE_DIR = "heal-train"
@@ -266,12 +265,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
                              state_dir / f"teacher-top{opts.top_k}.safetensors" if state_dir else None)
     order = epoch_order(len(windows), opts)
     steps = max(1, math.ceil(len(order) / opts.batch_size))
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
-    schedule = cosine_with_warmup(optimizer, steps)
-    student, optimizer, schedule = acc.prepare(student, optimizer, schedule)
-    done = 0
+    student, optimizer, schedule, saved, done = start(acc, student, params, opts.lr, steps, state_dir, resume)
     if resume:
-        saved, done = load_state(state_dir, optimizer, schedule)
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(saved[f"p{i}"])

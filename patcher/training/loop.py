@@ -61,6 +61,17 @@ def reshuffled_epochs(n_windows: int, visits: int, seed: int = 0) -> torch.Tenso
                       for e in range(epochs)])[:visits]
 
 
+def start(acc, module, params: list, lr: float, steps: int, state_dir: Path | None, resume: bool):
+    """AdamW (no weight decay) with the warmup-cosine schedule, both prepared by accelerate with ``module``; a
+    resumed run also gets its saved tensors and the step it reached. Returns (module, optimizer, schedule, saved,
+    done)."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = cosine_with_warmup(optimizer, steps)
+    module, optimizer, schedule = acc.prepare(module, optimizer, schedule)
+    saved, done = load_state(state_dir, optimizer, schedule) if resume else ({}, 0)
+    return module, optimizer, schedule, saved, done
+
+
 def save_state(state_dir: Path, tensors: dict, optimizer, schedule, step: int, steps: int,
                keep: tuple[str, ...] = ()) -> None:
     """Write the resumable state atomically; files named in ``keep`` (globs) move over from the previous state."""

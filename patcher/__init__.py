@@ -17,7 +17,17 @@ _legacy.install()  # the module paths before the redesign still import
 for _model_type in _FAMILIES:  # loading a converted checkpoint then needs no remote code
     _modeling.register(_model_type)
 
-from .errors import DataError, DsoptError, ExportError, LocateError, OutputError, PlanError, RecipeError, SourceError  # noqa: E402
+from .errors import (  # noqa: E402
+    DataError,
+    DsoptError,
+    ExportError,
+    LocateError,
+    OutputError,
+    PlanError,
+    RecipeError,
+    ReportError,
+    SourceError,
+)
 from .recipe import Recipe, load_recipe  # noqa: E402
 
 
@@ -32,4 +42,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["convert", "patch_model", "Recipe", "load_recipe", "__version__", "DsoptError", "RecipeError",
-           "PlanError", "LocateError", "SourceError", "OutputError", "DataError", "ExportError"]
+           "PlanError", "LocateError", "SourceError", "OutputError", "DataError", "ExportError", "ReportError"]

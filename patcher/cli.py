@@ -178,7 +178,7 @@ def _mtp_train_command():
             current = read_report(out)["recipe"].get("mtp") or {}
             opts = MTPOptions(**{**current, **{k: v for k, v in kw.items() if v is not None and k not in
                                                ("tokens", "resume")}, "train_tokens": kw["tokens"]})
-        except (FileNotFoundError, ValidationError) as e:
+        except (FileNotFoundError, DsoptError, ValidationError) as e:
             _fail(str(e))
         try:
             with Progress(*_columns(), console=console, transient=False) as progress:
@@ -339,12 +339,13 @@ def _layer_row(lm) -> dict:
 def report_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
                as_json: bool = typer.Option(False, "--json", help="输出 fidelity.json 原文")):
     """打印输出目录中的保真度报告。"""
+    from .errors import DsoptError
     from .evaluation.render import render_markdown
     from .evaluation.report import read_report
 
     try:
         rep = read_report(out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DsoptError) as e:
         _fail(str(e))
     if as_json:
         print(json.dumps(rep, ensure_ascii=False, indent=2))
@@ -359,12 +360,13 @@ def check_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
               max_kl: Optional[float] = typer.Option(None, "--max-kl", help="平均 KL 上限"),
               max_kv_ratio: Optional[float] = typer.Option(None, "--max-kv-ratio", help="KV 缓存比例上限（0–1）")):
     """CI 门禁：任一阈值不满足时以非零状态退出，并逐条说明原因。"""
+    from .errors import DsoptError
     from .evaluation.gate import check
     from .evaluation.report import read_report
 
     try:
         rep = read_report(out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, DsoptError) as e:
         _fail(str(e))
     failures = check(rep, max_ppl_increase, min_top1, max_kl, max_kv_ratio)
     if failures:

@@ -37,3 +37,7 @@ class DataError(DsoptError):
 
 class ExportError(DsoptError):
     """模型无法按所选输出格式导出。"""
+
+
+class ReportError(DsoptError):
+    """输出目录中的保真度报告（fidelity.json）损坏或不完整。"""

@@ -111,3 +111,19 @@ def test_mtp_convert_train_resume_and_generate(folder, tmp_path):
 def test_train_mtp_refuses_a_folder_without_heads(converted):
     res = runner.invoke(app, ["train-mtp", str(converted), "--tokens", "256"])
     assert res.exit_code == 2 and "MTP" in res.output
+
+
+def test_a_truncated_or_incomplete_report_is_named_not_a_traceback(converted, tmp_path):
+    import shutil
+
+    for name, text, needle in (("cut", None, "不是有效的 JSON"), ("partial", '{"source": "x"}', "缺少 techniques")):
+        folder = tmp_path / name
+        shutil.copytree(converted, folder)
+        whole = (folder / "fidelity.json").read_text(encoding="utf-8")
+        (folder / "fidelity.json").write_text(text if text is not None else whole[: len(whole) // 2], encoding="utf-8")
+        for cmd in (["report", str(folder)], ["check", str(folder), "--max-kl", "1"]):
+            res = runner.invoke(app, cmd)
+            flat = res.output.replace("\n", "")  # rich wraps long lines
+            assert res.exit_code == 2 and needle in flat and "fidelity.json" in flat, res.output
+            assert "Traceback" not in flat
+

@@ -20,7 +20,7 @@ from ..training import draft_heads, selfgen
 from .calibrate import stream
 from .probe import SensitivityProbe
 from .progress import peak_rss_mib
-from .run import Limits, dsopt_config, needs_probe
+from .run import Limits, captures, dsopt_config, needs_probe
 
 PROMPT_TOKENS = 64  # the prompt whose generate() cache is measured
 
@@ -38,10 +38,9 @@ class MemoryBackend:
 
     def open(self, recipe: Recipe, stages) -> None:
         self.model.eval()
-        self.recipe = recipe
 
     def prepare(self, mm, recipe: Recipe, techs: list, stages) -> None:
-        self.mm, self.layers = mm, self.model.get_submodule(mm.layers_path)
+        self.layers = self.model.get_submodule(mm.layers_path)
 
     def measure_base(self, mm, recipe: Recipe, eval_ids, stages) -> dict:
         self.prompt = eval_ids[:1, :PROMPT_TOKENS]
@@ -65,10 +64,8 @@ class MemoryBackend:
                     fill(tech, i, tech.analyse(job, layer, mm.layers[i], stats, getattr(recipe, tech.section), probe))
                 progress.advance()
 
-            def captures(i):
-                return [w for t in analysing for w in t.captures(mm.layers[i], getattr(recipe, t.section))]
-
-            stream(self.model, self.layers, calib_ids, cal.batch_size, captures, analyse, progress.step)
+            stream(self.model, self.layers, calib_ids, cal.batch_size, lambda i: captures(analysing, recipe, mm, i),
+                   analyse, progress.step)
         return analyse_layers
 
     def convert_layers(self, work, calib_ids, eval_ids, progress, stages) -> None:

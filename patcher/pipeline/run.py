@@ -87,6 +87,11 @@ def check(techs: list, mm: ModelMap, recipe: Recipe) -> None:
             tech.check_model(mm, getattr(recipe, tech.section))
 
 
+def captures(techs: list, recipe: Recipe, mm: ModelMap, i: int) -> list[tuple[str, str]]:
+    """The statistics ``techs`` need from layer i's calibration inputs."""
+    return [w for t in techs for w in t.captures(mm.layers[i], getattr(recipe, t.section))]
+
+
 @dataclass
 class LayerWork:
     """Converting one decoder layer with every layer technique: the same for both backends."""
@@ -105,7 +110,7 @@ class LayerWork:
         return getattr(self.recipe, tech.section)
 
     def captures(self, i: int) -> list[tuple[str, str]]:
-        return [w for t in self.techs for w in t.captures(self.mm.layers[i], self.opts(t))]
+        return captures(self.techs, self.recipe, self.mm, i)
 
     def __call__(self, i: int, layer: nn.Module, stats: dict, progress=None) -> dict:
         """Replace layer i's modules in place; returns its report info (also kept in ``infos``)."""

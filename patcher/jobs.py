@@ -60,7 +60,6 @@ def convert(source: str, recipe=None, out: str | Path | None = None, progress=No
     t = time.perf_counter()
     model, tokenizer, src = sources.load(source, trust_remote_code=recipe.output.trust_remote_code)
     backend = MemoryBackend(model, tokenizer, source, out, load_seconds=time.perf_counter() - t)
-    del model
     return pipeline.run(backend, recipe, progress)
 
 

@@ -290,7 +290,7 @@ class StreamingBackend:
     def analyser(self, mm, recipe: Recipe, job, calib_ids, progress):
         return None  # LIMITS: every plan is per layer
 
-    def _open_outer(self, recipe: Recipe, calib_ids, eval_ids, stages, total: int) -> None:
+    def _open_outer(self, recipe: Recipe, calib_ids, eval_ids, stages, total: int) -> list:
         """The tensors outside the layers, as stored, into the output; each window's input to layer 0.
 
         A 128k vocabulary makes the embedding and the head 2 GiB each in float32: the embedding is in memory only
@@ -304,11 +304,12 @@ class StreamingBackend:
                 store.copy_to(self.outer_names, self.run.dir / shard_name(n, total))
             small = [k for k in self.outer_names if k not in (emb_name, self.head_name)]
             model.load_state_dict(store.read(small + [emb_name], COMPUTE_DTYPE), strict=False, assign=True)
-            self.calib = capture_layer_inputs(model, self.layers, calib_ids, recipe.calibration.batch_size)
+            calib = capture_layer_inputs(model, self.layers, calib_ids, recipe.calibration.batch_size)
             self.evals = capture_layer_inputs(model, self.layers, eval_ids, 1) if recipe.eval.enabled else []
             self.prompt = capture_layer_inputs(model, self.layers, eval_ids[:1, :PROMPT_TOKENS], 1)
             _release(model.get_input_embeddings())
         self.marks["outer"] = rss_mib()
+        return calib  # the layer loop replaces it layer by layer: not kept here, or layer 0's inputs stay in memory
 
     def convert_layers(self, work, calib_ids, eval_ids, progress, stages) -> None:
         """Layer i: the base's evaluation windows through the source layer; statistics; conversion; calibration and
@@ -317,13 +318,13 @@ class StreamingBackend:
         self.heads = recipe.mtp.heads if recipe.mtp.enabled else 0
         self.total = total = n + 1 + (1 if self.heads else 0)
         self.run = run = Run(self.out, _fingerprint(self.folder, self.store, recipe), self.resume)
-        self._open_outer(recipe, calib_ids, eval_ids, stages, total)
+        calib = self._open_outer(recipe, calib_ids, eval_ids, stages, total)
         record = run.saved or {"infos": [], "specs": {t.structure_key: {} for t in work.techs}, "kv_base": [],
                                "kv_patched": [], "balance": [], "layer_seconds": [], "layer_rss_mib": [],
                                "as_tuple": None}
         work.infos = record["infos"]
         work.specs = {key: {int(i): s for i, s in per.items()} for key, per in record["specs"].items()}
-        calib, evals, device = self.calib, self.evals, self.device
+        evals, device = self.evals, self.device
         ev_base, ev_patched = list(evals), list(evals)
         if run.done >= 0:
             saved = run.hidden()

@@ -19,7 +19,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="dsopt：把稠密 LLM 检查点转换为 DeepSeek 风格（MLA 潜在注意力、MoE 混合专家、MTP 多 token 预测），"
                        "并给出保真度报告。")
 console = Console(stderr=True)
@@ -368,7 +368,10 @@ def check_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
         rep = read_report(out)
     except (FileNotFoundError, DsoptError) as e:
         _fail(str(e))
-    failures = check(rep, max_ppl_increase, min_top1, max_kl, max_kv_ratio)
+    try:
+        failures = check(rep, max_ppl_increase, min_top1, max_kl, max_kv_ratio)
+    except DsoptError as e:
+        _fail(str(e))
     if failures:
         for f in failures:
             console.print(f"[bold red]未通过：[/]{f}")
@@ -376,11 +379,42 @@ def check_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
     Console().print("[green]全部阈值通过[/]")
 
 
+def _crash_file(exc: BaseException) -> Path:
+    """Write the full traceback of an unexpected error to a file; the terminal gets one line."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(os.environ.get("DSOPT_CACHE", Path.home() / ".cache" / "dsopt")) / "crashes"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    path = folder / f"dsopt-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+    return path
+
+
 def main():
     from transformers.utils import logging as hf_logging
 
+    from .files import disk_full
+
     hf_logging.disable_progress_bar()  # our own rich bars say what is happening
-    app()
+    try:
+        app(standalone_mode=True)
+    except KeyboardInterrupt:
+        console.print("[yellow]已中断[/]：输出只在全部完成后才改名到位，中断不会留下半成品")
+        raise SystemExit(130) from None
+    except Exception as e:  # noqa: BLE001  an error of ours, not the user's: one line and where the traceback is
+        if disk_full(e):
+            console.print(f"[bold red]错误：[/]磁盘已满（{type(e).__name__}）；腾出空间后重试")
+            raise SystemExit(2) from None
+        path = _crash_file(e)
+        console.print(f"[bold red]内部错误[/]（dsopt 的缺陷，不是输入的问题）：{type(e).__name__}: {str(e)[:200]}；"
+                      f"完整回溯已写入 {path}，报告问题时请附上")
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data.text import digest, read_text, token_windows
-from .errors import DataError, RecipeError
+from .data.text import digest, mixed_windows, read_domains, recipe_eval
+from .errors import DataError, RecipeError, SourceError
 from .evaluation.metrics import compare, evaluate_base
 from .evaluation.report import read_report, write_report
 from .files import atomic_dir, check_output
@@ -50,16 +50,21 @@ def convert(source: str, recipe=None, out: str | Path | None = None, progress=No
     """
     recipe = pipeline.as_recipe(recipe or Recipe())
     out = Path(out or f"{Path(source).name}-dsopt")
-    check_output(out, recipe.output.overwrite)  # before any expensive work
+    check_output(out, recipe.output.overwrite, keep=(source,))  # before any expensive work
+    read_domains(recipe.calibration.data, "calibration")  # a missing or non-text file fails now, not after loading
+    if recipe.eval.enabled:
+        read_domains(recipe.eval.data, "evaluation")
     src = sources.resolve(source)
+    # a local path is recorded absolute: heal and train-mtp find the teacher from any working folder
+    name = str(Path(source).expanduser().resolve()) if src.kind != "hub" and source not in sources.ALIASES else source
     if wanted(sources.weight_bytes(src), recipe):
-        backend = StreamingBackend(sources.local_folder(src), out, resume, source_name=source)
+        backend = StreamingBackend(sources.local_folder(src), out, resume, source_name=name)
         return pipeline.run(backend, recipe, progress)
     if resume:
         raise RecipeError("--resume 只用于流式转换（--streaming on，或源权重大于 2 GiB 时自动开启）")
     t = time.perf_counter()
     model, tokenizer, src = sources.load(source, trust_remote_code=recipe.output.trust_remote_code)
-    backend = MemoryBackend(model, tokenizer, source, out, load_seconds=time.perf_counter() - t)
+    backend = MemoryBackend(model, tokenizer, name, out, load_seconds=time.perf_counter() - t)
     return pipeline.run(backend, recipe, progress)
 
 
@@ -76,8 +81,7 @@ def train_mtp_checkpoint(out: str | Path, opts, resume: bool = False, progress=N
     recipe = parse_recipe(report["recipe"])
     recipe = recipe.model_copy(update={"mtp": opts})
     windows = draft_heads.mtp_windows(tokenizer, recipe)
-    eval_ids = token_windows(tokenizer, read_text(recipe.eval.data, "evaluation"), recipe.eval.tokens,
-                             recipe.eval.seq_len, None)
+    eval_ids, _ = recipe_eval(tokenizer, recipe)
     training = draft_heads.train_mtp(model, windows, opts, out / draft_heads.STATE_DIR, resume,
                                      progress or NullProgress(), selfgen.chat_turns(tokenizer))
     report["mtp"] = {**(report.get("mtp") or {}), "training": training, **draft_heads.measure_mtp(model, eval_ids)}
@@ -103,15 +107,19 @@ def heal_checkpoint(out: str | Path, opts=None, resume: bool = False, progress=N
     recipe = parse_recipe(report["recipe"])
     student, tokenizer, _ = sources.load(str(out))
     teacher_name = opts.teacher or report["source"]
+    if not opts.teacher and not Path(teacher_name).expanduser().exists() and \
+            (teacher_name.startswith((".", "/", "~")) or "/" in teacher_name and Path(teacher_name).suffix == ".gguf"):
+        raise SourceError(f"报告记录的来源 {teacher_name!r} 从当前目录找不到（转换时给的是相对路径，或来源已移动）："
+                          "请用 --teacher 给出源模型")
     teacher, _, _ = sources.load(teacher_name)
-    train_text = read_text(opts.data or recipe.calibration.data, "calibration")
-    eval_text = read_text(recipe.eval.data, "evaluation")
-    if digest(train_text) == digest(eval_text):
+    train = read_domains(opts.data or recipe.calibration.data, "calibration")
+    seen = {digest(d.text) for d in train}
+    if any(digest(d.text) in seen for d in read_domains(recipe.eval.data, "evaluation")):
         raise DataError("修复用的文本与评估文本相同：保真度必须在未见过的文本上测量，请换一个 --data")
     windows, val = heal.split_validation(
-        token_windows(tokenizer, train_text, opts.tokens + opts.val_tokens, opts.seq_len, opts.seed), opts)
-    eval_ids = token_windows(tokenizer, eval_text, recipe.eval.tokens, recipe.eval.seq_len, None)
-    base_eval = evaluate_base(teacher, eval_ids)
+        mixed_windows(tokenizer, train, opts.tokens + opts.val_tokens, opts.seq_len, opts.seed), opts)
+    eval_ids, spans = recipe_eval(tokenizer, recipe)
+    base_eval = evaluate_base(teacher, eval_ids, spans=spans)
     before = compare(student, base_eval)
     training = heal.distill(student, teacher, windows, opts, out / heal.STATE_DIR, resume, progress or NullProgress(),
                             val)
@@ -119,7 +127,7 @@ def heal_checkpoint(out: str | Path, opts=None, resume: bool = False, progress=N
     del teacher
     report.setdefault("fidelity_converted", before)
     report["fidelity"] = after
-    report["healing"] = {"teacher": teacher_name, "data": opts.data or recipe.calibration.data or "builtin:calibration.txt",
+    report["healing"] = {"teacher": teacher_name, "data": opts.data or recipe.calibration.data or "builtin:calibration",
                          "options": opts.model_dump(mode="json"), **training, "before": before, "after": after}
     with atomic_dir(out, overwrite=True) as tmp:
         if report.get("export"):  # native DeepSeek-V3: stock save, then the untouched MTP weights again

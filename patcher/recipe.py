@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -140,7 +141,8 @@ class MTPOptions(Section):
 
 
 class CalibrationOptions(Section):
-    data: str | None = _flag("--calib-data", "校准文本（.txt 或 .jsonl）；缺省用内置文本", default=None)
+    data: str | None = _flag("--calib-data", "校准文本：文件（.txt/.md/.jsonl）、文件夹（每个文件一个领域）或逗号分隔的多个；"
+                             "缺省用内置的多领域文本，各领域等量混合", default=None)
     tokens: int = _flag("--calib-tokens", "校准 token 数", default=16384, ge=64)
     seq_len: int = _flag("--calib-seq-len", "校准序列长度", default=512, ge=16)
     batch_size: int = _flag("--calib-batch", "校准批大小", default=4, ge=1)
@@ -151,8 +153,9 @@ class CalibrationOptions(Section):
 
 class EvalOptions(Section):
     enabled: bool = _flag("--eval/--no-eval", "是否计算保真度指标", default=True)
-    data: str | None = _flag("--eval-data", "评估文本（不得与校准文本相同）；缺省用内置文本", default=None)
-    tokens: int = _flag("--eval-tokens", "评估 token 数", default=4096, ge=32)
+    data: str | None = _flag("--eval-data", "评估文本（不得与校准文本相同）：文件、文件夹（每个文件一个领域）或逗号分隔的多个；"
+                             "缺省用内置的多领域文本；报告以最差的领域为准", default=None)
+    tokens: int = _flag("--eval-tokens", "每个评估领域的 token 数", default=2048, ge=32)
     seq_len: int = _flag("--eval-seq-len", "评估窗口长度", default=512, ge=16)
 
 
@@ -166,6 +169,14 @@ class OutputOptions(Section):
     streaming: Literal["auto", "on", "off"] = _flag(
         "--streaming", "流式转换：逐层读入权重、转换、写出分片，内存约为一层加激活，中断后可 --resume；"
         "auto（源权重超过 2 GiB 时开启）、on 或 off", default="auto")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        # the forms transformers' save_pretrained understands; checked here so a typo fails before the conversion
+        if not re.fullmatch(r"[1-9]\d*(KB|MB|GB|KIB|MIB|GIB)", str(v).upper()):
+            raise ValueError(f"--max-shard-size 应是正数加单位，如 200MB、5GB、1GiB，收到 {v!r}")
+        return str(v)
 
 
 @dataclass(frozen=True)

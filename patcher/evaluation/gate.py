@@ -1,19 +1,25 @@
-"""``dsopt check``：把报告变成 CI 门禁。"""
+"""``dsopt check``：把报告变成 CI 门禁。报告的顶层指标是最差领域的值，所以门禁按最差的领域判断。"""
 
 from __future__ import annotations
+
+from ..errors import RecipeError
 
 
 def check(report: dict, max_ppl_increase: float | None = None, min_top1: float | None = None,
           max_kl: float | None = None, max_kv_ratio: float | None = None) -> list[str]:
-    """CI 门禁：返回未通过的阈值说明（空列表表示全部通过）。"""
+    """CI 门禁：返回未通过的阈值说明（空列表表示全部通过）；一个阈值都没给是 ``RecipeError``（门禁形同虚设）。"""
+    if all(v is None for v in (max_ppl_increase, min_top1, max_kl, max_kv_ratio)):
+        raise RecipeError("dsopt check 没有给任何阈值，什么也不会检查：请至少给出 --max-ppl-increase、--min-top1、"
+                          "--max-kl 或 --max-kv-ratio 之一")
     f = report.get("fidelity")
     failures = []
     wants_fidelity = any(v is not None for v in (max_ppl_increase, min_top1, max_kl))
     if wants_fidelity and not f:
         return ["报告中没有保真度指标（转换时用了 --no-eval？）"]
+    where = f"，最差领域 {f['worst_domain']}" if f and f.get("worst_domain") else ""
     if max_ppl_increase is not None and f["ppl_increase_pct"] > max_ppl_increase:
         failures.append(f"困惑度上升 {f['ppl_increase_pct']:.2f} % 超过上限 {max_ppl_increase} %"
-                        f"（{f['ppl_base']:.3f} → {f['ppl_patched']:.3f}）")
+                        f"（{f['ppl_base']:.3f} → {f['ppl_patched']:.3f}{where}）")
     if min_top1 is not None and f["top1_agreement"] < min_top1:
         failures.append(f"top-1 一致率 {f['top1_agreement']:.4f} 低于下限 {min_top1}")
     if max_kl is not None and f["kl_mean"] > max_kl:

@@ -23,6 +23,7 @@ class BaseEval:
     logprobs: list[torch.Tensor] = field(default_factory=list)  # per window, (T-1, V) float16
     nll: list[torch.Tensor] = field(default_factory=list)
     top1: list[torch.Tensor] = field(default_factory=list)  # from float32, before the float16 rounding
+    spans: list | None = None  # [(domain, windows)] in window order; None: one pooled text
 
 
 def model_logits(model: nn.Module):
@@ -35,10 +36,10 @@ def _logprobs(logits, i: int, window: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits(i, window)[:-1].float(), dim=-1)
 
 
-def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None) -> BaseEval:
+def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None, spans: list | None = None) -> BaseEval:
     """Per-token log-probs of the base on ``windows``; ``logits(i, window)`` replaces the model when given."""
     logits = logits or model_logits(model)
-    ev = BaseEval(windows)
+    ev = BaseEval(windows, spans=spans)
     for i, w in enumerate(windows):
         lp = _logprobs(logits, i, w)
         ev.nll.append(-lp.gather(1, w[1:, None])[:, 0])
@@ -47,21 +48,37 @@ def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None) -
     return ev
 
 
-def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
-    """Perplexity of base and patched, mean KL(base‖patched) per token, top-1 agreement."""
-    logits = logits or model_logits(model)
-    nll_b, nll_p, kl, agree, n = 0.0, 0.0, 0.0, 0, 0
-    for i, (w, lp_b16, nb, top1) in enumerate(zip(base.windows, base.logprobs, base.nll, base.top1)):
-        lp_p = _logprobs(logits, i, w)
-        lp_b = lp_b16.float()
-        nll_b += float(nb.sum())
-        nll_p += float(-lp_p.gather(1, w[1:, None]).sum())
-        kl += float((lp_b.exp() * (lp_b - lp_p)).sum())
-        agree += int((top1 == lp_p.argmax(-1)).sum())
-        n += w.numel() - 1
+def _figures(rows: list) -> dict:
+    n = sum(r[4] for r in rows)
+    nll_b, nll_p, kl, agree = (sum(r[k] for r in rows) for k in range(4))
     ppl_b, ppl_p = math.exp(nll_b / n), math.exp(nll_p / n)
     return {"tokens": n, "ppl_base": ppl_b, "ppl_patched": ppl_p,
             "ppl_increase_pct": 100.0 * (ppl_p / ppl_b - 1.0), "kl_mean": kl / n, "top1_agreement": agree / n}
+
+
+def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
+    """Perplexity of base and patched, mean KL(base‖patched) per token, top-1 agreement.
+
+    With domains (``base.spans``) the top-level figures are the worst domain's (the highest perplexity increase and
+    KL, the lowest top-1, each over the domains), ``domains`` has each domain and ``pooled`` all windows together."""
+    logits = logits or model_logits(model)
+    rows = []
+    for i, (w, lp_b16, nb, top1) in enumerate(zip(base.windows, base.logprobs, base.nll, base.top1)):
+        lp_p = _logprobs(logits, i, w)
+        lp_b = lp_b16.float()
+        rows.append((float(nb.sum()), float(-lp_p.gather(1, w[1:, None]).sum()),
+                     float((lp_b.exp() * (lp_b - lp_p)).sum()), int((top1 == lp_p.argmax(-1)).sum()), w.numel() - 1))
+    pooled = _figures(rows)
+    if not base.spans:
+        return pooled
+    domains, at = {}, 0
+    for name, n in base.spans:
+        domains[name] = _figures(rows[at:at + n])
+        at += n
+    worst = max(domains, key=lambda d: domains[d]["ppl_increase_pct"])
+    return {**domains[worst], "kl_mean": max(d["kl_mean"] for d in domains.values()),
+            "top1_agreement": min(d["top1_agreement"] for d in domains.values()),
+            "headline": "worst_domain", "worst_domain": worst, "domains": domains, "pooled": pooled}
 
 
 def cache_bytes_per_token(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 8) -> dict:

@@ -86,7 +86,7 @@ def plots(folder: Path, report: dict) -> list[str]:
 def render_markdown(report: dict, plots: list[str] | None = None) -> str:
     """fidelity.md: the summary table, then one section per part of the report that is present."""
     lines = []
-    for section in (_summary, _healing, _resources, _moe_balance, _mtp, _decoupled_rope, _export, _layers):
+    for section in (_summary, _domains, _notes, _healing, _resources, _moe_balance, _mtp, _decoupled_rope, _export, _layers):
         lines += section(report)
     for name in plots or []:
         lines += ["", f"![{name}]({name})"]
@@ -106,8 +106,9 @@ def _summary(report: dict) -> list[str]:
     lines = [f"# 保真度报告 · {report.get('source', '')}", "",
              f"技术：{', '.join(report.get('techniques', [])) or '无'}；配方：`{report.get('recipe_name', '')}`", ""]
     if f:
+        where = f"最差领域 {f['worst_domain']}，" if f.get("worst_domain") else ""
         lines += ["| 指标 | 基座 | 转换后 |", "|---|---|---|",
-                  f"| 困惑度（{f['tokens']} 个评估 token） | {f['ppl_base']:.4f} | {f['ppl_patched']:.4f} "
+                  f"| 困惑度（{where}{f['tokens']} 个评估 token） | {f['ppl_base']:.4f} | {f['ppl_patched']:.4f} "
                   f"（{f['ppl_increase_pct']:+.2f} %） |",
                   f"| 平均 KL(基座‖转换后) | — | {f['kl_mean']:.5f} |",
                   f"| top-1 一致率 | — | {100 * f['top1_agreement']:.2f} % |"]
@@ -126,6 +127,30 @@ def _summary(report: dict) -> list[str]:
                              f"（{a['ffn_flops_per_token'] / 1e6:,.1f} M） | {b['flops_per_token'] / 1e6:,.1f} M"
                              f"（{b['ffn_flops_per_token'] / 1e6:,.1f} M） |")
     return lines
+
+
+def _domain_rows(f: dict) -> list[str]:
+    rows = [f"| {name}{' ⚠ 最差' if name == f.get('worst_domain') else ''} | {d['tokens']} | {d['ppl_base']:.3f} | "
+            f"{d['ppl_patched']:.3f} | {d['ppl_increase_pct']:+.2f} % | {d['kl_mean']:.5f} | "
+            f"{100 * d['top1_agreement']:.2f} % |" for name, d in f["domains"].items()]
+    p = f["pooled"]
+    return rows + [f"| （全部合并） | {p['tokens']} | {p['ppl_base']:.3f} | {p['ppl_patched']:.3f} | "
+                   f"{p['ppl_increase_pct']:+.2f} % | {p['kl_mean']:.5f} | {100 * p['top1_agreement']:.2f} % |"]
+
+
+def _domains(report: dict) -> list[str]:
+    """Each evaluation domain; the summary above shows the worst of them, not the mean."""
+    f = report.get("fidelity") or {}
+    if not f.get("domains"):
+        return []
+    return ["", "## 逐领域保真度", "", "摘要表取最差的领域（困惑度上升与 KL 取最大，top-1 取最小），不取平均。", "",
+            "| 领域 | token | 基座困惑度 | 转换后 | 上升 | KL | top-1 |", "|---|---|---|---|---|---|---|",
+            *_domain_rows(f)]
+
+
+def _notes(report: dict) -> list[str]:
+    notes = report.get("notes") or []
+    return ["", "## 配方调整", "", *[f"- {n}" for n in notes]] if notes else []
 
 
 def _healing(report: dict) -> list[str]:

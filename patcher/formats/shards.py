@@ -84,6 +84,9 @@ class LazyWeights:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def shape(self, name: str) -> list[int]:
+        return list(self._entry(name)[1]["shape"])
+
     def read(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The named tensors (floating ones cast to ``dtype`` when given), read block by block; NaN/Inf is an error."""
         return {n: self.read_one(n, dtype) for n in names}

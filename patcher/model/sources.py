@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,20 +112,48 @@ def weight_bytes(src: Source) -> int:
     return sum(p.stat().st_size for pattern in ("*.safetensors", "*.bin") for p in src.path.glob(pattern))
 
 
-def _load_folder(folder: Path, trust_remote_code: bool, dtype, src: Source):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_config(folder: Path, trust_remote_code: bool):
+    """``config.json`` of a local folder; unparsable JSON, an unknown model type or remote code is a ``SourceError``."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except ValueError as e:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, KeyError) as e:  # transformers reports bad JSON as OSError, unknown types as KeyError
         if "trust_remote_code" in str(e):
             raise SourceError(f"{folder} 需要远程代码；确认可信后加 --trust-remote-code") from None
-        raise SourceError(f"{folder}/config.json 无法解析：{e}") from None
+        raise SourceError(f"{folder}/config.json 无法解析（JSON 损坏或模型类型未知）：{str(e)[:300]}") from None
+
+
+def extra_layer(name: str, config) -> bool:
+    """True for tensors of layers past ``num_hidden_layers``: the MTP layers DeepSeek-style checkpoints ship,
+    which the main model does not load."""
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    n = getattr(config, "num_hidden_layers", None)
+    return bool(m) and n is not None and int(m.group(1)) >= n
+
+
+def check_complete(folder: Path, missing: list, unexpected: list, config) -> None:
+    """Refuse a checkpoint whose tensors do not match the model: transformers fills a missing tensor with random
+    values and the report, measured against the same random base, would look fine."""
+    unexpected = [k for k in unexpected if not extra_layer(k, config)]
+    if missing or unexpected:
+        def few(keys):
+            return ", ".join(sorted(keys)[:4]) + (f" 等 {len(keys)} 个" if len(keys) > 4 else "")
+        parts = ([f"缺少 {few(missing)}"] if missing else []) + ([f"多出 {few(unexpected)}"] if unexpected else [])
+        raise SourceError(f"{folder} 的权重与模型结构不符：{'；'.join(parts)}（下载不完整或文件来自别的模型？）")
+
+
+def _load_folder(folder: Path, trust_remote_code: bool, dtype, src: Source):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = read_config(folder, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code,
-                                                     dtype=dtype or "auto")
+        model, info = AutoModelForCausalLM.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code,
+                                                           dtype=dtype or "auto", output_loading_info=True)
     except Exception as e:
         raise SourceError(f"无法加载 {folder} 的权重（文件损坏或被截断？）：{type(e).__name__}: {str(e)[:300]}") from None
+    check_complete(folder, list(info.get("missing_keys", ())) + [k for k, *_ in info.get("mismatched_keys", ())],
+                   list(info.get("unexpected_keys", ())), config)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_finite(model)
     return model.eval(), tokenizer, src

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..data.text import read_text, token_windows
+from ..data.text import recipe_eval
 from ..evaluation.metrics import active_parameters, cache_bytes_per_token, compare, evaluate_base, parameter_count
 from ..evaluation.report import write_report
 from ..formats import deepseek_v3, folder
@@ -42,10 +42,10 @@ class MemoryBackend:
     def prepare(self, mm, recipe: Recipe, techs: list, stages) -> None:
         self.layers = self.model.get_submodule(mm.layers_path)
 
-    def measure_base(self, mm, recipe: Recipe, eval_ids, stages) -> dict:
+    def measure_base(self, mm, recipe: Recipe, eval_ids, spans, stages) -> dict:
         self.prompt = eval_ids[:1, :PROMPT_TOKENS]
         with stages("evaluate_base"):
-            base = {"eval": evaluate_base(self.model, eval_ids) if recipe.eval.enabled else None,
+            base = {"eval": evaluate_base(self.model, eval_ids, spans=spans) if recipe.eval.enabled else None,
                     "kv": cache_bytes_per_token(self.model, self.prompt),
                     "params": parameter_count(self.model), "active": active_parameters(self.model, mm)}
         # after the base is measured: the conversion includes this change
@@ -127,12 +127,13 @@ class MemoryBackend:
         if self.out is None:  # patch_model: the caller keeps the model
             return
         report["resources"]["load_seconds"] = self.load_seconds
-        with folder.atomic_dir(self.out, recipe.output.overwrite) as tmp:
+        with folder.atomic_dir(self.out, recipe.output.overwrite, keep=(self.source_name,)) as tmp:
             t = time.perf_counter()
             if recipe.output.format == "deepseek-v3":  # stock layout: no dsopt code, checked by loading it
                 deepseek_v3.write_deepseek_v3(self.patched, self.patched.dsopt_model_map, self.tokenizer, tmp,
                                               recipe.output.max_shard_size)
-                ids = token_windows(self.tokenizer, read_text(recipe.eval.data, "evaluation"), 512, 256, None)
+                ids = recipe_eval(self.tokenizer, recipe.model_copy(update={"eval": recipe.eval.model_copy(
+                    update={"tokens": 512, "seq_len": 256})}))[0]
                 report["export"] = deepseek_v3.verify_export(tmp, self.patched, ids)
             else:
                 folder.write_checkpoint(self.patched, self.tokenizer, tmp, recipe.output.max_shard_size)

@@ -70,6 +70,19 @@ def fit(recipe: Recipe, limits: Limits) -> tuple[Recipe, list[str]]:
     return recipe.model_copy(update=updates), notes
 
 
+def fit_context(recipe: Recipe, config) -> tuple[Recipe, list[str]]:
+    """Windows no longer than the model's context: a longer one is clamped, with a note (positions past the
+    context would measure the model where it was never trained)."""
+    ctx = getattr(config, "max_position_embeddings", None)
+    notes, updates = [], {}
+    for section in ("calibration", "eval"):
+        opts = getattr(recipe, section)
+        if ctx and opts.seq_len > ctx:
+            notes.append(f"{section}.seq_len: {opts.seq_len} → {ctx}（超过模型的上下文长度 max_position_embeddings）")
+            updates[section] = opts.model_copy(update={"seq_len": ctx, "tokens": max(opts.tokens, ctx)})
+    return recipe.model_copy(update=updates), notes
+
+
 def job_context(model: nn.Module, mm: ModelMap, recipe: Recipe) -> JobContext:
     rotary = model.get_submodule(mm.rotary_path) if mm.rotary_path else None
     return JobContext(model.config, rotary, recipe.calibration.seed,
@@ -204,13 +217,15 @@ def run(backend, recipe, progress=None) -> dict:
     extras = [t for t in techs if t.structure_key is None]
 
     backend.open(recipe, stages)
+    recipe, more = fit_context(recipe, backend.model.config)
+    notes += more
     with stages("locate"):
         mm = locate(backend.model)
     check(techs, mm, recipe)
     job = job_context(backend.model, mm, recipe)
-    calib_ids, eval_ids, provenance = recipe_windows(backend.tokenizer, recipe)
+    calib_ids, eval_ids, spans, provenance = recipe_windows(backend.tokenizer, recipe)
     backend.prepare(mm, recipe, techs, stages)
-    base = backend.measure_base(mm, recipe, eval_ids, stages)
+    base = backend.measure_base(mm, recipe, eval_ids, spans, stages)
 
     with stages("plan"):
         plans = plan(layer_techs, recipe, mm, backend.analyser(mm, recipe, job, calib_ids, progress))
@@ -222,5 +237,6 @@ def run(backend, recipe, progress=None) -> dict:
     report = build_report(backend.source_name, mm, recipe, work, verified["fidelity"], verified["kv_cache"],
                           base["params"], base["active"], patched, verified["sections"], provenance,
                           {"conversion_seconds": time.perf_counter() - t_start}, verified.get("before_layers"))
+    report["notes"] = notes
     backend.save(report, recipe, notes, stages, eval_ids)
     return report

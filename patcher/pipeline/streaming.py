@@ -33,8 +33,10 @@ from converters.mtp import init_eh_proj
 from ..errors import OutputError, SourceError
 from ..evaluation.metrics import active_parameters, compare, evaluate_base, parameter_count
 from ..evaluation.report import write_report
+from ..files import disk_guard
 from ..formats import folder
 from ..formats.shards import LazyWeights, read_shard, shard_name, write_index, write_shard
+from ..model import sources
 from ..model.compat import cache_argument
 from ..model.locate import final_norm_path
 from ..recipe import Recipe
@@ -214,9 +216,9 @@ class Run:
             if old.name != f"hidden-{i}.safetensors":
                 old.unlink()
 
-    def finish(self, overwrite: bool) -> None:
+    def finish(self, overwrite: bool, source: Path) -> None:
         shutil.rmtree(self.state)
-        folder.check_output(self.out, overwrite)
+        folder.check_output(self.out, overwrite, keep=(source,))
         folder.replace_dir(self.dir, self.out)
 
 
@@ -248,16 +250,13 @@ class StreamingBackend:
     def open(self, recipe: Recipe, stages) -> None:
         """The model as a skeleton on the meta device (no memory for its parameters) and its tokenizer."""
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder.check_output(self.out, recipe.output.overwrite)
+        folder.check_output(self.out, recipe.output.overwrite, keep=(self.folder,))
         trust = recipe.output.trust_remote_code
         with stages("load"):
             self.store = LazyWeights(self.folder)
-            try:
-                self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust)
-            except ValueError as e:
-                raise SourceError(f"{self.folder}/config.json 无法解析或需要远程代码（--trust-remote-code）：{e}") from None
+            self.config = sources.read_config(self.folder, trust)
             self.source_dtype = self.store.dtype()
             with init_empty_weights(include_buffers=False):  # parameters on meta: no memory; rotary tables stay real
                 self.model = AutoModelForCausalLM.from_config(self.config, trust_remote_code=trust)
@@ -278,12 +277,18 @@ class StreamingBackend:
                          and not (k == "lm_head.weight" and self.config.tie_word_embeddings))
         lacking += sorted(f"{prefix}{i}.{k}" for i in range(n) for k in self.layer_keys[i]
                           if f"{prefix}{i}.{k}" not in store.weight_map)
-        if lacking:
-            raise SourceError(f"检查点缺少模型需要的张量（按模块名读取）：{', '.join(lacking[:4])}"
-                              f"{' 等 ' + str(len(lacking)) + ' 个' if len(lacking) > 4 else ''}")
+        extra = [k for k in store.names() if k not in expected]
+        sources.check_complete(self.folder, lacking, extra, self.config)
+        shapes = self.model.state_dict()
+        wrong = [f"{k} {store.shape(k)}≠{list(shapes[k].shape)}" for k in store.names()
+                 if k in shapes and store.shape(k) != list(shapes[k].shape)]
+        if wrong:
+            raise SourceError(f"{self.folder} 中张量的形状与 config.json 不符：{', '.join(wrong[:3])}"
+                              f"{' 等 ' + str(len(wrong)) + ' 个' if len(wrong) > 3 else ''}（文件来自别的模型？）")
 
-    def measure_base(self, mm, recipe: Recipe, eval_ids, stages) -> dict:
+    def measure_base(self, mm, recipe: Recipe, eval_ids, spans, stages) -> dict:
         """Parameters before any layer is replaced; the base's logits and cache are measured layer by layer."""
+        self.spans = spans
         return {"eval": None, "kv": None, "params": parameter_count(self.model),
                 "active": active_parameters(self.model, mm)}
 
@@ -388,7 +393,7 @@ class StreamingBackend:
             head.weight = nn.Parameter(self.store.read([self.head_name], COMPUTE_DTYPE)[self.head_name],
                                        requires_grad=False)
             if self.evals:
-                base = evaluate_base(None, self.eval_ids, logits=stack.logits(self.ev_base))
+                base = evaluate_base(None, self.eval_ids, logits=stack.logits(self.ev_base), spans=self.spans)
                 self.fidelity = compare(None, base, logits=stack.logits(self.ev_patched))
                 del base
             norm_path = final_norm_path(model) if self.heads else None
@@ -420,9 +425,10 @@ class StreamingBackend:
             if set(weight_map) != want:
                 missing, extra = sorted(want - set(weight_map)), sorted(set(weight_map) - want)
                 raise RuntimeError(f"写出的张量与模型结构不符：缺 {missing[:4]}，多 {extra[:4]}")
-            final_config.save_pretrained(run.dir)
-            folder.add_dsopt_code(run.dir, type(final_config).__name__, model_cls.__name__)
-            self.tokenizer.save_pretrained(run.dir)
+            with disk_guard(f"写 {run.dir} 失败；已完成的层保留在那里，腾出空间后加 --resume 续做"):
+                final_config.save_pretrained(run.dir)
+                folder.add_dsopt_code(run.dir, type(final_config).__name__, model_cls.__name__)
+                self.tokenizer.save_pretrained(run.dir)
             if (self.folder / "generation_config.json").exists():
                 shutil.copyfile(self.folder / "generation_config.json", run.dir / "generation_config.json")
             (run.dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
@@ -457,7 +463,7 @@ class StreamingBackend:
             layer_seconds=self.record["layer_seconds"], layer_rss_mib=self.record["layer_rss_mib"])
         write_report(self.run.dir, report)
         (self.run.dir / "README.md").write_text(folder.model_card(report), encoding="utf-8")
-        self.run.finish(recipe.output.overwrite)
+        self.run.finish(recipe.output.overwrite, self.folder)
 
 
 def _forward_counting(layer: nn.Module, lm, inputs: list, device, balance: list, i: int) -> list:

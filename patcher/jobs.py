@@ -24,6 +24,7 @@ from .formats import deepseek_v3, folder
 from .model import sources
 from .pipeline import run as pipeline
 from .pipeline.memory import MemoryBackend
+from .pipeline.preflight import preflight
 from .pipeline.progress import NullProgress
 from .pipeline.streaming import StreamingBackend, wanted
 from .recipe import Recipe, parse_recipe
@@ -37,8 +38,17 @@ def patch_model(model: nn.Module, recipe, tokenizer, progress=None, source_name:
     补丁模型是 ``Dsopt<家族>ForCausalLM`` 的实例（与从输出目录加载得到的类相同）；
     ``tokenizer`` 用于切分校准与评估文本。
     """
+    recipe = pipeline.as_recipe(recipe)
+    checked = preflight(model.config, recipe, _patch)
     backend = MemoryBackend(model, tokenizer, source_name)
-    report = pipeline.run(backend, recipe, progress)
+    report = pipeline.run(backend, recipe, progress, checked)
+    return backend.patched, report
+
+
+def _patch(model: nn.Module, recipe, tokenizer):
+    """The pipeline without the preflight: what the preflight itself runs on the miniature."""
+    backend = MemoryBackend(model, tokenizer, "preflight")
+    report = pipeline.run(backend, recipe, None, {"miniature": True})
     return backend.patched, report
 
 
@@ -55,17 +65,19 @@ def convert(source: str, recipe=None, out: str | Path | None = None, progress=No
     if recipe.eval.enabled:
         read_domains(recipe.eval.data, "evaluation")
     src = sources.resolve(source)
+    folder_path = sources.local_folder(src)
+    checked = preflight(sources.read_config(folder_path, recipe.output.trust_remote_code), recipe, _patch)
     # a local path is recorded absolute: heal and train-mtp find the teacher from any working folder
     name = str(Path(source).expanduser().resolve()) if src.kind != "hub" and source not in sources.ALIASES else source
     if wanted(sources.weight_bytes(src), recipe):
-        backend = StreamingBackend(sources.local_folder(src), out, resume, source_name=name)
-        return pipeline.run(backend, recipe, progress)
+        backend = StreamingBackend(folder_path, out, resume, source_name=name)
+        return pipeline.run(backend, recipe, progress, checked)
     if resume:
         raise RecipeError("--resume 只用于流式转换（--streaming on，或源权重大于 2 GiB 时自动开启）")
     t = time.perf_counter()
     model, tokenizer, src = sources.load(source, trust_remote_code=recipe.output.trust_remote_code)
     backend = MemoryBackend(model, tokenizer, name, out, load_seconds=time.perf_counter() - t)
-    return pipeline.run(backend, recipe, progress)
+    return pipeline.run(backend, recipe, progress, checked)
 
 
 def train_mtp_checkpoint(out: str | Path, opts, resume: bool = False, progress=None) -> dict:

@@ -203,8 +203,10 @@ def build_report(source: str, mm: ModelMap, recipe: Recipe, work: LayerWork, fid
     }
 
 
-def run(backend, recipe, progress=None) -> dict:
-    """Convert with ``backend``: the stage sequence, written once. Returns the report (the backend saved it)."""
+def run(backend, recipe, progress=None, preflight: dict | None = None) -> dict:
+    """Convert with ``backend``: the stage sequence, written once. Returns the report (the backend saved it).
+
+    ``preflight``: what the full-rank check on the family's miniature found (``preflight.py``), for the report."""
     recipe = as_recipe(recipe)
     recipe, notes = fit(recipe, backend.limits)
     techs = registry.enabled(recipe)
@@ -238,5 +240,6 @@ def run(backend, recipe, progress=None) -> dict:
                           base["params"], base["active"], patched, verified["sections"], provenance,
                           {"conversion_seconds": time.perf_counter() - t_start}, verified.get("before_layers"))
     report["notes"] = notes
+    report["preflight"] = preflight
     backend.save(report, recipe, notes, stages, eval_ids)
     return report

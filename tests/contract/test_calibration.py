@@ -63,8 +63,9 @@ def test_streaming_feeds_converted_outputs_forward(tokenizer, monkeypatch):
 
     monkeypatch.setattr(memory, "stream", spy)
     patch_model(tiny_model("llama"), fast_recipe(kv_keep=0.5), tokenizer)
+    # the real run's two passes are the last four calls (the preflight's miniature runs come first)
     # plan pass: layer 0 untouched when layer 1 is analysed; convert pass: layer 0 already latent
-    assert (1, "LlamaAttention") in seen[:2] and (1, "LatentAttention") in seen[2:]
+    assert (1, "LlamaAttention") in seen[-4:-2] and (1, "LatentAttention") in seen[-2:]
 
 
 def test_gguf_path_is_a_source(tmp_path):

@@ -7,6 +7,7 @@ Cholesky 因子 L（SVD-LLM 做法），使截断误差等于输出误差 ||ΔW�
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from patcher.errors import PlanError
 from patcher.model.locate import LayerMap, ModelMap
-from patcher.model.weights import rope_angles, weight_of
+from patcher.model.weights import rope_angles, table_columns, weight_of
 from patcher.runtime.modeling import DecoupledLatentAttention, LatentAttention
 
 from . import rope_split
@@ -114,6 +115,29 @@ def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank
     for _, i in gains[: budget - sum(ranks)]:
         ranks[i] += 1
     return ranks
+
+
+def attention_extras(config, lm: LayerMap, rotary: nn.Module | None) -> dict:
+    """What a family's attention does besides q/k/v/o that the latent form must repeat: soft-capped scores
+    (Gemma 2), a rotary that depends on the layer's kind (Gemma 3's local and global bases), a position-dependent
+    query scale (Ministral 3) and interleaved rotary tables (Cohere)."""
+    extras = {}
+    if getattr(config, "attn_logit_softcapping", None):
+        extras["softcap"] = float(config.attn_logit_softcapping)
+    types = getattr(config, "layer_types", None)
+    takes_type = rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+    if lm.rotary_dim and isinstance(types, list) and lm.index < len(types) and takes_type:
+        extras["layer_type"] = types[lm.index]
+    rope_params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope_params, dict) and rope_params.get("llama_4_scaling_beta"):
+        # Ministral 3: queries scaled by 1 + β·log(1 + ⌊pos / original_max⌋), a function of the absolute position
+        extras["query_scale"] = [float(rope_params["llama_4_scaling_beta"]),
+                                 int(rope_params["original_max_position_embeddings"])]
+    if lm.rope_order is not None:  # q/k rows were taken in rotate-half order; the tables may need the same
+        columns = table_columns(rotary, lm.rotary_dim, extras.get("layer_type"))
+        if columns is not None:
+            extras["rope_columns"] = columns
+    return extras
 
 
 @dataclass
@@ -228,7 +252,7 @@ class MLAConverter:
             "rank": rank, "scaling": lm.scaling, "rotary_dim": lm.rotary_dim,
             "sliding_window": getattr(attn, "sliding_window", None), "out_size": wo.shape[0],
             "q_bias": bq is not None, "k_bias": bk is not None, "v_bias": bv is not None, "o_bias": bo is not None,
-            "q_norm": lm.q_norm, "k_norm": lm.k_norm,
+            "q_norm": lm.q_norm, "k_norm": lm.k_norm, **attention_extras(config, lm, rotary),
         }
         norms = {r: (attn.get_submodule(spec[r]) if spec[r] else None) for r in ("q_norm", "k_norm")}
         new = LatentAttention(spec, config, getattr(attn, "layer_idx", lm.index), **norms)
@@ -315,7 +339,8 @@ class MLAConverter:
                 "qk_nope_head_dim": hd, "qk_rope_head_dim": rope, "v_head_dim": vd, "rank": rank,
                 "scaling": ds_scaling, "rope_pairs": list(pairs), "rope_half": lm.rotary_dim // 2,
                 "kv_a_bias": bk is not None, "o_bias": o_bias is not None, "out_size": wo.shape[0],
-                "sliding_window": getattr(attn, "sliding_window", None), "rope_method": o.rope_method}
+                "sliding_window": getattr(attn, "sliding_window", None), "rope_method": o.rope_method,
+                **attention_extras(job.config, lm, job.rotary)}
         new = DecoupledLatentAttention(spec, job.config, getattr(attn, "layer_idx", lm.index))
         dtype = weight_of(layer, lm.q)[0].dtype
         with torch.no_grad():

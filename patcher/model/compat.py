@@ -20,21 +20,46 @@ def drop_quantization_config(config) -> None:
         delattr(config, "quantization_config")
 
 
-class traceable_config:
-    """The config as ``torch.export`` of the first decoder layer needs it: one layer (and its layer type), and the
-    sdpa attention kernel (other kernels do not trace); restored afterwards."""
+class no_softcap:
+    """Modules that copied ``attn_logit_softcapping`` from the config at build time (Gemma 2's attention) without it
+    for the duration (see ``traceable_config``)."""
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, module: nn.Module):
+        self.mods = [m for m in module.modules() if getattr(m, "attn_logit_softcapping", None) is not None]
+
+    def __enter__(self):
+        self.saved = [m.attn_logit_softcapping for m in self.mods]
+        for m in self.mods:
+            m.attn_logit_softcapping = None
+
+    def __exit__(self, *exc):
+        for m, v in zip(self.mods, self.saved):
+            m.attn_logit_softcapping = v
+        return False
+
+
+class traceable_config:
+    """The config as ``torch.export`` of one decoder layer needs it: one layer (per-layer lists such as
+    ``layer_types`` or ``no_rope_layers`` cut to that layer's entry), the sdpa attention kernel (other kernels do not
+    trace) and no score soft-capping; restored afterwards."""
+
+    def __init__(self, config, index: int = 0):
+        self.config, self.index = config, index
 
     def __enter__(self):
         cfg = self.config
-        self.saved = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "layer_types")}
+        n = cfg.num_hidden_layers
+        per_layer = [k for k, v in cfg.to_dict().items() if isinstance(v, list) and len(v) == n and k != "architectures"]
+        # soft-capped scores (Gemma 2) happen inside the kernel, after q·k: the data flow is the same without them,
+        # and sdpa, the one kernel that traces, refuses them
+        self.saved = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "attn_logit_softcapping", *per_layer)}
         self.saved_impl = getattr(cfg, "_attn_implementation", None)
         cfg.num_hidden_layers = 1
-        if isinstance(self.saved["layer_types"], list):
-            cfg.layer_types = self.saved["layer_types"][:1]
+        for k in per_layer:
+            setattr(cfg, k, self.saved[k][self.index:self.index + 1])
         cfg._attn_implementation = "sdpa"
+        if self.saved["attn_logit_softcapping"] is not None:
+            cfg.attn_logit_softcapping = None
         return cfg
 
     def __exit__(self, *exc):

@@ -16,6 +16,9 @@ class Family:
     model_type: str
     trace_kwargs: dict = field(default_factory=lambda: {"use_cache": False})
     notes: str = ""
+    # how q/k dims pair up under RoPE: "half" (dim i with i + rot/2, rotate_half) or "interleaved" (2i with 2i+1);
+    # the FX graph shows slices either way, so this is data
+    rope_layout: str = "half"
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
@@ -27,6 +30,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("gemma", notes="GeGLU MLP"),
     Family("gpt2", notes="Conv1D 投影、无 RoPE（学习的位置嵌入）"),
     Family("gpt_neox", notes="部分旋转 RoPE、按头交错的融合 qkv"),
+    Family("cohere", rope_layout="interleaved", notes="交错布局的 RoPE：转换时把 q/k 的旋转维重排成前后两半（得分不变）"),
+    Family("cohere2", rope_layout="interleaved", notes="交错布局的 RoPE"),
+    Family("glm", rope_layout="interleaved", notes="部分旋转、交错布局的 RoPE"),
+    Family("glm4", rope_layout="interleaved", notes="部分旋转、交错布局的 RoPE"),
+    Family("gemma2", notes="注意力得分软截断（softcap）：潜在注意力同样截断；追踪时暂时去掉（sdpa 不支持）"),
+    Family("gemma3_text", notes="局部/全局层的 RoPE 基数不同：每层按 layer_types 取自己的旋转表"),
 ]}
 
 

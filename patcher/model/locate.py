@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import LocateError
-from .compat import traceable_config
+from .compat import no_softcap, traceable_config
 from .families import family_of
 
 aten = torch.ops.aten
@@ -67,6 +67,7 @@ class LayerMap:
     mlp: str | None = None           # the MLP container (common parent of gate/up/down)
     act_module: str | None = None    # the activation module, relative to the MLP container
     missing: list[str] = field(default_factory=list)
+    rope_order: list[int] | None = None  # q/k dims of a head reordered from interleaved RoPE (see _halve_rope_rows)
 
     @property
     def num_heads(self) -> int:
@@ -113,15 +114,16 @@ def find_layers_path(model: nn.Module) -> str:
     return best[0]
 
 
-def _export_one_layer(model: nn.Module, layers_path: str):
-    """Export the model cut to its first decoder layer: one layer's graph, with the real embedding and rotary."""
+def _export_one_layer(model: nn.Module, layers_path: str, index: int = 0):
+    """Export the model cut to decoder layer ``index`` alone: one layer's graph, with the real embedding and rotary
+    (the layer sits at position 0 of the cut stack, so its modules' paths are those of layer 0)."""
     cfg = model.config
     layers = model.get_submodule(layers_path)
     parent_path, attr = layers_path.rpartition(".")[::2]
     parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, nn.ModuleList(list(layers)[:1]))
+    setattr(parent, attr, nn.ModuleList([layers[index]]))
     try:
-        with traceable_config(cfg):
+        with traceable_config(cfg, index), no_softcap(model):
             ids = torch.arange(8).unsqueeze(0) % max(int(getattr(cfg, "vocab_size", 8)), 1)
             kwargs = dict(family_of(cfg.model_type).trace_kwargs)
             with torch.no_grad():
@@ -185,10 +187,30 @@ def _rows(linear, target_path: set, out_features: int) -> list[list[int]]:
     return heads
 
 
+def layer_kinds(config) -> list[int]:
+    """For each layer, the first layer of its kind: layers whose per-layer config entries (``layer_types``,
+    ``no_rope_layers``, …) are all equal are alike; each kind is traced once."""
+    n = config.num_hidden_layers
+    lists = [v for k, v in sorted(config.to_dict().items()) if isinstance(v, list) and len(v) == n
+             and k != "architectures"]
+    first: dict = {}
+    return [first.setdefault(tuple(repr(v[i]) for v in lists), i) for i in range(n)]
+
+
 def locate(model: nn.Module) -> ModelMap:
-    """Trace layer 0, read its roles from data flow, then check every layer has the same modules."""
+    """Trace one layer of each kind, read its roles from data flow, then check every layer has the same modules as
+    the traced layer of its kind (RoPE or not, its rotary width and norms come from its own trace)."""
     layers_path = find_layers_path(model)
-    ep = _export_one_layer(model, layers_path)
+    kinds = layer_kinds(model.config)
+    traced = {k: _locate_layer(model, layers_path, k) for k in sorted(set(kinds))}
+    rotary_path = next((r for _, r in traced.values() if r), None)
+    layers = _replicate(model, layers_path, {i: traced[k][0] for i, k in enumerate(kinds)})
+    return ModelMap(model.config.model_type, layers_path, rotary_path, layers, model.config.hidden_size)
+
+
+def _locate_layer(model: nn.Module, layers_path: str, index: int) -> tuple[LayerMap, str | None]:
+    """Layer ``index``'s roles (paths relative to the layer) and the rotary module's path, from its trace."""
+    ep = _export_one_layer(model, layers_path, index)
     graph = ep.graph
     params = dict(ep.graph_signature.inputs_to_parameters)
     prefix0 = f"{layers_path}.0"
@@ -209,7 +231,7 @@ def locate(model: nn.Module) -> ModelMap:
     # position-only tensors (cos/sin tables): derived from the trig ops but not from the token inputs
     inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
     trig_derived = _forward_closure(trig) - _forward_closure(inputs)
-    lm = LayerMap(index=0, prefix=prefix0)
+    lm = LayerMap(index=index, prefix=prefix0)
     rotary_path = _module_of(trig[0]) if trig else None
 
     def projection(node, path: set) -> Projection:
@@ -245,8 +267,20 @@ def locate(model: nn.Module) -> ModelMap:
                   {p.module for p in (lm.q, lm.k, lm.v, lm.o) if p is not None}}
     _locate_mlp(lm, {n: v for n, v in layer_linears.items() if n not in attn_nodes}, projection, rel, prefix0)
     lm.missing = [r for r in ("attention", "q", "k", "v", "o", "up", "down") if getattr(lm, r) is None]
-    layers = _replicate(model, layers_path, lm)
-    return ModelMap(model.config.model_type, layers_path, rotary_path, layers, model.config.hidden_size)
+    if family_of(model.config.model_type).rope_layout == "interleaved" and lm.rotary_dim and lm.q and lm.k:
+        _halve_rope_rows(lm)
+    return lm, rotary_path
+
+
+def _halve_rope_rows(lm: LayerMap) -> None:
+    """Interleaved RoPE pairs dim 2i with 2i+1. Taking each head's q and k rows in the order (even dims, odd dims)
+    turns that into the rotate-half pairing (i with i + rot/2); q·k is unchanged because both sides are reordered
+    alike. ``rope_order`` keeps the order, for per-head norm weights."""
+    rot = lm.rotary_dim
+    order = list(range(0, rot, 2)) + list(range(1, rot, 2)) + list(range(rot, lm.head_dim))
+    for p in (lm.q, lm.k):
+        p.rows = [[head[j] for j in order] for head in p.rows]
+    lm.rope_order = order
 
 
 def _norm_before(proj: Projection, layer_linears, rel, prefix0) -> str | None:
@@ -321,13 +355,15 @@ def _describe_act(acts) -> str:
     return f"{op} ({name})" if name else op
 
 
-def _replicate(model: nn.Module, layers_path: str, lm0: LayerMap) -> list[LayerMap]:
-    """Layer 0's roles, checked against every layer: a layer that differs is an error, never a guess."""
+def _replicate(model: nn.Module, layers_path: str, traced: dict) -> list[LayerMap]:
+    """The traced roles of each layer's kind, checked against every layer: a layer that differs is an error, never
+    a guess."""
     layers = model.get_submodule(layers_path)
-    ref = layers[0]
     out = []
-    roles = [r for r in ("q", "k", "v", "o", "gate", "up", "down") if getattr(lm0, r) is not None]
     for i, layer in enumerate(layers):
+        lm0 = traced[i]
+        ref = layers[lm0.index]  # the traced layer of this kind
+        roles = [r for r in ("q", "k", "v", "o", "gate", "up", "down") if getattr(lm0, r) is not None]
         for r in roles:
             path = getattr(lm0, r).module
             try:

@@ -28,3 +28,15 @@ def rope_angles(rotary: nn.Module, rot: int) -> tuple[torch.Tensor, torch.Tensor
     half = rot // 2
     theta = torch.atan2(sin[0, 1, :half].double(), cos[0, 1, :half].double())
     return theta, cos[0, 0, :half].double()
+
+
+def table_columns(rotary: nn.Module, rot: int, layer_type: str | None = None) -> list[int] | None:
+    """Columns that put the rotary's cos/sin tables in rotate-half order (θ_0..θ_{h-1}, θ_0..θ_{h-1}), or None when
+    they already are: families with interleaved RoPE return tables as θ_0, θ_0, θ_1, θ_1, … (Cohere) or in
+    half order, converting inside their own apply function (GLM)."""
+    like = torch.zeros(1, 2, rot, dtype=torch.float32)
+    extra = {"layer_type": layer_type} if layer_type is not None else {}
+    cos = rotary(like, torch.arange(2)[None], **extra)[0][0, 1]
+    if rot >= 4 and torch.allclose(cos[0::2], cos[1::2]) and not torch.allclose(cos[: rot // 2], cos[rot // 2:]):
+        return list(range(0, rot, 2)) + list(range(1, rot, 2))
+    return None

@@ -56,6 +56,10 @@ def miniature_config(config):
         cfg.head_dim = 16
     if isinstance(getattr(cfg, "sliding_window", None), int):
         cfg.sliding_window = min(cfg.sliding_window, 16)  # shorter than the windows: the mask is exercised
+    for key in ("rope_parameters", "rope_scaling"):  # long-context terms then act within the miniature's windows
+        params = getattr(cfg, key, None)
+        if isinstance(params, dict) and params.get("original_max_position_embeddings"):
+            setattr(cfg, key, {**params, "original_max_position_embeddings": 8})
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     cfg.torch_dtype = torch.float32

@@ -41,12 +41,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
-def eager_attention(module, query, key, value, attention_mask, scaling, **_):
-    """Plain attention used when the config names no kernel transformers knows."""
+def eager_attention(module, query, key, value, attention_mask, scaling, softcap=None, **_):
+    """Plain attention used when the config names no kernel transformers knows, or when scores are soft-capped
+    (Gemma 2: tanh(s / cap) · cap, which the sdpa kernel cannot do)."""
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
@@ -74,9 +77,12 @@ def rope_positions(kv_len: int, q_len: int, position_ids: torch.Tensor | None, d
     return torch.cat([pos[: kv_len - q_len], new - new[0] + (kv_len - q_len)])
 
 
-def rope_tables(rotary: nn.Module, positions: torch.Tensor, like: torch.Tensor, columns: list[int] | None = None):
-    """cos/sin of the family's rotary at ``positions`` (1-D), shaped (1, 1, len, rot); ``columns`` picks dims."""
-    cos, sin = rotary(like, positions.unsqueeze(0))
+def rope_tables(rotary: nn.Module, positions: torch.Tensor, like: torch.Tensor, columns: list[int] | None = None,
+                layer_type: str | None = None):
+    """cos/sin of the family's rotary at ``positions`` (1-D), shaped (1, 1, len, rot); ``columns`` picks dims.
+    ``layer_type``: families whose rotary differs by layer kind (Gemma 3: local and global bases) take it."""
+    extra = {"layer_type": layer_type} if layer_type is not None else {}
+    cos, sin = rotary(like, positions.unsqueeze(0), **extra)
     if columns is not None:
         cols = torch.tensor(columns, device=cos.device)
         cos, sin = cos[..., cols], sin[..., cols]
@@ -87,7 +93,10 @@ def attend(module, query, key, value, attention_mask, kwargs):
     """Attention through the kernel the config names (eager when transformers has none by that name), then o_proj."""
     impl = getattr(module.config, "_attn_implementation", None) or "eager"
     attention = eager_attention
-    if impl != "eager" and ALL_ATTENTION_FUNCTIONS is not None and impl in ALL_ATTENTION_FUNCTIONS:
+    softcap = getattr(module, "softcap", None)
+    if softcap:
+        kwargs["softcap"] = softcap
+    elif impl != "eager" and ALL_ATTENTION_FUNCTIONS is not None and impl in ALL_ATTENTION_FUNCTIONS:
         attention = ALL_ATTENTION_FUNCTIONS[impl]
     kwargs.pop("position_ids", None)
     output, weights = attention(module, query, key, value, attention_mask, dropout=0.0,
@@ -116,6 +125,10 @@ class LatentAttention(nn.Module):
         self.scaling = spec["scaling"]
         self.rotary_dim = spec.get("rotary_dim", 0)
         self.sliding_window = spec.get("sliding_window")
+        self.softcap = spec.get("softcap")
+        self.layer_type = spec.get("layer_type")
+        self.rope_columns = spec.get("rope_columns")  # interleaved tables put in rotate-half order
+        self.query_scale = spec.get("query_scale")  # [β, original max positions]: Ministral 3's long-context scale
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.is_causal = True
         hidden = spec["hidden_size"]
@@ -138,6 +151,8 @@ class LatentAttention(nn.Module):
         kv_len = latent.shape[1]
         q = query.reshape(bsz, groups, per * q_len, self.head_dim)  # query heads g*per..g*per+per-1 share kv head g
         scores = torch.matmul(q, key.transpose(2, 3)).float() * self.scaling
+        if self.softcap:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.view(bsz, groups, per, q_len, kv_len)
         if attention_mask is not None:
             mask = attention_mask[:, :, None, :, -kv_len:]
@@ -180,9 +195,13 @@ class LatentAttention(nn.Module):
 
         if self.rotary_dim:
             positions = rope_positions(kv_len, q_len, kwargs.get("position_ids"), query.device)
-            cos, sin = rope_tables(self._rotary, positions, query)
+            cos, sin = rope_tables(self._rotary, positions, query, self.rope_columns, self.layer_type)
             key = apply_rope(key, cos, sin)
             query = apply_rope(query, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])
+        if self.query_scale:
+            beta, span = self.query_scale
+            pos = torch.arange(kv_len - q_len, kv_len, device=query.device, dtype=torch.float32)
+            query = query * (1 + beta * torch.log(1 + torch.floor(pos / span)))[:, None].to(query.dtype)
 
         if q_len <= self.ABSORB_MAX_QUERY and kv_len > q_len:
             output = self._absorbed_value_attention(query, key, latent, attention_mask)
@@ -214,6 +233,8 @@ class DecoupledLatentAttention(nn.Module):
         self.rank = spec["rank"]
         self.scaling = spec["scaling"]
         self.sliding_window = spec.get("sliding_window")
+        self.softcap = spec.get("softcap")
+        self.layer_type = spec.get("layer_type")
         self.num_key_value_groups = 1  # every head has its own key and value once expanded from the latent
         self.is_causal = True
         pairs, half = spec["rope_pairs"], spec["rope_half"]
@@ -242,7 +263,7 @@ class DecoupledLatentAttention(nn.Module):
         latent, k_rot = entry[:, 0].split([self.rank, rope], dim=-1)
         kv_len = latent.shape[1]
         positions = rope_positions(kv_len, q_len, kwargs.get("position_ids"), query.device)
-        cos, sin = rope_tables(self._rotary, positions, query, self.rope_columns)
+        cos, sin = rope_tables(self._rotary, positions, query, self.rope_columns, self.layer_type)
         k_rot = apply_rope(k_rot[:, None], cos, sin)
         q_pass, q_rot = query.split([nope, rope], dim=-1)
         q_rot = apply_rope(q_rot, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])

@@ -9,13 +9,12 @@ Python 接口::
 """
 
 from . import legacy as _legacy  # noqa: E402
-from .model.families import FAMILIES as _FAMILIES  # noqa: E402
+from .model.compat import register_on_demand as _register_on_demand  # noqa: E402
 from .runtime import modeling as _modeling  # noqa: E402
 from .version import __version__  # noqa: E402,F401
 
 _legacy.install()  # the module paths before the redesign still import
-for _model_type in _FAMILIES:  # loading a converted checkpoint then needs no remote code
-    _modeling.register(_model_type)
+_register_on_demand(_modeling.register)  # loading a converted checkpoint of any family then needs no remote code
 
 from .errors import (  # noqa: E402
     DataError,

@@ -20,43 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from conftest import ZOO as FAMILIES  # noqa: E402
 from conftest import byte_tokenizer  # noqa: E402
+from conftest import zoo_model as tiny  # noqa: E402
 
 from patcher import patch_model  # noqa: E402
 
-BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=260, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-FAMILIES = {
-    "llama": {}, "mistral": {}, "ministral": {"sliding_window": 16, "rope_theta": 10000.0, "head_dim": 16},
-    "ministral3": {"head_dim": 16, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
-                                                       "original_max_position_embeddings": 8, "beta_fast": 32.0,
-                                                       "beta_slow": 1.0, "llama_4_scaling_beta": 0.5}},
-    "qwen2": {}, "qwen3": {"head_dim": 16},
-    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
-    "phi": {}, "phi3": {}, "gemma": {"head_dim": 16}, "gemma2": {"head_dim": 16, "sliding_window": 16, "attn_logit_softcapping": 2.0},
-    "gemma3_text": {"head_dim": 16, "sliding_window": 16}, "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4,
-                                                                    "n_positions": 256},
-    "gpt_neox": {"rotary_pct": 0.25}, "stablelm": {}, "starcoder2": {}, "granite": {}, "cohere": {},
-    "olmo2": {}, "smollm3": {"no_rope_layers": [1, 0]}, "internlm3": {},
-    "exaone4": {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}, "glm": {"head_dim": 16},
-    "glm4": {"head_dim": 16}, "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
-    "llama4_text": {"head_dim": 16, "intermediate_size_mlp": 96, "num_local_experts": 2},
-}
 FAST = {"calibration": {"tokens": 512, "seq_len": 64, "batch_size": 4, "probe_tokens": 128},
         "eval": {"tokens": 128, "seq_len": 64}}
-
-
-def tiny(model_type: str, seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(model_type, **{**BASE, **FAMILIES[model_type]})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # biases and norm weights away from their defaults: they must be carried exactly
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln" in name.split(".")[-2:][0]:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model
 
 
 def short(e: BaseException) -> str:

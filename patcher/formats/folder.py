@@ -17,17 +17,21 @@ MODELING_FILE = "modeling_dsopt.py"
 def write_checkpoint(model: nn.Module, tokenizer, tmp: Path, max_shard_size: str = "200MB") -> None:
     """Weights (sharded safetensors + index), config with auto_map, the self-contained modeling file, tokenizer."""
     model.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-    add_dsopt_code(tmp, type(model.config).__name__, type(model).__name__)
+    add_dsopt_code(tmp, model.config.model_type)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
 
 
-def add_dsopt_code(folder: Path, config_class: str, model_class: str) -> None:
-    """config.json's auto_map and the self-contained modeling files: the folder loads without dsopt installed."""
+def add_dsopt_code(folder: Path, model_type: str) -> None:
+    """config.json's auto_map and the self-contained modeling files: the folder loads without dsopt installed.
+
+    The auto_map names carry the family's model type (``DsoptForCausalLM_internlm3``), not its class names: several
+    model types share one class (InternLM3 and EXAONE use ``LlamaForCausalLM``), a name would be ambiguous."""
     cfg_path = Path(folder) / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    stem = MODELING_FILE[:-3]
-    cfg["auto_map"] = {"AutoConfig": f"{stem}.{config_class}", "AutoModelForCausalLM": f"{stem}.{model_class}"}
+    stem, base = MODELING_FILE[:-3], model_type.removeprefix(modeling.DSOPT_PREFIX)
+    cfg["auto_map"] = {"AutoConfig": f"{stem}.{modeling.CONFIG_NAME}{base}",
+                       "AutoModelForCausalLM": f"{stem}.{modeling.MODEL_NAME}{base}"}
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     shutil.copyfile(modeling.__file__, Path(folder) / MODELING_FILE)
     for companion in ("mtp.py", "packed_linear.py"):  # imported by the modeling file

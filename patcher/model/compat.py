@@ -68,3 +68,43 @@ class traceable_config:
                 setattr(self.config, k, v)
         self.config._attn_implementation = self.saved_impl
         return False
+
+
+class _OnDemand(dict):
+    """``CONFIG_MAPPING``'s table of registered types, registering ``dsopt_<family>`` the first time transformers
+    looks it up: every family loads after ``import patcher`` without remote code, and none is built before."""
+
+    def __init__(self, table: dict, register):
+        super().__init__(table)
+        self.register, self.busy = register, set()
+
+    def _ensure(self, key) -> None:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if not (isinstance(key, str) and key.startswith("dsopt_")) or dict.__contains__(self, key) or key in self.busy:
+            return
+        base = key[len("dsopt_"):]
+        if base in CONFIG_MAPPING_NAMES:
+            self.busy.add(key)
+            try:
+                self.register(base)
+            except (KeyError, ValueError, ImportError):  # no causal-LM class for that type: stays unknown
+                pass
+            finally:
+                self.busy.discard(key)
+
+    def __contains__(self, key) -> bool:
+        self._ensure(key)
+        return dict.__contains__(self, key)
+
+    def __getitem__(self, key):
+        self._ensure(key)
+        return dict.__getitem__(self, key)
+
+
+def register_on_demand(register) -> None:
+    """Install ``_OnDemand`` (once) with ``register(model_type)`` as the way to register a family."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if not isinstance(CONFIG_MAPPING._extra_content, _OnDemand):
+        CONFIG_MAPPING._extra_content = _OnDemand(CONFIG_MAPPING._extra_content, register)

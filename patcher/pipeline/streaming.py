@@ -427,7 +427,7 @@ class StreamingBackend:
                 raise RuntimeError(f"写出的张量与模型结构不符：缺 {missing[:4]}，多 {extra[:4]}")
             with disk_guard(f"写 {run.dir} 失败；已完成的层保留在那里，腾出空间后加 --resume 续做"):
                 final_config.save_pretrained(run.dir)
-                folder.add_dsopt_code(run.dir, type(final_config).__name__, model_cls.__name__)
+                folder.add_dsopt_code(run.dir, final_config.model_type)
                 self.tokenizer.save_pretrained(run.dir)
             if (self.folder / "generation_config.json").exists():
                 shutil.copyfile(self.folder / "generation_config.json", run.dir / "generation_config.json")

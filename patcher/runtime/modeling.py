@@ -650,8 +650,15 @@ def family_of(class_name: str, table: dict) -> str | None:
     return next((t for t in types if "".join(ch for ch in t if ch.isalnum()) == stem), types[0] if types else None)
 
 
+CONFIG_NAME, MODEL_NAME = "DsoptConfig_", "DsoptForCausalLM_"  # + model type: the names config.json's auto_map uses
+
+
 def __getattr__(name: str):
-    # config.json's auto_map names classes such as DsoptLlamaConfig; build them on first access (PEP 562).
+    # config.json's auto_map names the classes; build them on first access (PEP 562). Outputs name them by model
+    # type (DsoptForCausalLM_internlm3); older outputs by class (DsoptLlamaConfig), still understood.
+    for prefix, pick in ((CONFIG_NAME, 0), (MODEL_NAME, 1)):
+        if name.startswith(prefix) and name[len(prefix):] in CONFIG_MAPPING_NAMES:
+            return family_classes(name[len(prefix):])[pick]
     if name.startswith("Dsopt"):
         for table, pick in ((CONFIG_MAPPING_NAMES, 0), (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, 1)):
             model_type = family_of(name[len("Dsopt"):], table)

@@ -255,6 +255,9 @@ class MLAConverter:
             "q_norm": lm.q_norm, "k_norm": lm.k_norm, **attention_extras(config, lm, rotary),
         }
         norms = {r: (attn.get_submodule(spec[r]) if spec[r] else None) for r in ("q_norm", "k_norm")}
+        # OLMo 2 normalises the whole q (k) projection before the head split, Qwen 3 each head: the weight tells
+        spec["qk_norm_full"] = any(getattr(m, "weight", None) is not None and m.weight.numel() != lm.head_dim
+                                   for m in norms.values() if m is not None)
         new = LatentAttention(spec, config, getattr(attn, "layer_idx", lm.index), **norms)
         dtype = wq.dtype
         with torch.no_grad():

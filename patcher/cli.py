@@ -404,9 +404,6 @@ def main():
     hf_logging.disable_progress_bar()  # our own rich bars say what is happening
     try:
         app(standalone_mode=True)
-    except KeyboardInterrupt:
-        console.print("[yellow]已中断[/]：输出只在全部完成后才改名到位，中断不会留下半成品")
-        raise SystemExit(130) from None
     except Exception as e:  # noqa: BLE001  an error of ours, not the user's: one line and where the traceback is
         if disk_full(e):
             console.print(f"[bold red]错误：[/]磁盘已满（{type(e).__name__}）；腾出空间后重试")

@@ -67,14 +67,57 @@ def check(model_type: str, tok) -> dict:
         except Exception as e:  # noqa: BLE001
             row[tech] = {"ok": False, "error": short(e),
                          "where": traceback.extract_tb(e.__traceback__)[-1].filename.split("site-packages/")[-1]}
+    with tempfile.TemporaryDirectory() as tmp:  # the file-based paths: DeepSeek-V3 export and streaming
+        from transformers import AutoModelForCausalLM
+
+        from patcher import convert
+
+        src.save_pretrained(f"{tmp}/src")
+        tok.save_pretrained(f"{tmp}/src")
+        for tech, recipe in (("deepseek_v3_0.6", {"mla": {"enabled": True, "kv_keep": 0.6},
+                                                  "output": {"format": "deepseek-v3"}}),
+                             ("streaming_full_rank", {"mla": {"enabled": True, "kv_keep": 1.0},
+                                                      "output": {"streaming": "on"}})):
+            try:
+                rep = convert(f"{tmp}/src", {**FAST, **recipe}, f"{tmp}/{tech}")
+                again = AutoModelForCausalLM.from_pretrained(f"{tmp}/{tech}").eval()
+                with torch.no_grad():
+                    got = again(input_ids=ids).logits
+                row[tech] = {"ok": True, "max_abs_logit_diff": float((got - ref).abs().max()),
+                             "ppl_increase_pct": rep["fidelity"]["ppl_increase_pct"]}
+            except Exception as e:  # noqa: BLE001
+                row[tech] = {"ok": False, "error": short(e)}
     row["logit_scale"] = float(ref.abs().max())
     return row
+
+
+COLUMNS = [("mla_full_rank", "MLA 满秩 max Δlogit"), ("mla_0.6", "MLA 0.6 困惑度"),
+           ("moe_split", "MoE 切分 0.5"), ("moe_split_full", "MoE 满激活 max Δlogit"), ("mtp", "MTP"),
+           ("deepseek_v3_0.6", "DeepSeek-V3 导出 0.6"), ("streaming_full_rank", "流式 满秩 max Δlogit")]
+
+
+def cell(key: str, r: dict | None) -> str:
+    if not r:
+        return "—"
+    if not r.get("ok"):
+        return "✗ " + r["error"].split(":", 1)[0] if "预检" not in r["error"] else "✗ 预检拒绝"
+    if "full" in key or key == "mtp":
+        return f"✓ {r['max_abs_logit_diff']:.0e}" if r["max_abs_logit_diff"] else "✓ 0"
+    return f"✓ {r['ppl_increase_pct']:+.1f} %"
+
+
+def markdown(table: dict) -> str:
+    lines = ["| 家族 | " + " | ".join(t for _, t in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for fam, row in table.items():
+        lines.append(f"| {fam} | " + " | ".join(cell(k, row.get(k)) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="scripts/results/families-tiny.json")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--markdown", help="把支持表写成 Markdown（docs/families.md 引用它）")
     args = ap.parse_args()
     tok = byte_tokenizer()
     torch.manual_seed(0)
@@ -87,6 +130,15 @@ def main() -> int:
         print(t, {k: (round(v["max_abs_logit_diff"], 6) if v.get("ok") else v.get("error", "")[:90])
                   if isinstance(v, dict) else v for k, v in r.items()}, flush=True)
     Path(args.out).write_text(json.dumps(table, indent=1))
+    if args.markdown:  # between the markers of an existing page, else the table alone
+        page = Path(args.markdown)
+        text = page.read_text(encoding="utf-8") if page.exists() else ""
+        start, end = "<!-- family-table -->\n", "<!-- /family-table -->"
+        if start in text and end in text:
+            text = text[:text.index(start) + len(start)] + markdown(table) + text[text.index(end):]
+        else:
+            text = markdown(table)
+        page.write_text(text, encoding="utf-8")
     return 0
 
 

@@ -27,6 +27,8 @@ MOVEMENT = {
     aten.clone.default, aten.alias.default, aten.unbind.int, aten.select.int, aten.squeeze.dim,
     aten.t.default, aten.narrow.default, operator.getitem,
 }
+MATMUL = {aten.matmul.default, aten.mm.default}
+TRANSPOSE = {aten.numpy_T.default, aten.t.default, aten.permute.default, aten.transpose.int}
 NORM_OPS = {aten.rsqrt.default, aten.layer_norm.default, aten.native_layer_norm.default}
 ACT_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
            aten.sigmoid.default, aten.erf.default}
@@ -132,6 +134,24 @@ def _export_one_layer(model: nn.Module, layers_path: str, index: int = 0):
         setattr(parent, attr, layers)
 
 
+def _split_normed_heads(lm: LayerMap) -> None:
+    """A norm over the whole q (k) projection before the head split (OLMo 2) stops the channel propagation before
+    the view into heads: the rows come out as one wide 'head'. Its channels are still in head-major order, so they
+    are cut into heads of V's width (the preflight then proves the result exact)."""
+    if not (lm.v and lm.v.rows and (lm.q_norm or lm.k_norm)):
+        return
+    hd = len(lm.v.rows[0])
+    for p in (lm.q, lm.k):
+        if p is not None and len(p.rows) == 1 and len(p.rows[0]) > hd and len(p.rows[0]) % hd == 0:
+            row = p.rows[0]
+            p.rows = [row[i:i + hd] for i in range(0, len(row), hd)]
+
+
+def _input_of(node):
+    """The activation a linear layer reads: ``linear(x, W)``, ``matmul(x, Wᵀ)``, or ``addmm(b, x, W)`` (Conv1D)."""
+    return node.args[1] if node.target == aten.addmm.default else node.args[0]
+
+
 def _module_of(node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else ""
@@ -226,6 +246,9 @@ def _locate_layer(model: nn.Module, layers_path: str, index: int) -> tuple[Layer
             linears[n] = (params[n.args[1].name].rsplit(".", 1)[0], False)
         elif n.target == aten.addmm.default and n.args[2].name in params:
             linears[n] = (params[n.args[2].name].rsplit(".", 1)[0], True)
+        elif n.target in MATMUL and getattr(n.args[1], "target", None) in TRANSPOSE and \
+                getattr(n.args[1].args[0], "name", None) in params:  # x @ W.T written out (Falcon's FalconLinear)
+            linears[n] = (params[n.args[1].args[0].name].rsplit(".", 1)[0], False)
     layer_linears = {n: v for n, v in linears.items() if v[0].startswith(prefix0 + ".")}
     trig = [n for n in graph.nodes if n.op == "call_function" and n.target in (aten.cos.default, aten.sin.default)]
     # position-only tensors (cos/sin tables): derived from the trig ops but not from the token inputs
@@ -263,6 +286,7 @@ def _locate_layer(model: nn.Module, layers_path: str, index: int) -> tuple[Layer
             lm.o = Projection(rel(layer_linears[o_nodes[0]][0]), [], layer_linears[o_nodes[0]][1])
         if lm.q is not None:
             lm.attn_norm = _norm_before(lm.q, layer_linears, rel, prefix0)
+        _split_normed_heads(lm)
     attn_nodes = {n for n in layer_linears if rel(layer_linears[n][0]) in
                   {p.module for p in (lm.q, lm.k, lm.v, lm.o) if p is not None}}
     _locate_mlp(lm, {n: v for n, v in layer_linears.items() if n not in attn_nodes}, projection, rel, prefix0)
@@ -286,7 +310,7 @@ def _halve_rope_rows(lm: LayerMap) -> None:
 def _norm_before(proj: Projection, layer_linears, rel, prefix0) -> str | None:
     for node, (module, _) in layer_linears.items():
         if rel(module) == proj.module:
-            src = node.args[0] if node.target == aten.linear.default else node.args[1]
+            src = _input_of(node)
             _, found = _walk_back(src, {n for n in node.graph.nodes if n.target in NORM_OPS}, set())
             order = {n: i for i, n in enumerate(node.graph.nodes)}
             mods = [_module_of(n) for n in sorted(found, key=order.get) if _module_of(n).startswith(prefix0 + ".")]
@@ -299,7 +323,7 @@ def _locate_mlp(lm: LayerMap, mlp_linears: dict, projection, rel, prefix0) -> No
         return
     upstream = {}
     for n in mlp_linears:
-        _, found = _walk_back(n.all_input_nodes[0] if n.target == aten.linear.default else n.args[1],
+        _, found = _walk_back(_input_of(n),
                               set(mlp_linears), set())
         upstream[n] = found
     downs = [n for n, ups in upstream.items() if ups]
@@ -307,7 +331,7 @@ def _locate_mlp(lm: LayerMap, mlp_linears: dict, projection, rel, prefix0) -> No
         return
     down = downs[0]
     lm.down = Projection(rel(mlp_linears[down][0]), [], mlp_linears[down][1])
-    src = down.args[0] if down.target == aten.linear.default else down.args[1]
+    src = _input_of(down)
     # skip the flattening view that Conv1D (addmm) puts in front of its input
     while src.target in MOVEMENT:
         src = src.args[0]

@@ -52,8 +52,8 @@ def miniature_config(config):
     for key in ("num_kv_heads",):
         if getattr(cfg, key, None) is not None:
             cfg.num_kv_heads = 4 if getattr(config, key) == heads else 2
-    if getattr(cfg, "head_dim", None) is not None:
-        cfg.head_dim = 16
+    if getattr(cfg, "head_dim", None) is not None and not isinstance(getattr(type(cfg), "head_dim", None), property):
+        cfg.head_dim = 16  # a stored head_dim; a derived one (Falcon: hidden / heads) follows the width
     if isinstance(getattr(cfg, "sliding_window", None), int):
         cfg.sliding_window = min(cfg.sliding_window, 16)  # shorter than the windows: the mask is exercised
     for key in ("rope_parameters", "rope_scaling"):  # long-context terms then act within the miniature's windows
@@ -132,7 +132,7 @@ def check(config, recipe, run) -> dict:
             if not exact:  # a budget that the miniature's widths cannot meet says nothing of the real model
                 result["techniques"][f"{section} (crash check)"] = {"skipped": str(e)[:200]}
                 continue
-            raise PlanError(f"预检（{family} 缩微模型，{section}）：{e}") from None
+            raise type(e)(f"预检（{family} 缩微模型，{section}）：{e}") from None  # same error class, earlier
         except Exception as e:  # noqa: BLE001  a crash here would have been a crash after minutes of work
             raise PlanError(f"预检失败：{family} 的 {section} 转换在缩微模型上出错（{type(e).__name__}: {str(e)[:200]}）；"
                             f"这个家族目前不能用 {section} 转换") from None

@@ -139,6 +139,7 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, spec.get("out_size", hidden), bias=spec["o_bias"])
         self.q_norm = q_norm
         self.k_norm = k_norm
+        self.qk_norm_full = spec.get("qk_norm_full", False)
         self._rotary = None  # set by the model: the family's rotary embedding, not a submodule of ours
 
     # Decoding steps (a few new tokens over a long cache) never build V: softmax(QKᵀ)·(C·W_uvᵀ + b) equals
@@ -178,8 +179,11 @@ class LatentAttention(nn.Module):
         # families name the cache differently (cache / past_key_values / GPT-NeoX's layer_past)
         cache = next((c for c in (cache, past_key_values, layer_past) if c is not None), None)
         bsz, q_len, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(bsz, q_len, self.num_heads, self.head_dim)
-        if self.q_norm is not None:
+        query = self.q_proj(hidden_states)
+        if self.q_norm is not None and self.qk_norm_full:  # over the whole projection, before the head split
+            query = self.q_norm(query)
+        query = query.view(bsz, q_len, self.num_heads, self.head_dim)
+        if self.q_norm is not None and not self.qk_norm_full:
             query = self.q_norm(query)
         query = query.transpose(1, 2)
 
@@ -188,8 +192,11 @@ class LatentAttention(nn.Module):
             latent, _ = cache.update(latent, latent.new_empty(bsz, 1, q_len, 0), self.layer_idx, kwargs=kwargs)
         latent = latent[:, 0]
         kv_len = latent.shape[1]
-        key = self.k_b_proj(latent).view(bsz, kv_len, self.num_kv_heads, self.head_dim)
-        if self.k_norm is not None:
+        key = self.k_b_proj(latent)
+        if self.k_norm is not None and self.qk_norm_full:
+            key = self.k_norm(key)
+        key = key.view(bsz, kv_len, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None and not self.qk_norm_full:
             key = self.k_norm(key)
         key = key.transpose(1, 2)
 

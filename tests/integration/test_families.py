@@ -19,8 +19,6 @@ FAST = {"calibration": {"tokens": 512, "seq_len": 64, "batch_size": 4, "probe_to
 EXACT = {"mla": {"enabled": True, "kv_keep": 1.0}, "moe": {"enabled": True, "mode": "copy", "experts": 2, "top_k": 2}}
 # what is refused, and the words the refusal must contain (the role or reason it names)
 REFUSED = {
-    "falcon": ("mla", "q, k, v, o"),          # FalconLinear computes x @ W.T: not a linear op in the graph
-    "olmo2": ("mla", "预检失败"),               # QK-norm over the whole projection, before the head split
     "qwen3_moe": ("moe", "up, down"),          # its MLPs are already experts
     "llama4_text": ("mla", "预检失败"),          # complex-valued RoPE and chunked attention
 }

@@ -119,7 +119,9 @@ def test_split_moe_at_half_the_ffn_reads_part_of_the_gate_input(smollm2):
     m = partial[0]  # what one token uses: read gate columns of every neuron, up and down of the chosen ones
     e, k = m.num_experts, m.top_k
     assert m.inactive_params() == 2 * 576 * (e - k) + e * (576 - m.gate_input_dims)
-    assert report["fidelity"]["ppl_increase_pct"] < 60  # measured +47 % here (exact gate +256 %, low-rank +110 %)
+    # worst of the five evaluation domains: measured +84 % here (on the old book evaluation +47 %, where the exact
+    # gate was +256 % and the low-rank router +110 %)
+    assert report["fidelity"]["ppl_increase_pct"] < 120
 
 
 def test_mtp_speculative_greedy_is_identical_on_real_prompts(smollm2):

@@ -73,3 +73,53 @@ def test_gguf_path_is_a_source(tmp_path):
     f.write_bytes(b"GGUF")
     src = resolve(str(f))
     assert src.kind == "gguf" and src.gguf_file == "m.gguf"
+
+
+def test_builtin_domains_are_five_disjoint_kinds_with_provenance():
+    from patcher.data.text import builtin_domains, digest
+
+    calib, evals = builtin_domains("calibration"), builtin_domains("evaluation")
+    kinds = {"narrative", "encyclopedic", "technical", "code", "chat"}
+    assert {d.name for d in calib} == {d.name for d in evals} == kinds
+    assert not {digest(d.text) for d in calib} & {digest(d.text) for d in evals}
+    for a, b in zip(calib, evals):  # disjoint by source: not even a shared paragraph
+        paras = {p for p in a.text.split("\n\n") if len(p) > 200}
+        assert not paras & {p for p in b.text.split("\n\n") if len(p) > 200}, a.name
+    from importlib import resources
+
+    provenance = resources.files("patcher.data").joinpath("PROVENANCE.md").read_text(encoding="utf-8")
+    assert all(f"`calibration/{k}.txt`" in provenance and f"`evaluation/{k}.txt`" in provenance for k in kinds)
+
+
+def test_calibration_mixes_domains_equally(tokenizer, tmp_path):
+    from patcher.data.text import mixed_windows, read_domains
+
+    (tmp_path / "long.txt").write_text("a long text about apples. " * 400)
+    (tmp_path / "short.txt").write_text("brief words. " * 30)  # 390 bytes: three windows of 128
+    domains = read_domains(str(tmp_path), "calibration")
+    assert [d.name for d in domains] == ["long", "short"]
+    w = mixed_windows(tokenizer, domains, 10 * 128, 128, seed=0)
+    assert w.shape == (10, 128)
+
+    def alphabet(text):
+        return set(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    from_short = sum(set(row.tolist()) <= alphabet("brief words. ") for row in w)
+    from_long = sum(set(row.tolist()) <= alphabet("a long text about apples. ") for row in w)
+    assert (from_short, from_long) == (3, 7)  # short gives what it has, long the rest
+
+
+def test_report_per_domain_with_the_worst_as_headline(tokenizer, tmp_path):
+    for name, text in (("plain", "the cat sat on the mat. " * 300), ("odd", "zq xj vk wp qq zz. " * 300)):
+        (tmp_path / f"{name}.txt").write_text(text)
+    recipe = fast_recipe(kv_keep=0.5)
+    recipe["eval"] = {**recipe["eval"], "data": f"{tmp_path / 'plain.txt'},{tmp_path / 'odd.txt'}"}
+    _, report = patch_model(tiny_model("llama", seed=4), recipe, tokenizer)
+    f = report["fidelity"]
+    assert set(f["domains"]) == {"plain", "odd"} and f["headline"] == "worst_domain"
+    worst = max(f["domains"].values(), key=lambda d: d["ppl_increase_pct"])
+    assert f["ppl_increase_pct"] == worst["ppl_increase_pct"] == f["domains"][f["worst_domain"]]["ppl_increase_pct"]
+    assert f["kl_mean"] == max(d["kl_mean"] for d in f["domains"].values())
+    assert f["top1_agreement"] == min(d["top1_agreement"] for d in f["domains"].values())
+    assert f["pooled"]["tokens"] == sum(d["tokens"] for d in f["domains"].values())
+    assert [d["name"] for d in report["eval"]["domains"]] == ["plain", "odd"]

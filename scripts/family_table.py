@@ -121,7 +121,8 @@ def main() -> int:
     args = ap.parse_args()
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    table = {}
+    out = Path(args.out)
+    table = json.loads(out.read_text()) if args.only and out.exists() else {}  # --only: update those rows
     for t in FAMILIES:
         if args.only and t not in args.only:
             continue
@@ -129,7 +130,8 @@ def main() -> int:
         r = table[t]
         print(t, {k: (round(v["max_abs_logit_diff"], 6) if v.get("ok") else v.get("error", "")[:90])
                   if isinstance(v, dict) else v for k, v in r.items()}, flush=True)
-    Path(args.out).write_text(json.dumps(table, indent=1))
+    table = {t: table[t] for t in FAMILIES if t in table}
+    out.write_text(json.dumps(table, indent=1))
     if args.markdown:  # between the markers of an existing page, else the table alone
         page = Path(args.markdown)
         text = page.read_text(encoding="utf-8") if page.exists() else ""

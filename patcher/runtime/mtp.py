@@ -21,6 +21,7 @@ n-gram 若在前文出现过，就把它上次出现之后的那几个 token 也
 from __future__ import annotations
 
 import copy
+import inspect
 import statistics
 import time
 
@@ -70,8 +71,12 @@ class MTPModule(nn.Module):
             mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=cache,
                                       position_ids=pos)
         rotary = model.get_submodule(model.config.dsopt["rotary_path"])
+        # Gemma 3's rotary differs by layer kind: the block's own kind (its attention knows it)
+        kind = getattr(getattr(self.block, "self_attn", None), "layer_type", None)
+        extra = {"layer_type": kind} if kind is not None and "layer_type" in \
+            inspect.signature(rotary.forward).parameters else {}
         out = self.block(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None,
-                         position_embeddings=rotary(x, pos))
+                         position_embeddings=rotary(x, pos, **extra))
         return out[0] if isinstance(out, tuple) else out
 
 

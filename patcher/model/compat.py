@@ -8,8 +8,10 @@ from torch import nn
 
 
 def cache_argument(layer: nn.Module) -> str:
-    """The keyword a decoder layer takes its cache by: transformers 5 renamed ``past_key_values`` to ``cache``."""
-    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+    """The keyword a decoder layer takes its cache by: transformers 5 renamed ``past_key_values`` to ``cache``;
+    Falcon's layers still call it ``layer_past``."""
+    params = inspect.signature(layer.forward).parameters
+    return next((k for k in ("cache", "past_key_values", "layer_past") if k in params), "past_key_values")
 
 
 def drop_quantization_config(config) -> None:

@@ -277,7 +277,11 @@ class StreamingBackend:
                          and not (k == "lm_head.weight" and self.config.tie_word_embeddings))
         lacking += sorted(f"{prefix}{i}.{k}" for i in range(n) for k in self.layer_keys[i]
                           if f"{prefix}{i}.{k}" not in store.weight_map)
-        extra = [k for k in store.names() if k not in expected]
+        extra = [k for k in store.names() if k not in expected and not sources.extra_layer(k, self.config)]
+        if lacking and extra:  # both sides: names that transformers renames or fuses when it loads this family
+            raise SourceError(f"{self.folder} 中张量的名字与模型的不一致（模型要 {', '.join(lacking[:2])}，文件里是 "
+                              f"{', '.join(extra[:2])}）：这个家族的检查点在 transformers 加载时要改名或合并张量，流式转换"
+                              "按文件中的名字逐层读取，不做这一步。请用 --streaming off（整个模型须放得进内存）")
         sources.check_complete(self.folder, lacking, extra, self.config)
         shapes = self.model.state_dict()
         wrong = [f"{k} {store.shape(k)}≠{list(shapes[k].shape)}" for k in store.names()

@@ -1,0 +1,63 @@
+"""在**校准侧**留出的领域上挑缺省值（不碰评估文本）：用三个校准领域校准，在另外两个校准领域的文件上评判。
+
+这样选出的缺省值，之后在内置评估文本（来源与校准不相交）上报告，选择与报告用的是不同的文本。
+每个候选一行 JSON（JSONL）。用法：
+python scripts/tune_heldout.py --out scripts/results/tune-heldout-smollm2.jsonl --variant calib-16k --variant calib-64k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from patcher import patch_model  # noqa: E402
+from patcher.model import sources  # noqa: E402
+
+CAL = ROOT / "patcher" / "data" / "calibration"
+FIT, JUDGE = ("narrative", "encyclopedic", "technical"), ("code", "chat")
+VARIANTS = {
+    "calib-16k": {"mla": {"enabled": True, "kv_keep": 0.6}, "calibration": {"tokens": 16384}},
+    "calib-64k": {"mla": {"enabled": True, "kv_keep": 0.6}, "calibration": {"tokens": 65536}},
+    "objective-balanced": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "balanced"}},
+    "allocation-uniform": {"mla": {"enabled": True, "kv_keep": 0.6, "allocation": "uniform"}},
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="scripts/results/tune-heldout-smollm2.jsonl")
+    ap.add_argument("--variant", action="append", choices=sorted(VARIANTS), required=True)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        fit, judge = Path(tmp) / "fit", Path(tmp) / "judge"
+        for folder, names in ((fit, FIT), (judge, JUDGE)):
+            folder.mkdir()
+            for n in names:
+                (folder / f"{n}.txt").write_text((CAL / f"{n}.txt").read_text(encoding="utf-8"), encoding="utf-8")
+        for name in args.variant:
+            recipe = json.loads(json.dumps(VARIANTS[name]))
+            recipe.setdefault("calibration", {})["data"] = str(fit)
+            recipe["eval"] = {"data": str(judge)}
+            model, tok, _ = sources.load("smollm2-135m")
+            t = time.perf_counter()
+            _, rep = patch_model(model, recipe, tok)
+            f = rep["fidelity"]
+            row = {"variant": name, "recipe": VARIANTS[name], "fit_domains": FIT, "judged_on": JUDGE,
+                   "worst_domain": f["worst_domain"], "worst_ppl_increase_pct": f["ppl_increase_pct"],
+                   "domains": {d: v["ppl_increase_pct"] for d, v in f["domains"].items()},
+                   "seconds": time.perf_counter() - t}
+            with open(args.out, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(name, f"worst {f['worst_domain']} {f['ppl_increase_pct']:+.2f} %", row["domains"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data.text import digest, mixed_windows, read_domains, recipe_eval
-from .errors import DataError, RecipeError, SourceError
+from .data.text import check_unseen, mixed_windows, read_domains, recipe_eval
+from .errors import RecipeError, SourceError
 from .evaluation.metrics import compare, evaluate_base
 from .evaluation.report import read_report, write_report
 from .files import atomic_dir, check_output
@@ -125,9 +125,7 @@ def heal_checkpoint(out: str | Path, opts=None, resume: bool = False, progress=N
                           "请用 --teacher 给出源模型")
     teacher, _, _ = sources.load(teacher_name)
     train = read_domains(opts.data or recipe.calibration.data, "calibration")
-    seen = {digest(d.text) for d in train}
-    if any(digest(d.text) in seen for d in read_domains(recipe.eval.data, "evaluation")):
-        raise DataError("修复用的文本与评估文本相同：保真度必须在未见过的文本上测量，请换一个 --data")
+    check_unseen(train, read_domains(recipe.eval.data, "evaluation"), "--data")
     windows, val = heal.split_validation(
         mixed_windows(tokenizer, train, opts.tokens + opts.val_tokens, opts.seq_len, opts.seed), opts)
     eval_ids, spans = recipe_eval(tokenizer, recipe)

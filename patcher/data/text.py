@@ -145,6 +145,14 @@ def eval_windows(tokenizer, domains: list[Domain], n_tokens: int, seq_len: int) 
     return torch.cat(parts), spans
 
 
+def check_unseen(fitted: list[Domain], evals: list[Domain], flag: str) -> None:
+    """No evaluation domain may be byte-equal to a domain the conversion (or healing) was fitted on."""
+    seen = {digest(d.text): d.name for d in fitted}
+    same = [f"{d.name}={seen[digest(d.text)]}" for d in evals if digest(d.text) in seen]
+    if same:
+        raise DataError(f"评估文本与校准文本相同（{', '.join(same)}）：保真度必须在未见过的文本上测量，请换一个 {flag}")
+
+
 def recipe_eval(tokenizer, recipe) -> tuple[torch.Tensor, list]:
     return eval_windows(tokenizer, read_domains(recipe.eval.data, "evaluation"), recipe.eval.tokens,
                         recipe.eval.seq_len)
@@ -156,10 +164,7 @@ def recipe_windows(tokenizer, recipe) -> tuple[torch.Tensor, torch.Tensor, list,
     No evaluation domain may equal a calibration domain: fidelity is measured on text the conversion never saw."""
     calib = read_domains(recipe.calibration.data, "calibration")
     evals = read_domains(recipe.eval.data, "evaluation")
-    seen = {digest(d.text): d.name for d in calib}
-    same = [f"{d.name}={seen[digest(d.text)]}" for d in evals if digest(d.text) in seen]
-    if same:
-        raise DataError(f"评估文本与校准文本相同（{', '.join(same)}）：保真度必须在未见过的文本上测量，请换一个 --eval-data")
+    check_unseen(calib, evals, "--eval-data")
     cal = recipe.calibration
     calib_ids = mixed_windows(tokenizer, calib, cal.tokens, cal.seq_len, cal.seed)
     eval_ids, spans = eval_windows(tokenizer, evals, recipe.eval.tokens, recipe.eval.seq_len)

@@ -22,6 +22,13 @@ def drop_quantization_config(config) -> None:
         delattr(config, "quantization_config")
 
 
+def per_layer_keys(config) -> list[str]:
+    """Config entries that are one value per layer (``layer_types``, ``no_rope_layers``, …), sorted by name."""
+    n = config.num_hidden_layers
+    return sorted(k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == n
+                  and k != "architectures")
+
+
 class no_softcap:
     """Modules that copied ``attn_logit_softcapping`` from the config at build time (Gemma 2's attention) without it
     for the duration (see ``traceable_config``)."""
@@ -50,8 +57,7 @@ class traceable_config:
 
     def __enter__(self):
         cfg = self.config
-        n = cfg.num_hidden_layers
-        per_layer = [k for k, v in cfg.to_dict().items() if isinstance(v, list) and len(v) == n and k != "architectures"]
+        per_layer = per_layer_keys(cfg)
         # soft-capped scores (Gemma 2) happen inside the kernel, after q·k: the data flow is the same without them,
         # and sdpa, the one kernel that traces, refuses them
         self.saved = {k: getattr(cfg, k, None) for k in ("num_hidden_layers", "attn_logit_softcapping", *per_layer)}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import LocateError
-from .compat import no_softcap, traceable_config
+from .compat import no_softcap, per_layer_keys, traceable_config
 from .families import family_of
 
 aten = torch.ops.aten
@@ -210,11 +210,9 @@ def _rows(linear, target_path: set, out_features: int) -> list[list[int]]:
 def layer_kinds(config) -> list[int]:
     """For each layer, the first layer of its kind: layers whose per-layer config entries (``layer_types``,
     ``no_rope_layers``, …) are all equal are alike; each kind is traced once."""
-    n = config.num_hidden_layers
-    lists = [v for k, v in sorted(config.to_dict().items()) if isinstance(v, list) and len(v) == n
-             and k != "architectures"]
+    lists = [getattr(config, k) for k in per_layer_keys(config)]
     first: dict = {}
-    return [first.setdefault(tuple(repr(v[i]) for v in lists), i) for i in range(n)]
+    return [first.setdefault(tuple(repr(v[i]) for v in lists), i) for i in range(config.num_hidden_layers)]
 
 
 def locate(model: nn.Module) -> ModelMap:

@@ -13,6 +13,7 @@ import copy
 import torch
 
 from ..errors import DsoptError, PlanError
+from ..model.compat import per_layer_keys
 
 LAYERS = 6  # enough for per-layer patterns seen in practice (local/global, NoPE every 4th layer)
 TOLERANCE = 1e-4  # max |Δlogit| at full rank (logits of the miniature are of order 1)
@@ -38,9 +39,8 @@ def miniature_config(config):
     cfg = copy.deepcopy(config)
     n = cfg.num_hidden_layers
     keep = min(n, LAYERS)
-    for key, value in list(cfg.to_dict().items()):
-        if isinstance(value, list) and len(value) == n and key != "architectures":
-            setattr(cfg, key, value[:keep])
+    for key in per_layer_keys(cfg):
+        setattr(cfg, key, getattr(cfg, key)[:keep])
     cfg.num_hidden_layers = keep
     heads = cfg.num_attention_heads
     for key, value in WIDTH.items():

@@ -29,31 +29,77 @@ def kv_width(lm: LayerMap) -> int:
     return len(lm.k.flat_rows) + len(lm.v.flat_rows)
 
 
-def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, objective: str) -> BlockDiagonal | None:
+def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, o, theta: torch.Tensor | None = None
+                   ) -> BlockDiagonal | None:
     """Output-side weighting of the joint [W_k; W_v] rows of a located layer (see ``weighting``)."""
-    if objective == "kv":
+    if o.objective == "kv":
         return None
     return weighting(weight_of(layer, lm.q)[0], weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0],
-                     weight_of(layer, lm.o, rows=False)[0], lm, cov, objective)
+                     weight_of(layer, lm.o, rows=False)[0], lm, cov, o.objective, theta=theta, k_weight=o.k_weight)
+
+
+def layer_angles(config, lm: LayerMap, rotary: nn.Module | None) -> torch.Tensor | None:
+    """θ of each rotary pair of this layer (its layer type's rotary), or None without RoPE."""
+    if not lm.rotary_dim or rotary is None:
+        return None
+    return rope_angles(rotary, lm.rotary_dim, attention_extras(config, lm, rotary).get("layer_type"))[0]
+
+
+def rope_averaged(m: torch.Tensor, theta: torch.Tensor, span: int) -> torch.Tensor:
+    """E_Δ[R_Δᵀ·M·R_Δ] over Δ = key position − query position, uniform in (−span, 0] (causal: the score is
+    qᵀ·R_Δ·k), R_Δ the rotate-half RoPE rotation of the first 2·len(θ) dims (the rest are not rotated). Closed form: each entry of M times the mean of a product of
+    two cosines/sines, so no per-position matrices are formed."""
+    half = len(theta)
+    rot = 2 * half
+    pos = -torch.arange(span, dtype=torch.float64)[:, None] * theta.double()[None]
+    c, s = pos.cos(), pos.sin()
+    A, B, D = c.T @ c / span, c.T @ s / span, s.T @ s / span  # E[c_i c_j], E[c_i s_j], E[s_i s_j]
+    P, Q, Qt, T = m[..., :half, :half], m[..., :half, half:rot], m[..., half:rot, :half], m[..., half:rot, half:rot]
+    out = m.clone()
+    out[..., :half, :half] = P * A + Q * B + Qt * B.T + T * D
+    out[..., :half, half:rot] = -P * B + Q * A - Qt * D + T * B.T
+    out[..., half:rot, :half] = -P * B.T - Q * D + Qt * A + T * B
+    out[..., half:rot, half:rot] = P * D - Q * B.T - Qt * B + T * A
+    if m.shape[-1] > rot:  # rotated × unrotated blocks: E[R_Δ]ᵀ on one side only
+        cm, sm = c.mean(0), s.mean(0)
+        r_mean_t = torch.zeros(rot, rot, dtype=torch.float64)
+        idx = torch.arange(half)
+        r_mean_t[idx, idx] = r_mean_t[idx + half, idx + half] = cm
+        r_mean_t[idx, idx + half], r_mean_t[idx + half, idx] = sm, -sm
+        out[..., :rot, rot:] = r_mean_t @ m[..., :rot, rot:]
+        out[..., rot:, :rot] = out[..., :rot, rot:].transpose(-1, -2)
+    return out
+
+
+def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(m)
+    return evecs @ torch.diag_embed(evals.clamp_min(1e-12).sqrt()) @ evecs.transpose(-1, -2)
+
+
+ROPE_SPAN = 512  # relative distances the K weighting averages over: the calibration window
 
 
 def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
-              k_ref: torch.Tensor | None = None) -> BlockDiagonal | None:
+              k_ref: torch.Tensor | None = None, theta: torch.Tensor | None = None,
+              k_weight: float = 1.0) -> BlockDiagonal | None:
     """Output-side weighting of the joint [W_k; W_v] rows for the SVD objective.
 
     ``kv``：不加权（K 与 V 输出误差的平方和）。``balanced``：K 块与 V 块各自归一到单位能量，
     使两者的相对误差同等重要。``attention``：K 的每一维按对应查询能量加权（注意力分数误差
     q·Δk；RoPE 下同一频率对的两维取平均），V 按 W_o 加权（输出误差 W_o·Δv），再各自归一。
+    ``attention_cov``：K 按每个 KV 组的完整查询协方差加权，RoPE 的旋转对相对位置取平均（``theta``；
+    低频维的相关性因此保留，高频维退化为 ``attention`` 的对内平均）；没有 ``theta`` 时不做旋转平均。
     ``k_ref``：K 块按这些行（源模型完整的 K）的能量归一——解耦 RoPE 时 no-position 部分可能很小，
-    不应被放大到与 V 同等重要。
+    不应被放大到与 V 同等重要。``k_weight``：归一后 K 误差相对 V 误差的权重。
     """
     if objective == "kv":
         return None
     c = cov.double()
     k_ref = wk if k_ref is None else k_ref
     nk, nv = wk.shape[0], wv.shape[0]
-    gk = torch.ones(nk, dtype=torch.float64)
+    gk = [torch.ones(nk, dtype=torch.float64)]
     gv = [torch.ones(nv, dtype=torch.float64)]
+    group = lm.num_heads // lm.num_kv_heads
     if objective == "attention":
         q_energy = quad_diag(wq, c).view(lm.num_heads, lm.head_dim)
         rot = lm.rotary_dim
@@ -61,21 +107,27 @@ def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
             half = rot // 2
             pair = (q_energy[:, :half] + q_energy[:, half:rot]) / 2
             q_energy = torch.cat([pair, pair, q_energy[:, rot:]], dim=1)
-        group = lm.num_heads // lm.num_kv_heads
-        gk = q_energy.view(lm.num_kv_heads, group, lm.head_dim).sum(1).clamp_min(1e-12).sqrt().reshape(-1)
+        gk = [q_energy.view(lm.num_kv_heads, group, lm.head_dim).sum(1).clamp_min(1e-12).sqrt().reshape(-1)]
+    elif objective == "attention_cov":
+        hd = wq.shape[0] // lm.num_heads
+        q = wq.float().view(lm.num_heads, hd, -1)
+        sigma = torch.einsum("hdi,hei->hde", q @ c.float(), q).double()  # per-head query covariance
+        sigma = sigma.view(lm.num_kv_heads, group, hd, hd).sum(1)
+        if theta is not None:
+            sigma = rope_averaged(sigma, theta, ROPE_SPAN)
+        gk = list(_sqrt_psd(sigma))
+    if objective in ("attention", "attention_cov"):
         vd = nv // lm.num_kv_heads
         blocks = []
         for g_idx in range(lm.num_kv_heads):
-            m = torch.zeros(vd, vd, dtype=torch.float64)
-            for h in range(g_idx * group, (g_idx + 1) * group):
-                cols = wo[:, h * vd:(h + 1) * vd].double()
-                m += cols.T @ cols
-            evals, evecs = torch.linalg.eigh(m)
-            blocks.append(evecs @ torch.diag(evals.clamp_min(1e-12).sqrt()) @ evecs.T)
+            cols = wo[:, g_idx * group * vd:(g_idx + 1) * group * vd].double().view(wo.shape[0], group, vd)
+            m = torch.einsum("ogd,oge->de", cols, cols)
+            blocks.append(_sqrt_psd(m))
         gv = blocks
-    ek = quad_diag(gk[:, None] * k_ref.double(), c).sum()
+    ek = quad_diag(BlockDiagonal(gk) @ k_ref.double(), c).sum()
     ev = quad_diag(BlockDiagonal(gv) @ wv.double(), c).sum()
-    return BlockDiagonal([gk / ek.sqrt().clamp_min(1e-30), *[b / ev.sqrt() for b in gv]])
+    kw = k_weight ** 0.5 / ek.sqrt().clamp_min(1e-30)
+    return BlockDiagonal([b * kw for b in gk] + [b / ev.sqrt() for b in gv])
 
 
 def allocate(spectra: list[torch.Tensor], budget: int, caps: list[int], min_rank: int, mode: str,
@@ -199,7 +251,7 @@ class MLAConverter:
             return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(job, layer, lm, stats)[2]))
         w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
         cov = stats.get((lm.k.module, "cov"))
-        g = output_weights(layer, lm, cov, o.objective)
+        g = output_weights(layer, lm, cov, o, layer_angles(job.config, lm, job.rotary))
         out = Analysis(factorize(w, cov, o.init, g)[1].float())
         if probe is not None and self.planning(o).style == "global_probe":
             out.probe_rank = max(o.min_rank, min(len(out.spectrum), round(o.kv_keep * kv_width(lm))))
@@ -242,7 +294,7 @@ class MLAConverter:
             up, down = low_rank(w, cov, rank)
             errors = {"k_rel_error": 0.0, "v_rel_error": 0.0}
         else:
-            g = output_weights(layer, lm, cov, o.objective)
+            g = output_weights(layer, lm, cov, o, layer_angles(config, lm, rotary))
             up, down = low_rank(w, cov, rank, o.init, g)
             errors = _relative_errors(w, up @ down, cov, wk.shape[0])
         attn = layer.get_submodule(lm.attention)
@@ -325,7 +377,7 @@ class MLAConverter:
         heads, groups, per = lm.num_heads, lm.num_kv_heads, lm.num_heads // lm.num_kv_heads
         q_nope = q_rows.view(heads, hd + rope, -1)[:, :hd].reshape(-1, q_rows.shape[-1])
         w = torch.cat([k_nope, wv.double()])
-        g = weighting(q_nope, k_nope, wv, wo, lm, cov, o.objective, k_ref=wk)
+        g = weighting(q_nope, k_nope, wv, wo, lm, cov, o.objective, k_ref=wk, k_weight=o.k_weight)
         up, down = low_rank(w, cov, rank, o.init, g)
         errors = _relative_errors(w, up @ down, cov, k_nope.shape[0], k_ref=wk)
         eps = DecoupledLatentAttention.KV_NORM_EPS

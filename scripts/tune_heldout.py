@@ -27,6 +27,11 @@ VARIANTS = {
     "calib-64k": {"mla": {"enabled": True, "kv_keep": 0.6}, "calibration": {"tokens": 65536}},
     "objective-balanced": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "balanced"}},
     "allocation-uniform": {"mla": {"enabled": True, "kv_keep": 0.6, "allocation": "uniform"}},
+    "allocation-log": {"mla": {"enabled": True, "kv_keep": 0.6, "allocation": "log"}},
+    "allocation-energy": {"mla": {"enabled": True, "kv_keep": 0.6, "allocation": "energy"}},
+    "objective-attention-cov": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov"}},
+    "k-weight-2": {"mla": {"enabled": True, "kv_keep": 0.6, "k_weight": 2.0}},
+    "k-weight-0.5": {"mla": {"enabled": True, "kv_keep": 0.6, "k_weight": 0.5}},
 }
 
 
@@ -52,7 +57,7 @@ def main() -> int:
             row = {"variant": name, "recipe": VARIANTS[name], "fit_domains": FIT, "judged_on": JUDGE,
                    "worst_domain": f["worst_domain"], "worst_ppl_increase_pct": f["ppl_increase_pct"],
                    "domains": {d: v["ppl_increase_pct"] for d, v in f["domains"].items()},
-                   "seconds": time.perf_counter() - t}
+                   "seconds": time.perf_counter() - t, "stage_seconds": rep["resources"].get("stage_seconds")}
             with open(args.out, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(name, f"worst {f['worst_domain']} {f['ppl_increase_pct']:+.2f} %", row["domains"], flush=True)

@@ -129,7 +129,19 @@ def _dense_parts(layer: nn.Module, lm, where: str):
 def _attention(attn: nn.Module, where: str) -> DecoupledLatentAttention:
     if not isinstance(attn, DecoupledLatentAttention):
         raise ExportError(f"{where} 不是解耦 RoPE 的 MLA（{type(attn).__name__}）；请用 --mla --mla-rope decoupled 转换")
+    if attn.sliding_window:
+        raise ExportError(f"{where} 是滑动窗口注意力（sliding_window={attn.sliding_window}），DeepSeek-V3 没有滑动窗口："
+                          f"长于窗口的上下文会算得不同")
     return attn
+
+
+def _all_mapped(layer: nn.Module, lm, where: str) -> None:
+    """Every parameter of ``layer`` sits in a module the layout maps (attention, its two norms, the MLP): one
+    outside them (GLM-4's post-norms, say) is computation DeepSeek-V3 would silently skip."""
+    mapped = [m for m in (lm.attention, lm.attn_norm, lm.mlp_norm, lm.mlp) if m]
+    left = [n for n, _ in layer.named_parameters() if not any(n == m or n.startswith(m + ".") for m in mapped)]
+    if left:
+        raise ExportError(f"{where}有 DeepSeek-V3 的层里没有的参数：{', '.join(left[:4])}，导出会丢掉它们的计算")
 
 
 class _Layout:
@@ -213,6 +225,7 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
             inter = wg.shape[0]
             lay.main[p + "mlp.gate_proj.weight"], lay.main[p + "mlp.up_proj.weight"] = wg, wu
             lay.main[p + "mlp.down_proj.weight"] = wd
+        _all_mapped(layer, lm, where)
     n_layers = len(layers)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     lay.main["model.embed_tokens.weight"] = embed.weight
@@ -361,7 +374,10 @@ def verify_export(folder: Path, patched: nn.Module, ids: torch.Tensor, mtp_token
               "stock_kv_cache": cache_bytes_per_token(stock, ids[:1, :64]),
               "rope_parameters": stock.config.rope_parameters}
     if diff > 1e-3 * max(result["logit_scale"], 1.0):
-        raise ExportError(f"标准 transformers 加载导出后的 logits 与 dsopt 自己的前向相差 {diff:.3g}，映射有误，未写出")
+        window = getattr(patched.config, "sliding_window", None)
+        why = ("源模型配置了滑动窗口（sliding_window），DeepSeek-V3 没有滑动窗口" if window
+               else "映射有误")
+        raise ExportError(f"标准 transformers 加载导出后的 logits 与 dsopt 自己的前向相差 {diff:.3g}（{why}），未写出")
     if stock.config.num_nextn_predict_layers:
         prompt = ids[:1, :32]
         with torch.no_grad():

@@ -21,10 +21,15 @@ def weight_of(layer: nn.Module, proj: Projection, rows: bool = True):
     return w, b
 
 
-def rope_angles(rotary: nn.Module, rot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(θ_i, scale_i) of the source rotary for each of its rot/2 pairs, read from its cos/sin at positions 0 and 1."""
+def rope_angles(rotary: nn.Module, rot: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(θ_i, scale_i) of the source rotary for each of its rot/2 pairs, read from its cos/sin at positions 0 and 1
+    (tables in interleaved order are read in rotate-half order; ``layer_type`` for rotaries that depend on it)."""
     like = torch.zeros(1, 2, rot, dtype=torch.float32)
-    cos, sin = rotary(like, torch.arange(2)[None])
+    extra = {"layer_type": layer_type} if layer_type is not None else {}
+    cos, sin = rotary(like, torch.arange(2)[None], **extra)
+    columns = table_columns(rotary, rot, layer_type)
+    if columns is not None:
+        cos, sin = cos[..., columns], sin[..., columns]
     half = rot // 2
     theta = torch.atan2(sin[0, 1, :half].double(), cos[0, 1, :half].double())
     return theta, cos[0, 0, :half].double()

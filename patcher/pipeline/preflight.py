@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import copy
+import tempfile
+from pathlib import Path
 
 import torch
 
-from ..errors import DsoptError, PlanError
+from ..errors import DsoptError, ExportError, PlanError
+from ..formats import deepseek_v3
 from ..model.compat import per_layer_keys
 
 LAYERS = 6  # enough for per-layer patterns seen in practice (local/global, NoPE every 4th layer)
@@ -142,4 +145,36 @@ def check(config, recipe, run) -> dict:
             raise PlanError(f"预检失败：{family} 的 {section} 转换在满秩时不能重现源模型（缩微模型第 {layer} 层起输出不同，"
                             f"max |Δlogit| = {diff:.2g}）：转换结果会是错的，所以在读权重之前就停下。"
                             f"这个家族的这一结构目前不受支持")
+    if recipe.output.format == "deepseek-v3":
+        result["deepseek_v3_export"] = export_check(source, recipe, small, run, tok, ids, family)
     return result
+
+
+def export_check(source, recipe, small: dict, run, tok, ids, family: str) -> dict:
+    """The whole recipe on the miniature, written as DeepSeek-V3 and loaded with stock transformers: what the
+    format cannot express (LayerNorm, sliding windows, extra norms, scaled RoPE…) stops the run here, before
+    the real conversion, instead of after it. Ranks are the miniature's (the user's budget is checked later)."""
+    from ..recipe import Recipe
+
+    techs = {k: getattr(recipe, k) for k in recipe.techniques()}
+    if "mla" in techs:
+        techs["mla"] = techs["mla"].model_copy(update={"kv_lora_rank": 32, "rope_dim": None, "allocation": "uniform"})
+    if "moe" in techs:
+        techs["moe"] = techs["moe"].model_copy(update={"allocation": "uniform"})
+    if "mtp" in techs:
+        techs["mtp"] = techs["mtp"].model_copy(update={"train_tokens": 0, "draft_vocab": 0})
+    only = Recipe(**small, **techs, output=recipe.output.model_copy(update={"format": "deepseek-v3"}))
+    try:
+        patched, _ = run(copy.deepcopy(source), only, tok)
+        with tempfile.TemporaryDirectory(prefix="dsopt-preflight-") as tmp:
+            deepseek_v3.write_deepseek_v3(patched, patched.dsopt_model_map, None, Path(tmp))
+            found = deepseek_v3.verify_export(Path(tmp), patched, ids[:1])
+    except ExportError as e:
+        raise ExportError(f"预检（{family} 缩微模型，DeepSeek-V3 导出）：{e}；在读权重之前就停下"
+                          f"（--format dsopt 可以转换这个模型）") from None
+    except DsoptError as e:  # the miniature's widths, not the format: the real run checks the user's budget
+        return {"skipped": str(e)[:200]}
+    except Exception as e:  # noqa: BLE001
+        raise PlanError(f"预检失败：{family} 导出为 DeepSeek-V3 时在缩微模型上出错（{type(e).__name__}: {str(e)[:200]}）"
+                        ) from None
+    return {"max_abs_logit_diff_vs_dsopt": found["max_abs_logit_diff_vs_dsopt"]}

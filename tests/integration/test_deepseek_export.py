@@ -157,6 +157,26 @@ def test_layouts_decoupled_rope_cannot_express_are_refused(tokenizer):
         patch_model(tiny_model("llama"), ds_recipe(rope_dim=32), tokenizer)
 
 
+@pytest.mark.parametrize("family, why", [("glm4", "post_self_attn_layernorm"), ("ministral", "滑动窗口"),
+                                         ("phi", "RMSNorm")])
+def test_what_the_format_cannot_express_is_refused_before_the_model_is_read(family, why, monkeypatch, tmp_path):
+    """GLM-4's post-norms, sliding windows and LayerNorm: refused by the preflight's miniature export, before the
+    checkpoint's weights are loaded (they were caught only after the whole conversion)."""
+    from conftest import zoo_model
+
+    from patcher import jobs
+    from patcher.errors import ExportError
+    from patcher.model import sources
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights were read before the refusal")
+    zoo_model(family).save_pretrained(tmp_path / "src")
+    monkeypatch.setattr(sources, "load", no_weights)
+    with pytest.raises(ExportError, match=f"预检.*{why}"):
+        jobs.convert(str(tmp_path / "src"), parse_recipe(ds_recipe(rope_dim=None)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_decoupled_model_in_dsopt_format_round_trips(tmp_path):
     from transformers import AutoModelForCausalLM
 

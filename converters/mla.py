@@ -47,8 +47,9 @@ def layer_angles(config, lm: LayerMap, rotary: nn.Module | None) -> torch.Tensor
 
 def rope_averaged(m: torch.Tensor, theta: torch.Tensor, span: int) -> torch.Tensor:
     """E_Δ[R_Δᵀ·M·R_Δ] over Δ = key position − query position, uniform in (−span, 0] (causal: the score is
-    qᵀ·R_Δ·k), R_Δ the rotate-half RoPE rotation of the first 2·len(θ) dims (the rest are not rotated). Closed form: each entry of M times the mean of a product of
-    two cosines/sines, so no per-position matrices are formed."""
+    qᵀ·R_Δ·k), R_Δ the rotate-half RoPE rotation of the first 2·len(θ) dims (the rest are not rotated).
+    Closed form: each entry of M times the mean of a product of two cosines/sines, so no per-position matrices
+    are formed."""
     half = len(theta)
     rot = 2 * half
     pos = -torch.arange(span, dtype=torch.float64)[:, None] * theta.double()[None]

@@ -196,6 +196,10 @@ class MoEConverter:
                                 f"（减小 --moe-router-rank 或增大 --moe-active）") from None
             share = _router_params(d, sizing, o) / (inter * per_neuron)
             frac = o.active - share
+            if frac * inter < 1:  # the router alone spends the budget: say that, not a negative shared ratio
+                raise PlanError(f"第 {lm.index} 层：{router} 路由器本身就占该层 FFN 参数的 {share:.3f}，"
+                                f"--moe-active {o.active} 的预算已不剩给任何专家（中间维只有 {inter}）；"
+                                f"请减小 --moe-router-rank（现为 {o.router_rank}）或增大 --moe-active")
         return sizing
 
     def uniforms(self, lm: LayerMap, d: int, o) -> dict:

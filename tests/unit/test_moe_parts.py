@@ -93,6 +93,8 @@ def test_softmax_weights_are_normalised():
     ({"mode": "copy", "experts": 2, "top_k": 3}, "大于专家数"),
     ({"mode": "split", "experts": 512}, "不够分给"),
     ({"mode": "split", "experts": 8, "active": 0.1, "shared": 0.5}, "不相容"),
+    # a router that alone spends the budget is named as such (it was a "negative shared ratio")
+    ({"mode": "split", "router": "lowrank", "active": 0.3, "router_rank": 64}, "路由器本身就占.*--moe-router-rank"),
 ])
 def test_impossible_expert_plans_are_refused(moe, needle):
     recipe = parse_recipe({"moe": {"enabled": True, **moe}})

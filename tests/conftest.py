@@ -85,6 +85,13 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+def saved_tiny_llama(folder, seed: int):
+    """A tiny Llama checkpoint with its byte tokenizer, as a user's local folder; returns the folder."""
+    tiny_model("llama", seed=seed).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def byte_tokenizer():
     """One token per byte (ids 4..259), built in code: no download, any text works."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

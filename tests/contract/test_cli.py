@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import byte_tokenizer, tiny_model
+from conftest import saved_tiny_llama
 from typer.testing import CliRunner
 
 from patcher.cli import app
@@ -14,10 +14,7 @@ SMALL = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--eval-tokens", "5
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    f = tmp_path_factory.mktemp("cli") / "tiny-llama"
-    tiny_model("llama", seed=5).save_pretrained(f)
-    byte_tokenizer().save_pretrained(f)
-    return f
+    return saved_tiny_llama(tmp_path_factory.mktemp("cli") / "tiny-llama", seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, byte_tokenizer, tiny_model
+from conftest import ROOT, saved_tiny_llama
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -23,10 +23,7 @@ def flat(res) -> str:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    f = tmp_path_factory.mktemp("faults") / "tiny"
-    tiny_model("llama", seed=3).save_pretrained(f)
-    byte_tokenizer().save_pretrained(f)
-    return f
+    return saved_tiny_llama(tmp_path_factory.mktemp("faults") / "tiny", seed=3)
 
 
 def copy(folder, tmp_path, name="src"):

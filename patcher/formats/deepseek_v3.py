@@ -3,9 +3,10 @@
 输入是 dsopt 的补丁模型（注意力为解耦 RoPE 的 ``DecoupledLatentAttention``，MLP 为稠密或 ``MoEMLP``，
 可带 MTP 模块）。这里只做布局与配置的映射，不再做任何近似；能否映射在写出前逐项检查，不能时说明原因：
 
-- 注意力：参数名本就与 DeepSeek 相同；``num_key_value_heads = num_attention_heads``（键、值由潜在向量为每头
-  展开）；旋转频率必须是源频率的等比子集，写成 ``rope_theta``（必要时加 ``linear`` 缩放）；
-  ``rope_interleave`` 与源布局一致（rotate-half → False）。
+- 注意力：DeepSeek 的规范布局，推理引擎（llama.cpp、vLLM、SGLang）按它读取：查询走 q_a_proj / q_a_layernorm /
+  q_b_proj（``q_lora_rank`` = 隐藏维，精确，见 ``query_lora``）；查询与共享旋转键的旋转维按交错的频率对存放，
+  ``rope_interleave: true``（精确的行置换）；``num_key_value_heads = num_attention_heads``（键、值由潜在向量为
+  每头展开）；旋转频率必须是源频率的等比子集，写成 ``rope_theta``（必要时加 ``linear`` 缩放）。
 - MLP：前 ``first_k_dense_replace`` 层稠密，其后每层必须是形状相同的 MoE（sigmoid 路由、线性 gate）。
 - MTP：写在 ``model.layers.{N+k}``（DeepSeek-V3 的检查点布局）：enorm / hnorm / eh_proj（DeepSeek 的拼接
   顺序是 [嵌入; 隐藏状态]）/ 一个完整解码块 / shared_head.norm。MTP 块在 transformers 中总是 MoE：
@@ -144,6 +145,25 @@ def _all_mapped(layer: nn.Module, lm, where: str) -> None:
         raise ExportError(f"{where}有 DeepSeek-V3 的层里没有的参数：{', '.join(left[:4])}，导出会丢掉它们的计算")
 
 
+def interleave_rows(rope: int) -> torch.Tensor:
+    """Rotary dims in rotate-half order (x_0…x_{n-1}, y_0…y_{n-1}) put in DeepSeek's interleaved pair order
+    (x_0, y_0, x_1, y_1, …): exact, since query and key are permuted alike (``rope_interleave: true``)."""
+    n = rope // 2
+    return torch.stack([torch.arange(n), torch.arange(n) + n], 1).reshape(-1)
+
+
+def query_lora(wq: torch.Tensor, norm: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query as q_b(RMSNorm(q_a(x))) with q_lora_rank = hidden, exact: x = RMSNorm_in(h) = h/rms(h)·g, so
+    q_a = diag(1/g) gives h/rms(h), whose rms is 1 — the q_a norm is then the identity (weight 1) and
+    q_b = W_q·diag(g). Engines that only load DeepSeek's q-LoRA path (llama.cpp) read it as is."""
+    g = norm.detach().double()
+    if bool((g.abs() < 1e-6 * g.abs().max()).any()):
+        raise ExportError(f"{where} 的输入归一化权重含零，q_a/q_b 查询路径无法精确表达")
+    q_a = torch.diag(1.0 / g).to(wq.dtype)
+    q_b = (wq.double() * g[None]).to(wq.dtype)
+    return q_a, q_b
+
+
 class _Layout:
     """Collects the DeepSeek-V3 tensors of the main model and of the MTP layers, and the shapes they imply."""
 
@@ -154,7 +174,9 @@ class _Layout:
         self.attn_shape: dict | None = None
         self.bias = False
 
-    def attention(self, out: dict, p: str, a: DecoupledLatentAttention, where: str) -> None:
+    def attention(self, out: dict, p: str, a: DecoupledLatentAttention, norm: torch.Tensor, where: str) -> None:
+        """One layer's attention in DeepSeek's canonical layout: the query through q_a/q_b (``query_lora``) and the
+        rotary rows of the query and of the shared key in interleaved pair order (``interleave_rows``)."""
         shape = {"num_heads": a.num_heads, "kv_lora_rank": a.rank, "qk_nope_head_dim": a.qk_nope_head_dim,
                  "qk_rope_head_dim": a.qk_rope_head_dim, "v_head_dim": a.v_head_dim,
                  "rope_columns": list(a.rope_columns), "hidden": a.q_proj.weight.shape[1]}
@@ -162,15 +184,23 @@ class _Layout:
             self.attn_shape = shape
         elif shape != self.attn_shape:
             raise ExportError(f"{where} 的注意力形状与第 0 层不同（DeepSeek-V3 只有一个 kv_lora_rank 与一组旋转频率）")
-        out[p + "self_attn.q_proj.weight"] = a.q_proj.weight
-        out[p + "self_attn.kv_a_proj_with_mqa.weight"] = a.kv_a_proj_with_mqa.weight
+        nope, rope, rank = a.qk_nope_head_dim, a.qk_rope_head_dim, a.rank
+        head = nope + rope
+        q_rows = torch.cat([torch.cat([torch.arange(h * head, h * head + nope), h * head + nope + interleave_rows(rope)])
+                            for h in range(a.num_heads)])
+        q_a, q_b = query_lora(a.q_proj.weight.detach()[q_rows], norm, where)
+        out[p + "self_attn.q_a_proj.weight"] = q_a
+        out[p + "self_attn.q_a_layernorm.weight"] = torch.ones(q_a.shape[0], dtype=q_a.dtype)
+        out[p + "self_attn.q_b_proj.weight"] = q_b
+        kv_rows = torch.cat([torch.arange(rank), rank + interleave_rows(rope)])
+        out[p + "self_attn.kv_a_proj_with_mqa.weight"] = a.kv_a_proj_with_mqa.weight.detach()[kv_rows]
         out[p + "self_attn.kv_a_layernorm.weight"] = a.kv_a_layernorm.weight
         out[p + "self_attn.kv_b_proj.weight"] = a.kv_b_proj.weight
         out[p + "self_attn.o_proj.weight"] = a.o_proj.weight
-        for name, lin in (("kv_a_proj_with_mqa", a.kv_a_proj_with_mqa), ("o_proj", a.o_proj)):
+        for name, lin, rows in (("kv_a_proj_with_mqa", a.kv_a_proj_with_mqa, kv_rows), ("o_proj", a.o_proj, None)):
             if lin.bias is not None:
                 self.bias = True
-                out[p + f"self_attn.{name}.bias"] = lin.bias
+                out[p + f"self_attn.{name}.bias"] = lin.bias.detach() if rows is None else lin.bias.detach()[rows]
 
     def moe(self, out: dict, p: str, parts: dict, where: str, fused: bool) -> None:
         shape = {k: parts[k] for k in ("experts", "top_k", "size", "n_shared", "scaling")}
@@ -208,8 +238,9 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
     for i, (layer, lm) in enumerate(zip(layers, mm.layers)):
         where = f"第 {i} 层"
         p = f"model.layers.{i}."
-        lay.attention(lay.main, p, _attention(layer.get_submodule(lm.attention), where + "注意力"), where)
-        lay.main[p + "input_layernorm.weight"] = _plain_rms_weight(layer.get_submodule(lm.attn_norm), where + "输入归一化")
+        norm = _plain_rms_weight(layer.get_submodule(lm.attn_norm), where + "输入归一化")
+        lay.attention(lay.main, p, _attention(layer.get_submodule(lm.attention), where + "注意力"), norm, where)
+        lay.main[p + "input_layernorm.weight"] = norm
         lay.main[p + "post_attention_layernorm.weight"] = _plain_rms_weight(layer.get_submodule(lm.mlp_norm),
                                                                             where + "MLP 前归一化")
         mlp = layer.get_submodule(lm.mlp)
@@ -243,8 +274,9 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
         lay.mtp[p + "hnorm.weight"] = mod.hnorm.weight
         lay.mtp[p + "shared_head.norm.weight"] = _plain_rms_weight(mod.norm, where + "末层归一化")
         block, lm = mod.block, mm.layers[plan["mtp"]["source_layer"]]
-        lay.attention(lay.mtp, p, _attention(block.get_submodule(lm.attention), where), where)
-        lay.mtp[p + "input_layernorm.weight"] = _plain_rms_weight(block.get_submodule(lm.attn_norm), where)
+        norm = _plain_rms_weight(block.get_submodule(lm.attn_norm), where)
+        lay.attention(lay.mtp, p, _attention(block.get_submodule(lm.attention), where), norm, where)
+        lay.mtp[p + "input_layernorm.weight"] = norm
         lay.mtp[p + "post_attention_layernorm.weight"] = _plain_rms_weight(block.get_submodule(lm.mlp_norm), where)
         mlp = block.get_submodule(lm.mlp)
         parts = _moe_parts(mlp, where) if isinstance(mlp, MoEMLP) else _split_dense(*_dense_parts(block, lm, where))
@@ -260,9 +292,9 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
         "vocab_size": embed.weight.shape[0], "hidden_size": a["hidden"], "num_hidden_layers": n_layers,
         "intermediate_size": inter or (moe["size"] * (moe["experts"] + moe["n_shared"]) if moe else a["hidden"]),
         "num_attention_heads": a["num_heads"], "num_key_value_heads": a["num_heads"],
-        "q_lora_rank": None, "kv_lora_rank": a["kv_lora_rank"], "qk_nope_head_dim": a["qk_nope_head_dim"],
+        "q_lora_rank": a["hidden"], "kv_lora_rank": a["kv_lora_rank"], "qk_nope_head_dim": a["qk_nope_head_dim"],
         "qk_rope_head_dim": a["qk_rope_head_dim"], "v_head_dim": a["v_head_dim"],
-        "rope_parameters": rope_parameters(rotary, first.rotary_dim, pairs), "rope_interleave": False,
+        "rope_parameters": rope_parameters(rotary, first.rotary_dim, pairs), "rope_interleave": True,
         "attention_bias": lay.bias, "rms_norm_eps": EXPORT_EPS,
         "first_k_dense_replace": dense_prefix, "num_nextn_predict_layers": heads,
         "hidden_act": getattr(src, "hidden_act", None) or getattr(src, "hidden_activation", "silu"),
@@ -276,11 +308,12 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
                    moe_intermediate_size=moe["size"], n_shared_experts=moe["n_shared"],
                    routed_scaling_factor=moe["scaling"], norm_topk_prob=True,
                    n_group=moe["n_group"], topk_group=moe["topk_group"])
-    if lay.bias:  # attention_bias also gives o_proj a bias: layers without one get zeros
-        for i in range(n_layers):
-            for name, size in (("kv_a_proj_with_mqa", a["kv_lora_rank"] + a["qk_rope_head_dim"]), ("o_proj", a["hidden"])):
-                key = f"model.layers.{i}.self_attn.{name}.bias"
-                lay.main.setdefault(key, torch.zeros(size))
+    if lay.bias:  # attention_bias also gives q_a_proj and o_proj a bias: layers without one get zeros
+        for i in range(n_layers + heads):
+            tensors = lay.main if i < n_layers else lay.mtp
+            for name, size in (("kv_a_proj_with_mqa", a["kv_lora_rank"] + a["qk_rope_head_dim"]), ("o_proj", a["hidden"]),
+                               ("q_a_proj", a["hidden"])):
+                tensors.setdefault(f"model.layers.{i}.self_attn.{name}.bias", torch.zeros(size))
     return cfg, lay.main, lay.mtp
 
 

@@ -56,12 +56,14 @@ def test_export_config_and_files(exported):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["model_type"] == "deepseek_v3"
     assert cfg["first_k_dense_replace"] == 1 and cfg["num_nextn_predict_layers"] == 1
-    assert cfg["rope_interleave"] is False and cfg["q_lora_rank"] is None
+    # DeepSeek's canonical layout, as engines read it: interleaved rotary pairs, the q-LoRA query path
+    assert cfg["rope_interleave"] is True and cfg["q_lora_rank"] == cfg["hidden_size"]
     assert cfg["num_key_value_heads"] == cfg["num_attention_heads"]
     assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 48  # 0.75 of K+V = 2 heads · 16 · 2
     assert not list(out.glob("*.py"))  # no custom code
     weights = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.3.eh_proj.weight" in weights and "model.layers.3.shared_head.norm.weight" in weights
+    assert "model.layers.0.self_attn.q_b_proj.weight" in weights and "model.layers.0.self_attn.q_proj.weight" not in weights
 
 
 def test_stock_model_equals_dsopt_forward(exported):

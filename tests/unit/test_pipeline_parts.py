@@ -1,6 +1,7 @@
 """管线的通用部分：技术声明规划方式、后端声明限制，``run.fit`` 据此调整或拒绝配方；格式规则是数据。"""
 
 import pytest
+import torch
 
 from converters import registry
 from converters.base import STYLES
@@ -74,3 +75,18 @@ def test_format_rules_are_data_and_fix_only_what_the_user_left_open():
     with pytest.raises(RecipeError, match="--moe-allocation uniform"):
         parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True, "allocation": "sensitivity"},
                       "output": {"format": "deepseek-v3"}})
+
+
+def test_query_lora_path_and_interleaved_rows_are_exact():
+    """q_b(RMSNorm(q_a(x))) equals W_q·x for x = RMSNorm_in(h); interleaving permutes rotary rows of q and k alike,
+    so their rotated dot product is unchanged."""
+    from patcher.formats.deepseek_v3 import interleave_rows, query_lora
+
+    torch.manual_seed(0)
+    h, g, wq = torch.randn(5, 12) * 3, torch.rand(12) + 0.2, torch.randn(8, 12)
+    x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * g
+    q_a, q_b = query_lora(wq, g, "test")
+    y = x @ q_a.T
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(y @ q_b.T, x @ wq.T, atol=1e-4)
+    assert interleave_rows(6).tolist() == [0, 3, 1, 4, 2, 5]

@@ -34,7 +34,7 @@ RECIPES = {
     "mla": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled"}, "output": {"format": "deepseek-v3"}},
     "mla_moe": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled"},
                 "moe": {"enabled": True, "mode": "split", "active": 0.5, "router": "linear", "allocation": "uniform",
-                        "experts": 64},
+                        "experts": 48},
                 "output": {"format": "deepseek-v3"}},
 }
 

@@ -62,7 +62,7 @@ def kv_bytes_per_token(log: str) -> float:
 def perplexity(gguf: Path, text_file: Path, n_ctx: int = 512, chunks: int = 4, threads: int = 2) -> dict:
     """llama-perplexity on ``text_file``: its final estimate, the tokens it read and its KV bytes per token."""
     res = _run("llama-perplexity", "-m", str(gguf), "-f", str(text_file), "-c", str(n_ctx), "-b", str(n_ctx),
-               "--chunks", str(chunks), "-t", str(threads), "-ngl", "0", "--no-escape")
+               "--chunks", str(chunks), "-t", str(threads), "-ngl", "0", "--no-escape", "-lv", "4")  # -lv 4: the KV-cache line
     log = res.stdout + res.stderr
     m = re.search(r"Final estimate: PPL = ([\d.]+)", log)
     if not m:
@@ -73,7 +73,7 @@ def perplexity(gguf: Path, text_file: Path, n_ctx: int = 512, chunks: int = 4, t
 def complete(gguf: Path, prompt: str, n: int = 32, threads: int = 2) -> str:
     """Greedy continuation of ``prompt`` (``n`` tokens, EOS ignored): the generated text only."""
     res = _run("llama-completion", "-m", str(gguf), "-p", prompt, "-n", str(n), "--temp", "0", "--top-k", "1",
-               "--ignore-eos", "-t", str(threads), "-ngl", "0", "-no-cnv", "--no-display-prompt", "--no-warmup", "--no-escape")
+               "--ignore-eos", "-t", str(threads), "-ngl", "0", "-ctk", "f32", "-ctv", "f32", "-no-cnv", "--no-display-prompt", "--no-warmup", "--no-escape")
     return res.stdout
 
 
@@ -122,11 +122,6 @@ def hf_perplexity(model, ids: torch.Tensor, n_ctx: int = 512, chunks: int = 4, b
 
 
 def gguf_add_bos(gguf: Path) -> bool:
-    """Whether llama.cpp adds BOS for this GGUF (``tokenizer.ggml.add_bos_token``; llama.cpp's default is true)."""
-    import sys
-
-    sys.path.insert(0, str(Path(_sh("src")) / "gguf-py"))
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf)).fields.get("tokenizer.ggml.add_bos_token")
-    return True if field is None else bool(field.parts[field.data[0]][0])
+    """Whether llama.cpp adds BOS for this GGUF, asked of llama.cpp itself (the GGUF key may be absent, and then
+    its default depends on the vocabulary type): a one-token text comes back as two tokens."""
+    return len(tokenize(gguf, "a")) == 2

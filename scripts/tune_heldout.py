@@ -32,6 +32,9 @@ VARIANTS = {
     "objective-attention-cov": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov"}},
     "k-weight-2": {"mla": {"enabled": True, "kv_keep": 0.6, "k_weight": 2.0}},
     "k-weight-0.5": {"mla": {"enabled": True, "kv_keep": 0.6, "k_weight": 0.5}},
+    "cov-k-weight-2": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov", "k_weight": 2.0}},
+    "cov-k-weight-0.5": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov", "k_weight": 0.5}},
+    "cov-k-weight-4": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov", "k_weight": 4.0}},
 }
 
 

@@ -3,7 +3,7 @@
 # 缓存在 ${DSOPT_LLAMACPP:-~/.cache/dsopt/llama.cpp}；之后直接复用。
 #
 #   bash scripts/llamacpp.sh build                  # 下载（校验 sha256）、解包、cmake + ninja 构建；已构建则什么也不做
-#   bash scripts/llamacpp.sh convert HF_DIR OUT.gguf # 用 llama.cpp 自己的转换器写 GGUF（f32）
+#   bash scripts/llamacpp.sh convert HF_DIR OUT.gguf # 用 llama.cpp 自己的转换器写 GGUF（f32；没构建过时先构建）
 #   bash scripts/llamacpp.sh bin                     # 打印工具所在目录
 #   bash scripts/llamacpp.sh src                     # 打印源码目录
 #
@@ -62,7 +62,7 @@ build() {
 
 convert() {
   [[ $# -ge 2 ]] || die "用法：convert HF_DIR OUT.gguf [outtype]"
-  fetch
+  build  # the tools are wanted next; building here keeps a user's first run to three commands
   "$PY" -c "import sentencepiece" 2>/dev/null || "$PY" -m pip install -q sentencepiece >&2
   PYTHONPATH="$SRC/gguf-py" "$PY" "$SRC/convert_hf_to_gguf.py" "$1" --outfile "$2" --outtype "${3:-f32}" >&2
 }

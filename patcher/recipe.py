@@ -45,7 +45,8 @@ class MLAOptions(Section):
         "--mla-objective", "SVD 目标：kv（K、V 输出误差）、balanced（K、V 相对误差各半）、attention（按查询能量与 W_o 加权）、"
         "attention_cov（按完整的查询协方差，RoPE 旋转对相对位置取平均，与 W_o 加权；缺省，在校准侧留出领域上选定）",
         default="attention_cov")
-    k_weight: float = _flag("--mla-k-weight", "SVD 目标中 K 误差相对 V 误差的权重（两者先各自归一）", default=1.0, gt=0.0)
+    k_weight: float = _flag("--mla-k-weight", "SVD 目标中 K 误差相对 V 误差的权重（两者先各自归一；缺省 2，在校准侧留出领域上选定）",
+                            default=2.0, gt=0.0)
     allocation: Literal["sensitivity", "uniform", "energy", "log"] = _flag(
         "--rank-allocation", "秩分配：sensitivity（白化谱 × 实测每层敏感度）、uniform（每层同秩）、"
         "energy（按白化谱能量）、log（按白化谱残差的对数）", default="sensitivity")

@@ -307,7 +307,10 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
         cfg.update(n_routed_experts=moe["experts"], num_experts_per_tok=moe["top_k"],
                    moe_intermediate_size=moe["size"], n_shared_experts=moe["n_shared"],
                    routed_scaling_factor=moe["scaling"], norm_topk_prob=True,
-                   n_group=moe["n_group"], topk_group=moe["topk_group"])
+                   n_group=moe["n_group"], topk_group=moe["topk_group"],
+                   # transformers' DeepSeek-V3 always scores with sigmoid and selects by score + bias; engines read
+                   # these keys and default otherwise (llama.cpp: softmax gating without them)
+                   scoring_func="sigmoid", topk_method="noaux_tc")
     if lay.bias:  # attention_bias also gives q_a_proj and o_proj a bias: layers without one get zeros
         for i in range(n_layers + heads):
             tensors = lay.main if i < n_layers else lay.mtp

@@ -260,7 +260,8 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
     n_layers = len(layers)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     lay.main["model.embed_tokens.weight"] = embed.weight
-    lay.main["lm_head.weight"] = head.weight
+    # untied even when the source ties: vLLM and SGLang never tie DeepSeek's lm_head (SGLang would leave it unset)
+    lay.main["lm_head.weight"] = head.weight.detach().clone()
     lay.main["model.norm.weight"] = _plain_rms_weight(model.get_submodule(_final_norm(model)), "末层归一化")
 
     heads = len(getattr(model, "mtp", None) or [])
@@ -299,7 +300,10 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
         "first_k_dense_replace": dense_prefix, "num_nextn_predict_layers": heads,
         "hidden_act": getattr(src, "hidden_act", None) or getattr(src, "hidden_activation", "silu"),
         "max_position_embeddings": getattr(src, "max_position_embeddings", 4096),
-        "tie_word_embeddings": bool(getattr(src, "tie_word_embeddings", False)),
+        "tie_word_embeddings": False,
+        # keys transformers does not define but the engines' DeepSeek loaders read (SGLang: moe_layer_freq
+        # without a default; older loaders: a top-level rope_theta)
+        "moe_layer_freq": 1, "ep_size": 1,
         "bos_token_id": src.bos_token_id, "eos_token_id": src.eos_token_id,
         "pad_token_id": getattr(src, "pad_token_id", None),
     }
@@ -345,6 +349,11 @@ def write_deepseek_v3(model: nn.Module, mm, tokenizer, tmp: Path, max_shard_size
     stock.tie_weights()
     stock.generation_config = model.generation_config  # the source's stop tokens and sampling defaults
     stock.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+    # transformers 5 writes only rope_parameters; loaders written for 4.x read a top-level rope_theta (else 10000)
+    cfg_path = tmp / "config.json"
+    written = json.loads(cfg_path.read_text())
+    written["rope_theta"] = written["rope_parameters"]["rope_theta"]
+    cfg_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     if mtp:
         append_shard(tmp, "model-mtp.safetensors",
                       {k: v.detach().to(dtype if "mlp.gate." not in k else torch.float32).contiguous()

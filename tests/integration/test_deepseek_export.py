@@ -60,6 +60,8 @@ def test_export_config_and_files(exported):
     assert cfg["rope_interleave"] is True and cfg["q_lora_rank"] == cfg["hidden_size"]
     # what transformers does implicitly, spelled out for engines that default otherwise (llama.cpp: softmax)
     assert cfg["scoring_func"] == "sigmoid" and cfg["topk_method"] == "noaux_tc"
+    # vLLM/SGLang read a top-level rope_theta and never tie DeepSeek's lm_head
+    assert cfg["rope_theta"] == cfg["rope_parameters"]["rope_theta"] and cfg["tie_word_embeddings"] is False
     assert cfg["num_key_value_heads"] == cfg["num_attention_heads"]
     assert cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"] == 48  # 0.75 of K+V = 2 heads · 16 · 2
     assert not list(out.glob("*.py"))  # no custom code

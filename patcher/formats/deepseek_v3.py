@@ -33,6 +33,7 @@ from ..model.weights import rope_angles, weight_of
 from ..runtime.modeling import DecoupledLatentAttention, MoEMLP
 
 EXPORT_EPS = 1e-6
+MOE_NEAR_TIES = 0.03  # share of tokens an MoE export may differ on through routing near-ties (see verify_export)
 
 
 
@@ -412,17 +413,24 @@ def verify_export(folder: Path, patched: nn.Module, ids: torch.Tensor, mtp_token
     with torch.no_grad():
         ours = patched(input_ids=ids, use_cache=False).logits.float()
         theirs = stock(input_ids=ids, use_cache=False).logits.float()
-    diff = float((ours - theirs).abs().max())
+    per_token = (ours - theirs).abs().amax(-1)
+    diff = float(per_token.max())
     result = {"format": "deepseek-v3", "class": type(stock).__name__,
               "max_abs_logit_diff_vs_dsopt": diff, "logit_scale": float(ours.abs().max()),
               "top1_agreement_vs_dsopt": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
               "stock_kv_cache": cache_bytes_per_token(stock, ids[:1, :64]),
               "rope_parameters": stock.config.rope_parameters}
-    if diff > 1e-3 * max(result["logit_scale"], 1.0):
+    over = per_token > 1e-3 * max(result["logit_scale"], 1.0)
+    result["tokens_over_tolerance"] = float(over.float().mean())
+    # MoE: an expert choice at a near-tie may go either way between two implementations (a different matmul order
+    # moves a score by ~1e-7) and that token then differs; a mapping error differs on (nearly) every token
+    allowed = MOE_NEAR_TIES if getattr(stock.config, "n_routed_experts", None) else 0.0
+    if result["tokens_over_tolerance"] > allowed or result["top1_agreement_vs_dsopt"] < 1 - 2 * allowed:
         window = getattr(patched.config, "sliding_window", None)
         why = ("源模型配置了滑动窗口（sliding_window），DeepSeek-V3 没有滑动窗口" if window
                else "映射有误")
-        raise ExportError(f"标准 transformers 加载导出后的 logits 与 dsopt 自己的前向相差 {diff:.3g}（{why}），未写出")
+        raise ExportError(f"标准 transformers 加载导出后的 logits 与 dsopt 自己的前向相差 {diff:.3g}，"
+                          f"{result['tokens_over_tolerance']:.1%} 的 token 超出容差（{why}），未写出")
     if stock.config.num_nextn_predict_layers:
         prompt = ids[:1, :32]
         with torch.no_grad():

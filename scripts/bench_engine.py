@@ -83,6 +83,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mla", default=None, help="已有的 MLA 导出目录")
     ap.add_argument("--moe", default=None, help="已有的 MLA+MoE 导出目录")
+    ap.add_argument("--only", default="base,mla,mla_moe", help="测哪些模型（逗号分隔）")
     args = ap.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     llamacpp.build()
@@ -100,6 +101,8 @@ def main() -> int:
         text = eval_text(tmp)
         folders = {"base": (base_folder(tmp), plain)}
         for name, given in (("mla", args.mla), ("mla_moe", args.moe)):
+            if name not in args.only.split(","):
+                continue
             if given:
                 folders[name] = (Path(given), load_stock)
                 continue

@@ -73,7 +73,8 @@ def perplexity(gguf: Path, text_file: Path, n_ctx: int = 512, chunks: int = 4, t
 def complete(gguf: Path, prompt: str, n: int = 32, threads: int = 2) -> str:
     """Greedy continuation of ``prompt`` (``n`` tokens, EOS ignored): the generated text only."""
     res = _run("llama-completion", "-m", str(gguf), "-p", prompt, "-n", str(n), "--temp", "0", "--top-k", "1",
-               "--ignore-eos", "-t", str(threads), "-ngl", "0", "-ctk", "f32", "-ctv", "f32", "-no-cnv", "--no-display-prompt", "--no-warmup", "--no-escape")
+               "--ignore-eos", "-t", str(threads), "-ngl", "0", "-ctk", "f32", "-ctv", "f32",
+               "-no-cnv", "--no-display-prompt", "--no-warmup", "--no-escape")
     return res.stdout
 
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V3 导出在真实推理引擎 llama.cpp 中运行（``scripts/llamacpp.sh`` 构建，llama.cpp 自己的转换器写 GGUF）：
+"""DeepSeek-V3 导出（MLA；MLA + MTP）在真实推理引擎 llama.cpp 中运行（``scripts/llamacpp.sh`` 构建，llama.cpp 自己的转换器写 GGUF）：
 困惑度与同一模型在 transformers 中按同样打分算出的相差 ≤ 1 %，贪心续写的前 32 个 token 一致。"""
 
 import sys
@@ -20,10 +20,10 @@ SMALL = {"calibration": {"tokens": 2048}, "eval": {"enabled": False}}  # fidelit
 MLA = {"enabled": True, "kv_keep": 0.6, "rope": "decoupled"}
 EXPORTS = {
     "mla": {"mla": MLA},
-    # split MoE in a shape the engine runs (48 experts of 24 neurons + 16 shared-expert units) and one MTP module
-    "mla+moe+mtp": {"mla": MLA, "moe": {"enabled": True, "mode": "split", "active": 0.5, "router": "linear",
-                                        "allocation": "uniform", "experts": 48},
-                    "mtp": {"heads": 1, "draft_vocab": 0}},
+    # the split-MoE export is not here yet: on SmolLM2 (48 experts of 24 neurons, 30 layers) dsopt's own check
+    # against stock transformers fails on half the tokens of real text (issue 28, open); the engine is only
+    # meaningful once that holds
+    "mla+mtp": {"mla": MLA, "mtp": {"heads": 1, "draft_vocab": 0}},
 }
 N_CTX, CHUNKS = 512, 3
 PROMPT = "The history of the printing press begins"

@@ -341,13 +341,9 @@ def write_deepseek_v3(model: nn.Module, mm, tokenizer, tmp: Path, max_shard_size
         stock = DeepseekV3ForCausalLM(config)
     state = {k: v.detach().to(dtype if v.is_floating_point() and "mlp.gate." not in k else v.dtype).contiguous()
              for k, v in main.items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    missing, unexpected = stock.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    missing, unexpected = stock.load_state_dict(state, strict=False, assign=True)  # lm_head is never tied here
     if missing or unexpected:
         raise ExportError(f"DeepSeek-V3 映射不完整：缺少 {missing[:5]}，多出 {unexpected[:5]}")
-    stock.tie_weights()
     stock.generation_config = model.generation_config  # the source's stop tokens and sampling defaults
     stock.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
     # transformers 5 writes only rope_parameters; loaders written for 4.x read a top-level rope_theta (else 10000)

@@ -44,6 +44,8 @@ class Planning:
 class Target:
     """What the output format lets a technique assume."""
     unit_expert_weights: bool = True  # a chosen expert may be weighted exactly 1 (not so in DeepSeek-V3's router)
+    expert_size_multiple: int = 1  # routed experts' width must be a multiple of this
+    shared_whole_experts: bool = False  # the shared part must be a whole number of experts
 
 
 @dataclass(frozen=True)

@@ -249,7 +249,8 @@ class MLAConverter:
         sensitivity allocation, the KL the model pays when only this layer runs at the uniform rank.
         Decoupled RoPE: the measured gain of keeping each frequency's position (the model picks one set)."""
         if decoupled(o):
-            return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(job, layer, lm, stats)[2]))
+            return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(job, layer, lm, stats)[2],
+                                                             o.rope_residual))
         w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
         cov = stats.get((lm.k.module, "cov"))
         g = output_weights(layer, lm, cov, o, layer_angles(job.config, lm, job.rotary))
@@ -374,7 +375,7 @@ class MLAConverter:
         rope = 2 * len(pairs)
         ds_scaling = (hd + rope) ** -0.5
         q_rows, k_rot, k_rot_bias, k_nope = rope_split.decoupled_weights(
-            wq, wk, sk, pairs, costs, lm, lm.rotary_dim, scale, lm.scaling / ds_scaling)
+            wq, wk, sk, pairs, costs, lm, lm.rotary_dim, scale, lm.scaling / ds_scaling, o.rope_residual)
         heads, groups, per = lm.num_heads, lm.num_kv_heads, lm.num_heads // lm.num_kv_heads
         q_nope = q_rows.view(heads, hd + rope, -1)[:, :hd].reshape(-1, q_rows.shape[-1])
         w = torch.cat([k_nope, wv.double()])
@@ -411,11 +412,17 @@ class MLAConverter:
                 new.o_proj.bias.copy_(o_bias.to(dtype))
         new.to(device=wq.device, dtype=dtype)
         new._rotary = job.rotary
-        keep_inc = (costs["keep_inc"] < costs["keep_drop"])[pairs].sum().item()
-        nope_inc = [i for i in range(lm.rotary_dim // 2) if i not in pairs and costs["nope_inc"][i] < costs["nope_drop"][i]]
         info = {**errors, "rope_pairs": list(pairs), "rope_shared_key_energy": float(sk.captured[pairs].mean()),
-                "rope_residual_unrotated": int(keep_inc), "nope_pairs_unrotated": len(nope_inc),
-                "nope_pairs_dropped": lm.rotary_dim // 2 - len(pairs) - len(nope_inc)}
+                "rope_residual": o.rope_residual}
+        if o.rope_residual == "choose":
+            keep_inc = (costs["keep_inc"] < costs["keep_drop"])[pairs].sum().item()
+            nope_inc = [i for i in range(lm.rotary_dim // 2)
+                        if i not in pairs and costs["nope_inc"][i] < costs["nope_drop"][i]]
+            info.update({"rope_residual_unrotated": int(keep_inc), "nope_pairs_unrotated": len(nope_inc),
+                         "nope_pairs_dropped": lm.rotary_dim // 2 - len(pairs) - len(nope_inc)})
+        else:  # the fitted factor's size says how much of the unrotated part the query keeps
+            kept_c = costs["keep_factor"][:, pairs].abs()
+            info["rope_residual_factor_mean_abs"] = float(kept_c.mean())
         if q_bias_kept is not None:
             info["q_bias_share_kept"] = q_bias_kept
         return new, spec, info
@@ -435,7 +442,8 @@ class MLAConverter:
         if decoupled(o):
             p = ranks[0]
             dim = 2 * len(p["pairs"])
-            return {"rope": "decoupled", "rope_method": o.rope_method, "qk_rope_head_dim": dim,
+            return {"rope": "decoupled", "rope_method": o.rope_method, "rope_residual": o.rope_residual,
+                    "qk_rope_head_dim": dim,
                     "rope_pairs": p["pairs"], "rope_gain_per_pair": p["gain"], "kv_lora_rank": p["rank"],
                     "objective": o.objective, "init": o.init, "kv_keep": o.kv_keep,
                     "total_rank": sum(r["rank"] + dim for r in ranks),

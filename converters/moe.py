@@ -214,6 +214,29 @@ class MoEConverter:
             raise errors[-1]
         return out
 
+    def check_target(self, mm: ModelMap, o, target) -> None:
+        """What the output format needs of the experts' widths, checked before any work (DeepSeek-V3: the shared
+        part is whole experts, and stock transformers runs experts whose width is a multiple of 8)."""
+        if o.mode != "split" or (target.expert_size_multiple == 1 and not target.shared_whole_experts):
+            return
+        d = mm.hidden_size
+        for lm in mm.layers[o.first_dense:]:
+            for choice in router_choices(lm, o, d).values():
+                sizing = self.uniform(lm, d, o, choice)
+                if _fits(sizing, target):
+                    continue
+                good = []
+                for e in range(2, min(len(lm.up.flat_rows), 1024) + 1):
+                    try:
+                        if _fits(self.uniform(lm, d, o.model_copy(update={"experts": e}), choice), target):
+                            good.append(e)
+                    except PlanError:
+                        pass
+                hint = f"；这一层可用的 --moe-experts：{', '.join(map(str, good[:12]))}" if good else ""
+                raise PlanError(f"第 {lm.index} 层切成 {sizing['experts']} 个专家时每个专家宽 {sizing['expert_size']}、"
+                                f"共享部分宽 {sizing['shared_size']}：输出格式要求专家宽是 {target.expert_size_multiple} "
+                                f"的倍数" + ("、共享部分是整数个专家" if target.shared_whole_experts else "") + hint)
+
     def analyse(self, job, layer: nn.Module, lm: LayerMap, stats: dict, o, probe=None) -> Analysis:
         """Planning pass: this layer's output error at each candidate fraction, and the KL the whole model pays
         when only this layer is split uniformly (the layer's sensitivity)."""
@@ -339,7 +362,7 @@ class MoEConverter:
         else:
             # DeepSeek-V3 cannot give chosen experts a weight of exactly 1: its weights are sigmoid scores normalised
             # over the top-k and scaled by routed_scaling_factor. With scaling = top_k and router logits squeezed
-            # near 0 (σ ≈ ½ ± 10⁻³) every chosen expert gets 1 ± 10⁻³, and the ranking is unchanged.
+            # near 0 (σ ≈ ½ ± 10⁻²) every chosen expert gets about 1 ± 10⁻², and the ranking is unchanged.
             deepseek = not job.target.unit_expert_weights
             spec.update(router=sizing["router"], weights="prob" if deepseek else "one",
                         routed_scaling=float(sizing["top_k"]) if deepseek else 1.0,
@@ -405,6 +428,11 @@ class MoEConverter:
 def router_rank(router: str, o, d: int) -> int:
     """Rank of the gate reader a router kind uses: the exact gate is full rank."""
     return d if router == "gate" else min(o.router_rank, d)
+
+
+def _fits(sizing: dict, target) -> bool:
+    size, shared = sizing["expert_size"], sizing["shared_size"]
+    return size % target.expert_size_multiple == 0 and not (target.shared_whole_experts and shared % size)
 
 
 def neuron_fraction(sizing: dict, inter: int) -> float:
@@ -655,7 +683,11 @@ def refit_down(new: MoEMLP, h: torch.Tensor, order: torch.Tensor, shared: torch.
     return True
 
 
-DEEPSEEK_LOGIT_SPREAD = 4e-3  # router logit std in the DeepSeek layout: σ(l) = ½ + l/4 keeps weights within 10⁻³ of 1
+# Router logit std in the DeepSeek layout. σ(l) ≈ ½ + l/4: the chosen experts' normalised weights stay near 1
+# (spread/2 relative), but float32 resolves σ near ½ only to 6·10⁻⁸, so the top-k boundary falls within an ulp,
+# where engines round σ differently, at a rate ∝ 1/spread (8·10⁻³ of SmolLM2's layer-0 tokens at 4·10⁻³).
+# 4·10⁻² trades 1–2 % weight deviations for ten times fewer such ties.
+DEEPSEEK_LOGIT_SPREAD = 4e-2
 
 
 def _choose(new: MoEMLP, x: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,10 @@
    共享旋转键上，剩下的残差 k_g − a_g·s 才是损失。
 2. **逐频率的实测代价**（校准文本上）：对每个频率，比较“保留位置”（只丢残差的旋转）与“不保留”（整个键
    失去旋转）时注意力分数的误差，以源注意力概率下的方差 ½·Var_A(Δscore) 计（≈ 该头注意力分布的 KL）。
-   失去旋转的部分可以不带位置放进 no-position 部分（低频近乎不转，几乎无损）或直接丢弃（高频的贡献
-   随相对位置快速转动，不带位置放进去反而更差）：每个频率取实测代价较小的一种。
+   失去旋转的部分不带位置放进 no-position 部分，并在查询里乘一个逐头、逐频率拟合的复数因子 c
+   （``fitted``，缺省）：真实贡献是 Re(z·e^{jωΔ})，近似为 Re(c·z)，c 在校准文本上按源注意力概率加权的
+   最小二乘求得——低频 c≈1（近乎不转），高频时 c 取注意力所在距离上旋转的平均，最近几个 token 的贡献
+   因此保留下来。``choose`` 是旧做法：只在 c=1（放进去）与 c=0（丢弃）之间挑代价小的一种。
 3. **选择频率**：DeepSeek-V3 的旋转模块只能产生等比数列的频率（``rope_theta``，必要时加线性缩放），所以
    候选是源频率中的等比子集（起点 + 步长）；``calibrated`` 取各层增益之和最大的子集，``high`` / ``low``
    是最高频 / 最低频这两种简单选择，供对比。
@@ -74,6 +76,8 @@ def frequency_costs(seqs: torch.Tensor, wq, bq, wk, bk, sk: SharedKeys, theta: t
     half, per, scaling = rot // 2, heads // groups, lm.scaling
     names = ("nope_inc", "nope_drop", "keep_inc", "keep_drop")
     out = {n: torch.zeros(half, dtype=torch.float64) for n in names}
+    # attention-weighted second moments of (Re z, −Im z, true contribution) per head and frequency, for the fit
+    moments = {kind: torch.zeros(6, heads, half, dtype=torch.float64) for kind in ("nope", "keep")}
     seqs = seqs[:windows].double()
     for x in seqs:
         t = x.shape[0]
@@ -102,11 +106,41 @@ def frequency_costs(seqs: torch.Tensor, wq, bq, wk, bk, sk: SharedKeys, theta: t
                 mean = torch.einsum("hpt,hpti->hpi", probs, e)
                 var = torch.einsum("hpt,hpti->hpi", probs, e * e) - mean * mean
                 out[name] += var.double().mean(1).sum(0) / len(seqs)
+            for kind, z, y in (("nope", z_k, turned), ("keep", z_r, turned_r)):
+                moments[kind][:, g * per:(g + 1) * per] += _weighted_moments(probs, z, y) * scaling ** 2 / (
+                    len(pos) * len(seqs))
+    for kind in ("nope", "keep"):
+        out[kind + "_factor"], out[kind + "_fit"] = _fit_factor(moments[kind])
     return out
 
 
-def gains(costs: dict) -> torch.Tensor:
-    """Score error saved by keeping each frequency's position (best treatment either way)."""
+def _weighted_moments(probs: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ over queries of the attention-weighted covariances of u = Re z, v = −Im z and y: (6, per, half) as
+    (uu, uv, vv, uy, vy, yy). Re(c·z) = Re(c)·u + Im(c)·v, so these give the least-squares c."""
+    feats = (z.real, -z.imag, y)
+    means = [torch.einsum("hpt,hpti->hpi", probs, f) for f in feats]
+    out = []
+    for a, b in ((0, 0), (0, 1), (1, 1), (0, 2), (1, 2), (2, 2)):
+        cross = torch.einsum("hpt,hpti->hpi", probs, feats[a] * feats[b]) - means[a] * means[b]
+        out.append(cross.double().sum(1))
+    return torch.stack(out)
+
+
+def _fit_factor(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head and frequency, c = argmin Var_A(y − Re(c·z)); returns (c (heads, half), the cost summed over heads)."""
+    uu, uv, vv, uy, vy, yy = m
+    ridge = 1e-9 * (uu + vv) + 1e-30
+    det = (uu + ridge) * (vv + ridge) - uv * uv
+    a = ((vv + ridge) * uy - uv * vy) / det
+    b = ((uu + ridge) * vy - uv * uy) / det
+    cost = (yy - a * uy - b * vy).clamp_min(0)
+    return torch.complex(a, b), cost.sum(0)
+
+
+def gains(costs: dict, residual: str = "fitted") -> torch.Tensor:
+    """Score error saved by keeping each frequency's position (with the residual treatment ``residual``)."""
+    if residual == "fitted":
+        return costs["nope_fit"] - costs["keep_fit"]
     return torch.minimum(costs["nope_inc"], costs["nope_drop"]) - torch.minimum(costs["keep_inc"], costs["keep_drop"])
 
 
@@ -131,7 +165,7 @@ def choose_pairs(method: str, total_gain: torch.Tensor | None, half: int, n: int
 
 
 def decoupled_weights(wq, wk, sk: SharedKeys, pairs: list[int], costs: dict, lm, rot: int, scale: torch.Tensor,
-                      ratio: float):
+                      ratio: float, residual: str = "fitted"):
     """DeepSeek-layout weights of one layer.
 
     Returns (q rows (H·(hd+2n), d), shared rotary key rows (2n, d) and bias (2n,), K_nope rows (G·hd, d)).
@@ -141,8 +175,9 @@ def decoupled_weights(wq, wk, sk: SharedKeys, pairs: list[int], costs: dict, lm,
     heads, groups, hd = lm.num_heads, lm.num_kv_heads, lm.head_dim
     half, per, n = rot // 2, heads // groups, len(pairs)
     kept = set(pairs)
-    keep_inc = costs["keep_inc"] < costs["keep_drop"]
-    nope_inc = costs["nope_inc"] < costs["nope_drop"]
+    fitted = residual == "fitted"
+    keep_inc = costs["keep_inc"] < costs["keep_drop"] if not fitted else torch.ones(half, dtype=torch.bool)
+    nope_inc = costs["nope_inc"] < costs["nope_drop"] if not fitted else torch.ones(half, dtype=torch.bool)
     qc = complex_rows(wq, heads, hd, half)
     kc = complex_rows(wk, groups, hd, half)
     wq, wk = wq.double().view(heads, hd, -1), wk.double().view(groups, hd, -1)
@@ -160,7 +195,9 @@ def decoupled_weights(wq, wk, sk: SharedKeys, pairs: list[int], costs: dict, lm,
         for i in range(half):
             if (i in kept and keep_inc[i]) or (i not in kept and nope_inc[i]):
                 # the source rotary scales cos/sin (attention_scaling): the unrotated copy keeps that factor
-                q_out[h, i], q_out[h, i + half] = wq[h, i] * scale[i] ** 2, wq[h, i + half] * scale[i] ** 2
+                c = costs["keep_factor" if i in kept else "nope_factor"][h, i] if fitted else 1.0
+                row = qc[h, i] * c * scale[i] ** 2
+                q_out[h, i], q_out[h, i + half] = row.real, row.imag
         q_out[h, rot:hd] = wq[h, rot:]
         for j, i in enumerate(pairs):
             row = qc[h, i] * sk.factor[g, i].conj()

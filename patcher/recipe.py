@@ -59,6 +59,9 @@ class MLAOptions(Section):
     rope_method: Literal["calibrated", "high", "low"] = _flag(
         "--rope-method", "decoupled：保留位置的频率，calibrated（按校准文本上注意力分数的实测误差挑选）、"
         "high（最高频）或 low（最低频）", default="calibrated")
+    rope_residual: Literal["fitted", "choose"] = _flag(
+        "--rope-residual", "decoupled：失去旋转的键分量如何进入无位置部分：fitted（查询乘以在校准文本上拟合的逐头、"
+        "逐频率复数因子；缺省）或 choose（原样放进去或丢弃，取代价小者）", default="fitted")
 
     @field_validator("rope_dim")
     @classmethod
@@ -193,6 +196,8 @@ class FormatRules:
     why: str = ""
     fixes: tuple[tuple[str, str, Any, dict], ...] = ()
     unit_expert_weights: bool = True  # a chosen expert may be weighted exactly 1
+    expert_size_multiple: int = 1
+    shared_whole_experts: bool = False
 
 
 FORMATS: dict[str, FormatRules] = {
@@ -204,7 +209,8 @@ FORMATS: dict[str, FormatRules] = {
                ("moe", "routing", "sigmoid", {"enabled": True}),
                ("moe", "allocation", "uniform", {"enabled": True}),
                ("moe", "router", "linear", {"enabled": True, "mode": "split"})),
-        unit_expert_weights=False),
+        # n_shared_experts × moe_intermediate_size; transformers' grouped_mm needs 16-byte expert rows (8 in bf16)
+        unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True),
 }
 
 

@@ -5,7 +5,8 @@ llama-perplexity 的困惑度（内置评估文本的各领域拼接，n_ctx 512
 全部 f32 GGUF、同样的线程数。结果写 JSON。
 
 用法：python scripts/bench_engine.py --out scripts/results/engine-smollm2.json [--depths 0,2048,8192] [--quick]
-导出目录可以复用：--mla DIR、--moe DIR（已由 dsopt convert --format deepseek-v3 写好的导出）。
+导出目录可以复用：--mla DIR、--moe DIR（已由 dsopt convert --format deepseek-v3 写好的导出）；
+--export NAME=DIR 可重复，再并排测别的导出（例如不同专家粒度）。
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> int:
     ap.add_argument("--mla", default=None, help="已有的 MLA 导出目录")
     ap.add_argument("--moe", default=None, help="已有的 MLA+MoE 导出目录")
     ap.add_argument("--only", default="base,mla,mla_moe", help="测哪些模型（逗号分隔）")
+    ap.add_argument("--export", action="append", default=[], metavar="NAME=DIR",
+                    help="再测一个已有的 DeepSeek-V3 导出（可重复；例如不同专家粒度的 MoE）")
     args = ap.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     llamacpp.build()
@@ -111,6 +114,9 @@ def main() -> int:
             results[f"{name}_report"] = {"worst_domain": report["fidelity"]["worst_domain"],
                                          "ppl_increase_pct": report["fidelity"]["ppl_increase_pct"]}
             folders[name] = (out, load_stock)
+        for item in args.export:
+            name, _, given = item.partition("=")
+            folders[name] = (Path(given), load_stock)
         for name, (folder, loader) in folders.items():
             row = measure(name, folder, tmp / f"{name}.gguf", text, depths, args.chunks, args.threads, loader)
             results["models"].append(row)

@@ -35,6 +35,14 @@ VARIANTS = {
     "cov-k-weight-2": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov", "k_weight": 2.0}},
     "cov-k-weight-0.5": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov", "k_weight": 0.5}},
     "cov-k-weight-4": {"mla": {"enabled": True, "kv_keep": 0.6, "objective": "attention_cov", "k_weight": 4.0}},
+    # decoupled RoPE (the DeepSeek-V3 form): how the key parts that lose their rotation enter the no-position part
+    "decoupled-residual-choose": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_residual": "choose"}},
+    "decoupled-residual-fitted": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_residual": "fitted"}},
+    # the rotary split alone (latent at full width, 384 for SmolLM2's K+V): what the residual treatment is worth
+    "decoupled-full-latent-choose": {"mla": {"enabled": True, "kv_lora_rank": 384, "rope": "decoupled",
+                                             "rope_residual": "choose"}},
+    "decoupled-full-latent-fitted": {"mla": {"enabled": True, "kv_lora_rank": 384, "rope": "decoupled",
+                                             "rope_residual": "fitted"}},
 }
 
 

@@ -253,10 +253,13 @@ def _layers(report: dict) -> list[str]:
     layers = report.get("layers") or []
     if layers and "rope_shared_key_energy" in layers[0]:
         lines += ["", "## 逐层误差（校准输入上）", "",
-                  "| 层 | 潜在秩 | K 相对误差（对源 K） | V 相对误差 | 共享旋转键能量 | 不带位置保留的频率对 |",
+                  "| 层 | 潜在秩 | K 相对误差（对源 K） | V 相对误差 | 共享旋转键能量 | 失去旋转的部分 |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {l['layer']} | {l['rank']} | {l['k_rel_error']:.4f} | {l['v_rel_error']:.4f} | "
-                  f"{l['rope_shared_key_energy']:.3f} | {l['nope_pairs_unrotated']} |" for l in layers]
+        for l in layers:
+            lost = (f"拟合因子平均 \\|c\\| {l['rope_residual_factor_mean_abs']:.3f}" if "rope_residual_factor_mean_abs" in l
+                    else f"{l.get('nope_pairs_unrotated', 0)} 对不带位置保留")
+            lines.append(f"| {l['layer']} | {l['rank']} | {l['k_rel_error']:.4f} | {l['v_rel_error']:.4f} | "
+                         f"{l['rope_shared_key_energy']:.3f} | {lost} |")
     elif layers and "rank" in layers[0]:
         lines += ["", "## 逐层计划与误差（校准输入上）", "",
                   "| 层 | 潜在秩 | 源 K+V 宽度 | K 相对误差 | V 相对误差 |", "|---|---|---|---|---|"]

@@ -402,12 +402,87 @@ def load_stock(folder: Path, with_mtp_keys: bool = True):
     return model
 
 
+class _RouterRecord:
+    """dsopt's routing per MoE layer (call order): chosen experts and the scores they were chosen by."""
+
+    def __init__(self, patched: nn.Module):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.handles = []
+        for m in patched.modules():
+            if isinstance(m, MoEMLP) and m.gate is not None:
+                self.handles.append(m.gate.register_forward_hook(self._logits))
+                self.handles.append(m.register_forward_hook(self._choice))
+
+    def _logits(self, gate, args, out):
+        self._last = out.detach().float().reshape(-1, out.shape[-1])
+
+    def _choice(self, mlp, args, out):
+        self.layers.append((mlp.last_routing.clone(), self._last))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+class _PinnedRouting:
+    """Stock transformers' routers made to choose what dsopt chose, with their own weights for those experts.
+
+    Routing is a hard top-k: where two experts' scores nearly tie, the rounding difference between two
+    implementations picks a different expert, and that token's output changes by a whole expert (the near-ties
+    are real: split experts' scores sit close together). So the mapping is checked with the choice pinned: the
+    logits must agree as for a dense model, each router's logits must equal dsopt's, and every expert dsopt chose
+    must be among stock's top-k up to that rounding (this checks the selection bias too).
+    """
+
+    def __init__(self, stock: nn.Module, record: _RouterRecord):
+        self.record, self.calls, self.worst = record, 0, {"router_logit_diff": 0.0, "choice_gap": 0.0}
+        self.handles = [m.gate.register_forward_hook(self._pin) for m in stock.modules()
+                        if type(m).__name__ == "DeepseekV3MoE"]
+
+    def _pin(self, router, args, out):
+        logits, _, own = out
+        if self.calls >= len(self.record.layers):  # an MTP layer's MoE: not part of the main forward compared
+            return out
+        idx, ours = self.record.layers[self.calls]
+        self.calls += 1
+        scores = logits.float().sigmoid()
+        weights = scores.gather(1, idx)
+        if router.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        diff = float((logits.float() - ours).abs().max())
+        choice = scores + router.e_score_correction_bias
+        gap = float((choice.gather(1, own).amin(-1) - choice.gather(1, idx).amin(-1)).max())
+        rounding = 2 * float((scores - ours.sigmoid()).abs().max())
+        scale = max(float(ours.abs().max()), 1e-30)
+        self.worst["router_logit_diff"] = max(self.worst["router_logit_diff"], diff / scale)
+        self.worst["choice_gap"] = max(self.worst["choice_gap"], gap - rounding if router.num_group == 1 else 0.0)
+        return logits, weights * router.routed_scaling_factor, idx
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 def verify_export(folder: Path, patched: nn.Module, ids: torch.Tensor, mtp_tokens: int = 12) -> dict:
-    """Load the export with stock transformers and compare it with dsopt's own forward of the same model."""
+    """Load the export with stock transformers and compare it with dsopt's own forward of the same model.
+
+    With MoE layers the comparison pins stock's routing to dsopt's choices (see ``_PinnedRouting``); the
+    free-running agreement is reported beside it.
+    """
     stock = load_stock(folder)
-    with torch.no_grad():
-        ours = patched(input_ids=ids, use_cache=False).logits.float()
-        theirs = stock(input_ids=ids, use_cache=False).logits.float()
+    record = _RouterRecord(patched)
+    try:
+        with torch.no_grad():
+            ours = patched(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        record.remove()
+    pins = _PinnedRouting(stock, record) if record.layers else None
+    try:
+        with torch.no_grad():
+            theirs = stock(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        if pins:
+            pins.remove()
     per_token = (ours - theirs).abs().amax(-1)
     diff = float(per_token.max())
     result = {"format": "deepseek-v3", "class": type(stock).__name__,
@@ -417,6 +492,16 @@ def verify_export(folder: Path, patched: nn.Module, ids: torch.Tensor, mtp_token
               "rope_parameters": stock.config.rope_parameters}
     over = per_token > 1e-3 * max(result["logit_scale"], 1.0)
     result["tokens_over_tolerance"] = float(over.float().mean())
+    if pins:
+        with torch.no_grad():
+            free = stock(input_ids=ids, use_cache=False).logits.float()
+        result.update({"routing": "pinned to dsopt's choices", **pins.worst,
+                       "free_routing_top1_agreement_vs_dsopt": float((ours.argmax(-1) == free.argmax(-1)).float().mean()),
+                       "free_routing_max_abs_logit_diff_vs_dsopt": float((ours - free).abs().max())})
+        if pins.worst["router_logit_diff"] > 1e-3 or pins.worst["choice_gap"] > 0:
+            raise ExportError("标准 transformers 的路由与 dsopt 的不同（路由 logits 相对差 "
+                              f"{pins.worst['router_logit_diff']:.3g}，选择差 {pins.worst['choice_gap']:.3g}），"
+                              "路由器或选择偏置的映射有误，未写出")
     if over.any():
         window = getattr(patched.config, "sliding_window", None)
         why = ("源模型配置了滑动窗口（sliding_window），DeepSeek-V3 没有滑动窗口" if window

@@ -85,8 +85,13 @@ def fit_context(recipe: Recipe, config) -> tuple[Recipe, list[str]]:
 
 def job_context(model: nn.Module, mm: ModelMap, recipe: Recipe) -> JobContext:
     rotary = model.get_submodule(mm.rotary_path) if mm.rotary_path else None
-    return JobContext(model.config, rotary, recipe.calibration.seed,
-                      Target(unit_expert_weights=FORMATS[recipe.output.format].unit_expert_weights))
+    return JobContext(model.config, rotary, recipe.calibration.seed, target_of(recipe))
+
+
+def target_of(recipe: Recipe) -> Target:
+    rules = FORMATS[recipe.output.format]
+    return Target(unit_expert_weights=rules.unit_expert_weights, expert_size_multiple=rules.expert_size_multiple,
+                  shared_whole_experts=rules.shared_whole_experts)
 
 
 def check(techs: list, mm: ModelMap, recipe: Recipe) -> None:
@@ -98,6 +103,8 @@ def check(techs: list, mm: ModelMap, recipe: Recipe) -> None:
     for tech in techs:
         if hasattr(tech, "check_model"):
             tech.check_model(mm, getattr(recipe, tech.section))
+        if hasattr(tech, "check_target"):
+            tech.check_target(mm, getattr(recipe, tech.section), target_of(recipe))
 
 
 def captures(techs: list, recipe: Recipe, mm: ModelMap, i: int) -> list[tuple[str, str]]:

@@ -202,3 +202,31 @@ def test_decoupled_model_in_dsopt_format_round_trips(tmp_path):
         m.save_pretrained(tmp_path / "again")
         b = AutoModelForCausalLM.from_pretrained(tmp_path / "again")(input_ids=ids).logits
     assert torch.equal(a, b)
+
+
+def test_routing_mapping_is_checked_with_the_choice_pinned(exported, tmp_path):
+    # hard top-k routing turns rounding into a different expert at near-ties, so the export is compared with
+    # stock's choice pinned to dsopt's; a wrong router or selection bias must still be refused
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from patcher.errors import ExportError
+    from patcher.formats.deepseek_v3 import verify_export
+
+    patched, _, out = exported
+    ids = torch.randint(4, 250, (1, 40))
+    found = verify_export(out, patched, ids)
+    assert found["routing"] == "pinned to dsopt's choices" and found["tokens_over_tolerance"] == 0
+    assert found["router_logit_diff"] < 1e-4 and found["choice_gap"] <= 0
+    for key, change in (("model.layers.1.mlp.gate.e_score_correction_bias", lambda t: t + torch.arange(len(t))),
+                        ("model.layers.2.mlp.gate.weight", lambda t: t.flip(0))):
+        bad = tmp_path / key
+        shutil.copytree(out, bad)
+        for f in bad.glob("*.safetensors"):
+            tensors = load_file(f)
+            if key in tensors:
+                tensors[key] = change(tensors[key]).contiguous()
+                save_file(tensors, f, metadata={"format": "pt"})
+        with pytest.raises(ExportError, match="路由"):
+            verify_export(bad, patched, ids)

@@ -274,3 +274,16 @@ def test_refit_down_recovers_part_of_the_dropped_output_on_unseen_tokens():
         refit_down(moe, h[fit], torch.arange(32), torch.arange(0), wd, moe.route(x[fit])[0])
         after = (moe(x[test]) - dense[test]).pow(2).sum()
     assert after < 0.9 * before
+
+
+def test_expert_widths_the_deepseek_layout_cannot_run_are_refused_up_front():
+    from converters.base import Target
+
+    target = Target(unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True)
+    mm = locate(tiny_model("llama"))  # 96 neurons; at 0.5 active a quarter (24) is shared
+    ok = parse_recipe({"moe": {"enabled": True, "active": 0.5, "router": "linear", "experts": 9}}).moe
+    MoEConverter().check_target(mm, ok, target)  # experts of 8 neurons, shared = 3 experts
+    bad = parse_recipe({"moe": {"enabled": True, "active": 0.5, "router": "linear", "experts": 12}}).moe
+    with pytest.raises(PlanError, match=r"专家宽是 8 的倍数.*可用的 --moe-experts：.*\b9\b"):
+        MoEConverter().check_target(mm, bad, target)  # experts of 6 neurons
+    MoEConverter().check_target(mm, bad, Target())  # the dsopt layout runs any width

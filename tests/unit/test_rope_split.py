@@ -48,3 +48,36 @@ def test_latent_scale_makes_rmsnorm_linear():
         norm.weight.fill_(math.sqrt(eps) / alpha)
         out = norm(alpha * c)
     assert (out - c).abs().max() / c.abs().max() < 1e-3
+
+
+def test_fitted_factor_recovers_a_known_complex_factor():
+    torch.manual_seed(1)
+    per, p, t, half = 2, 5, 30, 3
+    probs = torch.softmax(torch.randn(per, p, t), -1)
+    z = torch.complex(torch.randn(per, p, t, half), torch.randn(per, p, t, half))
+    c0 = torch.complex(torch.randn(per, 1, 1, half), torch.randn(per, 1, 1, half))
+    y = (c0 * z).real + 3.0  # a constant shift per query does not matter to softmax
+    factor, cost = rope_split._fit_factor(rope_split._weighted_moments(probs, z, y))
+    assert torch.allclose(factor, c0[:, 0, 0].to(factor.dtype), atol=1e-4)
+    assert cost.abs().max() < 1e-4  # float32 moments; the residual variance itself is about 1 per query
+
+
+def test_fitted_residual_costs_no_more_than_including_or_dropping_it():
+    from types import SimpleNamespace
+
+    torch.manual_seed(2)
+    heads, groups, hd, d, t = 4, 2, 8, 16, 48
+    lm = SimpleNamespace(num_heads=heads, num_kv_heads=groups, head_dim=hd, scaling=hd ** -0.5)
+    wq, wk = torch.randn(heads * hd, d), torch.randn(groups * hd, d)
+    half = hd // 2
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    qc = rope_split.complex_rows(wq, heads, hd, half)
+    kc = rope_split.complex_rows(wk, groups, hd, half)
+    sk = rope_split.shared_keys(qc, kc, None, torch.eye(d, dtype=torch.float64))
+    costs = rope_split.frequency_costs(torch.randn(2, t, d), wq, None, wk, None, sk, theta, lm, hd)
+    for kind in ("keep", "nope"):
+        best = torch.minimum(costs[kind + "_inc"], costs[kind + "_drop"])
+        assert (costs[kind + "_fit"] <= best * (1 + 1e-6) + 1e-9).all()
+        assert costs[kind + "_factor"].shape == (heads, half)
+    # the slowest frequency barely turns within 48 tokens: its factor is close to 1 (include as it is)
+    assert abs(costs["nope_factor"][:, -1].mean() - 1) < 0.1

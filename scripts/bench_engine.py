@@ -57,22 +57,17 @@ def base_folder(folder: Path) -> Path:
 
 def measure(name: str, hf_dir: Path, gguf: Path, text: Path, depths: list[int], chunks: int, threads: int,
             stock_loader) -> dict:
-    from transformers import AutoTokenizer
-
     t = time.perf_counter()
     llamacpp.convert(hf_dir, gguf)
-    ppl = llamacpp.perplexity(gguf, text, 512, chunks, threads)
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    add_bos = llamacpp.gguf_add_bos(gguf)
-    ids = llamacpp.llama_tokens(tok, text.read_text(encoding="utf-8"), add_bos)
-    ref = llamacpp.hf_perplexity(stock_loader(hf_dir), ids, 512, chunks, tok.bos_token_id if add_bos else None)
+    ppl = llamacpp.perplexity_both(gguf, hf_dir, text, stock_loader(hf_dir), 512, chunks, threads)
     rows = llamacpp.bench(gguf, depths, threads)
     speed = {}
     for r in rows:
         kind = "prompt" if r["n_prompt"] and not r["n_gen"] else "decode"
         speed[f"{kind}_tok_s_depth_{r['n_depth']}"] = r["avg_ts"]
+    ref = ppl["ppl_transformers_same_scoring"]
     return {"model": name, "gguf_bytes": gguf.stat().st_size, "kv_bytes_per_token": ppl["kv_bytes_per_token"],
-            "ppl_llamacpp": ppl["ppl"], "ppl_transformers_same_scoring": ref,
+            "ppl_llamacpp": ppl["ppl"], "ppl_transformers_same_scoring": ref, "same_tokens": ppl["same_tokens"],
             "ppl_engine_vs_transformers": ppl["ppl"] / ref - 1, **speed, "seconds": time.perf_counter() - t}
 
 

@@ -122,6 +122,22 @@ def hf_perplexity(model, ids: torch.Tensor, n_ctx: int = 512, chunks: int = 4, b
     return math.exp(nll / count)
 
 
+def perplexity_both(gguf: Path, hf_dir: Path, text_file: Path, model, n_ctx: int = 512, chunks: int = 4,
+                    threads: int = 2) -> dict:
+    """llama-perplexity on ``gguf`` and the same number from ``model`` (the checkpoint in ``hf_dir``, loaded by the
+    caller) in transformers, on llama.cpp's own tokens of ``text_file``."""
+    from transformers import AutoTokenizer
+
+    got = perplexity(gguf, text_file, n_ctx, chunks, threads)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    add_bos = gguf_add_bos(gguf)
+    text = text_file.read_text(encoding="utf-8")
+    ids = llama_tokens(tok, text, add_bos)
+    same_tokens = tokenize(gguf, text[:2000]) == llama_tokens(tok, text[:2000], add_bos).tolist()
+    ref = hf_perplexity(model, ids, n_ctx, chunks, tok.bos_token_id if add_bos else None)
+    return {**got, "ppl_transformers_same_scoring": ref, "same_tokens": same_tokens}
+
+
 def gguf_add_bos(gguf: Path) -> bool:
     """Whether llama.cpp adds BOS for this GGUF, asked of llama.cpp itself (the GGUF key may be absent, and then
     its default depends on the vocabulary type): a one-token text comes back as two tokens."""

@@ -43,6 +43,9 @@ VARIANTS = {
                                              "rope_residual": "choose"}},
     "decoupled-full-latent-fitted": {"mla": {"enabled": True, "kv_lora_rank": 384, "rope": "decoupled",
                                              "rope_residual": "fitted"}},
+    # the same 0.6 budget (230 numbers per token) split differently between the shared rotary key and the latent
+    "decoupled-rope-48": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 48}},
+    "decoupled-rope-32": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 32}},
 }
 
 

@@ -207,9 +207,18 @@ def decoupled(o) -> bool:
     return o.rope == "decoupled"
 
 
+ROPE_SHARE = 0.2  # of the per-token cache budget, for the shared rotary key (chosen on held-out domains)
+
+
 def rope_dim(o, lm: LayerMap) -> int:
-    """qk_rope_head_dim: as asked, else DeepSeek-V3's 64 (or the source's whole rotary part when smaller)."""
-    return o.rope_dim if o.rope_dim is not None else min(64, lm.rotary_dim)
+    """qk_rope_head_dim: as asked; else about a fifth of the cache budget (a multiple of 16), at most the source's
+    rotary width. Every dimension the rotary key takes is one the latent lacks; with few KV heads the budget is
+    small and DeepSeek-V3's own 64 takes too much of it. An explicit ``kv_lora_rank`` keeps 64."""
+    if o.rope_dim is not None:
+        return o.rope_dim
+    if o.kv_lora_rank is not None:
+        return min(64, lm.rotary_dim)
+    return min(lm.rotary_dim, max(16, 16 * round(ROPE_SHARE * o.kv_keep * kv_width(lm) / 16)))
 
 
 class MLAConverter:

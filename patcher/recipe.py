@@ -54,8 +54,9 @@ class MLAOptions(Section):
     rope: Literal["latent", "decoupled"] = _flag(
         "--mla-rope", "位置编码：latent（RoPE 施加在上投影之后，只缓存潜在向量）或 decoupled（DeepSeek-V3："
         "每头的 no-position 部分来自潜在向量，另有各头共享的旋转键；--format deepseek-v3 时必须）", default="latent")
-    rope_dim: int | None = _flag("--rope-dim", "decoupled：共享旋转键的维数（qk_rope_head_dim，偶数；缺省为 64 与源旋转维数"
-                                 "中的较小者，即 DeepSeek-V3 的取值）", default=None, ge=2)
+    rope_dim: int | None = _flag("--rope-dim", "decoupled：共享旋转键的维数（qk_rope_head_dim，偶数；缺省约为每 token 缓存预算的"
+                                 " 1/5、取 16 的倍数，不超过源旋转维数；给了 --kv-lora-rank 时为 64 与源旋转维数中的较小者）",
+                                 default=None, ge=2)
     rope_method: Literal["calibrated", "high", "low"] = _flag(
         "--rope-method", "decoupled：保留位置的频率，calibrated（按校准文本上注意力分数的实测误差挑选）、"
         "high（最高频）或 low（最低频）", default="calibrated")

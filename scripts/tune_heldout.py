@@ -46,6 +46,7 @@ VARIANTS = {
     # the same 0.6 budget (230 numbers per token) split differently between the shared rotary key and the latent
     "decoupled-rope-48": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 48}},
     "decoupled-rope-32": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 32}},
+    "decoupled-rope-16": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 16}},
 }
 
 

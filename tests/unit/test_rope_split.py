@@ -81,3 +81,20 @@ def test_fitted_residual_costs_no_more_than_including_or_dropping_it():
         assert costs[kind + "_factor"].shape == (heads, half)
     # the slowest frequency barely turns within 48 tokens: its factor is close to 1 (include as it is)
     assert abs(costs["nope_factor"][:, -1].mean() - 1) < 0.1
+
+
+def test_default_rope_dim_is_a_fifth_of_the_cache_budget_within_the_rotary_width():
+    from types import SimpleNamespace as N
+
+    from converters.mla import rope_dim
+
+    def lm(kv_heads, hd):
+        rows = N(flat_rows=range(kv_heads * hd))
+        return N(k=rows, v=rows, rotary_dim=hd)
+
+    opts = N(rope_dim=None, kv_lora_rank=None, kv_keep=0.6)
+    assert rope_dim(opts, lm(3, 64)) == 48  # SmolLM2: 230 numbers per token, 48 of them the rotary key
+    assert rope_dim(N(rope_dim=None, kv_lora_rank=None, kv_keep=0.5), lm(3, 64)) == 32
+    assert rope_dim(opts, lm(8, 128)) == 128  # a large budget keeps every source frequency
+    assert rope_dim(N(rope_dim=None, kv_lora_rank=100, kv_keep=0.6), lm(3, 64)) == 64
+    assert rope_dim(N(rope_dim=24, kv_lora_rank=None, kv_keep=0.6), lm(3, 64)) == 24

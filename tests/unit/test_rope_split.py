@@ -98,3 +98,27 @@ def test_default_rope_dim_is_a_fifth_of_the_cache_budget_within_the_rotary_width
     assert rope_dim(opts, lm(8, 128)) == 128  # a large budget keeps every source frequency
     assert rope_dim(N(rope_dim=None, kv_lora_rank=100, kv_keep=0.6), lm(3, 64)) == 64
     assert rope_dim(N(rope_dim=24, kv_lora_rank=None, kv_keep=0.6), lm(3, 64)) == 24
+
+
+def test_decoupled_query_rows_carry_the_fitted_factor_or_the_plain_choice():
+    from types import SimpleNamespace
+
+    torch.manual_seed(3)
+    heads, groups, hd, d, t = 4, 2, 8, 16, 40
+    lm = SimpleNamespace(num_heads=heads, num_kv_heads=groups, head_dim=hd, scaling=hd ** -0.5)
+    wq, wk = torch.randn(heads * hd, d), torch.randn(groups * hd, d)
+    half = hd // 2
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    qc, kc = rope_split.complex_rows(wq, heads, hd, half), rope_split.complex_rows(wk, groups, hd, half)
+    sk = rope_split.shared_keys(qc, kc, None, torch.eye(d, dtype=torch.float64))
+    costs = rope_split.frequency_costs(torch.randn(2, t, d), wq, None, wk, None, sk, theta, lm, hd)
+    pairs, scale = [0, 1], torch.ones(half, dtype=torch.float64)
+    for residual in ("fitted", "choose"):
+        q, k_rot, _, k_nope = rope_split.decoupled_weights(wq, wk, sk, pairs, costs, lm, hd, scale, 1.0, residual)
+        q = q.view(heads, hd + 4, d)
+        assert k_rot.shape == (4, d) and k_nope.shape == (groups * hd, d)
+        i, h = 2, 1  # a frequency whose position is not kept, in head 1
+        c = costs["nope_factor"][h, i] if residual == "fitted" else (
+            1.0 if costs["nope_inc"][i] < costs["nope_drop"][i] else 0.0)
+        want = qc[h, i] * c
+        assert torch.allclose(q[h, i], want.real) and torch.allclose(q[h, i + half], want.imag)

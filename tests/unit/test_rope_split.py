@@ -62,19 +62,25 @@ def test_fitted_factor_recovers_a_known_complex_factor():
     assert cost.abs().max() < 1e-4  # float32 moments; the residual variance itself is about 1 per query
 
 
-def test_fitted_residual_costs_no_more_than_including_or_dropping_it():
+def _split_setup(seed: int, t: int):
+    """A 4-head, 2-group, head-width-8 attention on random inputs: its weights, shared keys and frequency costs."""
     from types import SimpleNamespace
 
-    torch.manual_seed(2)
-    heads, groups, hd, d, t = 4, 2, 8, 16, 48
+    torch.manual_seed(seed)
+    heads, groups, hd, d = 4, 2, 8, 16
     lm = SimpleNamespace(num_heads=heads, num_kv_heads=groups, head_dim=hd, scaling=hd ** -0.5)
     wq, wk = torch.randn(heads * hd, d), torch.randn(groups * hd, d)
     half = hd // 2
     theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-    qc = rope_split.complex_rows(wq, heads, hd, half)
-    kc = rope_split.complex_rows(wk, groups, hd, half)
+    qc, kc = rope_split.complex_rows(wq, heads, hd, half), rope_split.complex_rows(wk, groups, hd, half)
     sk = rope_split.shared_keys(qc, kc, None, torch.eye(d, dtype=torch.float64))
     costs = rope_split.frequency_costs(torch.randn(2, t, d), wq, None, wk, None, sk, theta, lm, hd)
+    return lm, wq, wk, qc, sk, costs
+
+
+def test_fitted_residual_costs_no_more_than_including_or_dropping_it():
+    lm, _, _, _, _, costs = _split_setup(2, 48)
+    heads, half = lm.num_heads, lm.head_dim // 2
     for kind in ("keep", "nope"):
         best = torch.minimum(costs[kind + "_inc"], costs[kind + "_drop"])
         assert (costs[kind + "_fit"] <= best * (1 + 1e-6) + 1e-9).all()
@@ -101,17 +107,9 @@ def test_default_rope_dim_is_a_fifth_of_the_cache_budget_within_the_rotary_width
 
 
 def test_decoupled_query_rows_carry_the_fitted_factor_or_the_plain_choice():
-    from types import SimpleNamespace
-
-    torch.manual_seed(3)
-    heads, groups, hd, d, t = 4, 2, 8, 16, 40
-    lm = SimpleNamespace(num_heads=heads, num_kv_heads=groups, head_dim=hd, scaling=hd ** -0.5)
-    wq, wk = torch.randn(heads * hd, d), torch.randn(groups * hd, d)
+    lm, wq, wk, qc, sk, costs = _split_setup(3, 40)
+    heads, groups, hd, d = lm.num_heads, lm.num_kv_heads, lm.head_dim, wq.shape[1]
     half = hd // 2
-    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
-    qc, kc = rope_split.complex_rows(wq, heads, hd, half), rope_split.complex_rows(wk, groups, hd, half)
-    sk = rope_split.shared_keys(qc, kc, None, torch.eye(d, dtype=torch.float64))
-    costs = rope_split.frequency_costs(torch.randn(2, t, d), wq, None, wk, None, sk, theta, lm, hd)
     pairs, scale = [0, 1], torch.ones(half, dtype=torch.float64)
     for residual in ("fitted", "choose"):
         q, k_rot, _, k_nope = rope_split.decoupled_weights(wq, wk, sk, pairs, costs, lm, hd, scale, 1.0, residual)

@@ -133,7 +133,7 @@ def split_sizing(inter: int, frac: float, o, choice: dict) -> dict:
     # default: experts of two neurons — the finest grain measured best, and the low-rank router
     # scores neurons anyway, so granularity costs no router capacity; the exact gate router knows every neuron's
     # activation, so pairing neurons only loses choice: single neurons (SmolLM2 at 0.75: +17.2 % → +8.3 %)
-    e = o.experts or max(1, (inter - shared) // (1 if router == "gate" else 2))
+    e = o.experts or max(1, (inter - shared) // (o.expert_width or (1 if router == "gate" else 2)))
     size = (inter - shared) // e
     if size < 1:
         raise PlanError(f"中间维 {inter} 去掉共享部分 {shared} 后不够分给 {e} 个专家")

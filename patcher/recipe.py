@@ -78,6 +78,8 @@ class MoEOptions(Section):
         "--moe-mode", "split（把 MLP 的神经元切成细粒度专家 + 共享专家）或 copy（每个专家是 MLP 的完整副本）",
         default="split")
     experts: int | None = _flag("--moe-experts", "路由专家数（缺省：split 每个专家 2 个神经元，copy 8）", default=None, ge=1)
+    expert_width: int = _flag("--moe-expert-width", "split 缺省专家数时每个专家的神经元数（缺省 2；gate 路由器为 1；"
+                              "--format deepseek-v3 时为 8，引擎的分组矩阵乘法需要）", default=0, ge=0)
     top_k: int | None = _flag("--moe-top-k", "每个 token 激活的路由专家数（缺省：copy 2，split 由 --moe-active 推出）",
                               default=None, ge=1)
     active: float = _flag("--moe-active", "split：每个 token 使用的 FFN 参数比例（全模型平均，含路由器）",
@@ -209,7 +211,8 @@ FORMATS: dict[str, FormatRules] = {
         fixes=(("mla", "rope", "decoupled", {}),
                ("moe", "routing", "sigmoid", {"enabled": True}),
                ("moe", "allocation", "uniform", {"enabled": True}),
-               ("moe", "router", "linear", {"enabled": True, "mode": "split"})),
+               ("moe", "router", "linear", {"enabled": True, "mode": "split"}),
+               ("moe", "expert_width", 8, {"enabled": True, "mode": "split"})),
         # n_shared_experts × moe_intermediate_size; transformers' grouped_mm needs 16-byte expert rows (8 in bf16)
         unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True),
 }

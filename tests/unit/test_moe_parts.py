@@ -287,3 +287,13 @@ def test_expert_widths_the_deepseek_layout_cannot_run_are_refused_up_front():
     with pytest.raises(PlanError, match=r"专家宽是 8 的倍数.*可用的 --moe-experts：.*\b9\b"):
         MoEConverter().check_target(mm, bad, target)  # experts of 6 neurons
     MoEConverter().check_target(mm, bad, Target())  # the dsopt layout runs any width
+
+
+def test_the_deepseek_format_defaults_to_experts_of_eight_neurons():
+    from converters.base import Target
+
+    recipe = parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True, "active": 0.75},
+                           "output": {"format": "deepseek-v3"}})
+    assert recipe.moe.expert_width == 8
+    target = Target(unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True)
+    MoEConverter().check_target(locate(tiny_model("llama")), recipe.moe, target)  # the preset's sizing fits

@@ -160,12 +160,9 @@ def export_check(source, recipe, small: dict, run, tok, ids, family: str) -> dic
     if "mla" in techs:
         techs["mla"] = techs["mla"].model_copy(update={"kv_lora_rank": 32, "rope_dim": None, "allocation": "uniform"})
     if "moe" in techs:
-        moe = techs["moe"].model_copy(update={"allocation": "uniform"})
-        if moe.mode == "split" and moe.experts:  # the user's count, cut from 96 neurons, gives widths no model has:
-            inter = WIDTH["intermediate_size"]   # experts of 8 neurons exercise the same layout
-            shared = round((moe.shared if moe.shared is not None else moe.active / 2) * inter)
-            moe = moe.model_copy(update={"experts": max(1, (inter - shared) // 8), "top_k": None})
-        techs["moe"] = moe
+        # the user's expert count, cut from the miniature's 96 neurons, gives widths no model has: the format's
+        # default width (its expert_width) exercises the same layout
+        techs["moe"] = techs["moe"].model_copy(update={"allocation": "uniform", "experts": None, "top_k": None})
     if "mtp" in techs:
         techs["mtp"] = techs["mtp"].model_copy(update={"train_tokens": 0, "draft_vocab": 0})
     only = Recipe(**small, **techs, output=recipe.output.model_copy(update={"format": "deepseek-v3"}))

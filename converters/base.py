@@ -25,6 +25,8 @@ from typing import Protocol
 
 from torch import nn
 
+from patcher.recipe import Target  # what the output format lets a technique assume
+
 # none: no per-layer work; per_layer: each layer's plan from that layer alone; global: every layer analysed first;
 # global_probe: also the whole model's sensitivity to each layer; whole_model: needs the whole converted model
 # in memory afterwards (training at conversion time)
@@ -38,14 +40,6 @@ class Planning:
     style: str
     needs: str = ""
     fallback: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Target:
-    """What the output format lets a technique assume."""
-    unit_expert_weights: bool = True  # a chosen expert may be weighted exactly 1 (not so in DeepSeek-V3's router)
-    expert_size_multiple: int = 1  # routed experts' width must be a multiple of this
-    shared_whole_experts: bool = False  # the shared part must be a whole number of experts
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,6 @@ def kv_width(lm: LayerMap) -> int:
 def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, o, theta: torch.Tensor | None = None
                    ) -> BlockDiagonal | None:
     """Output-side weighting of the joint [W_k; W_v] rows of a located layer (see ``weighting``)."""
-    if o.objective == "kv":
-        return None
     return weighting(weight_of(layer, lm.q)[0], weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0],
                      weight_of(layer, lm.o, rows=False)[0], lm, cov, o.objective, theta=theta, k_weight=o.k_weight)
 
@@ -341,9 +339,10 @@ class MLAConverter:
         pairs = rope_split.choose_pairs(opts.rope_method, total, half, n)
         widths = [kv_width(lm) for lm in mm.layers]
         rank = opts.kv_lora_rank
+        cap = min(min(widths), mm.hidden_size or min(widths))  # the most rank a latent can use
         if rank is None:  # the cache holds latent + shared rotary key: both count against the budget
-            rank = int(round(opts.kv_keep * sum(widths) / len(widths))) - dim
-        cap = min(min(widths), mm.hidden_size or min(widths))
+            # (with many KV heads the budget can exceed the hidden size, where the latent is already exact)
+            rank = min(int(round(opts.kv_keep * sum(widths) / len(widths))) - dim, cap)
         if not 1 <= rank <= cap:
             raise PlanError(f"解耦 RoPE 的 kv_lora_rank={rank} 不可能：须在 1 与 {cap} 之间"
                             f"（--kv-keep {opts.kv_keep} 的预算减去 --rope-dim {dim}）")

@@ -189,6 +189,14 @@ class OutputOptions(Section):
 
 
 @dataclass(frozen=True)
+class Target:
+    """What an output format lets a technique assume."""
+    unit_expert_weights: bool = True  # a chosen expert may be weighted exactly 1 (not so in DeepSeek-V3's router)
+    expert_size_multiple: int = 1  # routed experts' width must be a multiple of this
+    shared_whole_experts: bool = False  # the shared part must be a whole number of experts
+
+
+@dataclass(frozen=True)
 class FormatRules:
     """What an output format can express: the techniques it needs and the options its layout fixes.
 
@@ -198,9 +206,7 @@ class FormatRules:
     requires: tuple[str, ...] = ()
     why: str = ""
     fixes: tuple[tuple[str, str, Any, dict], ...] = ()
-    unit_expert_weights: bool = True  # a chosen expert may be weighted exactly 1
-    expert_size_multiple: int = 1
-    shared_whole_experts: bool = False
+    target: Target = Target()
 
 
 FORMATS: dict[str, FormatRules] = {
@@ -214,7 +220,7 @@ FORMATS: dict[str, FormatRules] = {
                ("moe", "router", "linear", {"enabled": True, "mode": "split"}),
                ("moe", "expert_width", 8, {"enabled": True, "mode": "split"})),
         # n_shared_experts × moe_intermediate_size; transformers' grouped_mm needs 16-byte expert rows (8 in bf16)
-        unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True),
+        target=Target(unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True)),
 }
 
 

@@ -89,9 +89,7 @@ def job_context(model: nn.Module, mm: ModelMap, recipe: Recipe) -> JobContext:
 
 
 def target_of(recipe: Recipe) -> Target:
-    rules = FORMATS[recipe.output.format]
-    return Target(unit_expert_weights=rules.unit_expert_weights, expert_size_multiple=rules.expert_size_multiple,
-                  shared_whole_experts=rules.shared_whole_experts)
+    return FORMATS[recipe.output.format].target
 
 
 def check(techs: list, mm: ModelMap, recipe: Recipe) -> None:

@@ -36,6 +36,16 @@ def test_decoupled_mqa_at_full_rank_reproduces_the_source(tokenizer):
     assert report["plan"]["mla"]["rope_pairs"] == list(range(8))
 
 
+def test_a_budget_above_the_hidden_size_gives_the_exact_latent(tokenizer):
+    # full multi-head attention (Llama-2-7B's layout): at 0.9 the budget minus the rotary key (107) exceeds the
+    # hidden size (64), where [K_nope; V] already fits exactly; it used to be refused as an impossible rank
+    model = tiny_model("llama", seed=3, num_key_value_heads=4)
+    recipe = {**FAST_RECIPE, "mla": {"enabled": True, "rope": "decoupled", "rope_dim": 8, "kv_keep": 0.9}}
+    _, report = patch_model(model, recipe, tokenizer)
+    assert report["plan"]["mla"]["kv_lora_rank"] == 64
+    assert report["kv_cache"]["ratio"] == pytest.approx((64 + 8) / 128)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A 3-layer Llama with MLA + split MoE (first layer dense) + one MTP module, written as DeepSeek-V3."""

@@ -66,7 +66,7 @@ def test_explicit_asks_a_backend_cannot_honour_are_refused_with_what_to_do(optio
 
 
 def test_format_rules_are_data_and_fix_only_what_the_user_left_open():
-    assert set(FORMATS) == {"dsopt", "deepseek-v3"} and FORMATS["dsopt"].unit_expert_weights
+    assert set(FORMATS) == {"dsopt", "deepseek-v3"} and FORMATS["dsopt"].target.unit_expert_weights
     r = parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True}, "output": {"format": "deepseek-v3"}})
     assert (r.mla.rope, r.moe.routing, r.moe.allocation, r.moe.router) == ("decoupled", "sigmoid", "uniform", "linear")
     copy = parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True, "mode": "copy"},

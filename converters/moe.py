@@ -104,7 +104,7 @@ def _router_params(d: int, sizing: dict, o) -> int:
         return d * sizing["experts"]
     if sizing["router"] == "gate":  # per-neuron scale (+ the input dims' scale when it reads only some of them);
         return routed + (d if sizing["gate_input_dims"] < d else 0)  # the gate rows count with the experts
-    r = min(o.router_rank, d, routed)
+    r = min(router_rank("lowrank", o, d), routed)
     return d * r + routed * r + routed  # down, up, per-neuron scale
 
 
@@ -366,7 +366,7 @@ class MoEConverter:
             deepseek = not job.target.unit_expert_weights
             spec.update(router=sizing["router"], weights="prob" if deepseek else "one",
                         routed_scaling=float(sizing["top_k"]) if deepseek else 1.0,
-                        router_rank=min(o.router_rank, wu.shape[1], sizing["experts"] * sizing["expert_size"]),
+                        router_rank=min(router_rank("lowrank", o, wu.shape[1]), sizing["experts"] * sizing["expert_size"]),
                         router_bias=(wg is None and bu is not None))
             if sizing["router"] == "gate":
                 spec["gate_input_dims"] = sizing["gate_input_dims"]
@@ -426,8 +426,12 @@ class MoEConverter:
 
 
 def router_rank(router: str, o, d: int) -> int:
-    """Rank of the gate reader a router kind uses: the exact gate is full rank."""
-    return d if router == "gate" else min(o.router_rank, d)
+    """Rank of the gate reader a router kind uses: the exact gate is full rank; the low-rank one takes
+    ``--moe-router-rank``, by default at most a quarter of the hidden size (on a small model a rank-128 router
+    would cost more than the experts it routes)."""
+    if router == "gate":
+        return d
+    return min(o.router_rank, d if "router_rank" in o.model_fields_set else max(1, d // 4))
 
 
 def _fits(sizing: dict, target) -> bool:

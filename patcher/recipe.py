@@ -95,7 +95,7 @@ class MoEOptions(Section):
         "--moe-router", "split 的路由器：gate（精确算出全部 gate 投影来选专家，预算宽时最准）、lowrank（读 gate "
         "投影的低秩近似，便宜）、auto（每层按校准数据上的输出误差在两者中取优）或 linear（最小二乘线性，DeepSeek 格式）",
         default="auto")
-    router_rank: int = _flag("--moe-router-rank", "lowrank 路由器的秩", default=128, ge=1)
+    router_rank: int = _flag("--moe-router-rank", "lowrank 路由器的秩（缺省 128，且不超过隐藏维的 1/4）", default=128, ge=1)
     gate_input: float | None = _flag(
         "--moe-gate-input", "gate 路由器读取的输入维比例：每个 token 只用幅值最大的这部分输入维算全部 gate 投影"
         "（省下的参数让更多神经元激活；1 为精确 gate；缺省每层在 0.25/0.5/0.75/1 中随预算分配一起选）",

@@ -297,3 +297,15 @@ def test_the_deepseek_format_defaults_to_experts_of_eight_neurons():
     assert recipe.moe.expert_width == 8
     target = Target(unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True)
     MoEConverter().check_target(locate(tiny_model("llama")), recipe.moe, target)  # the preset's sizing fits
+
+
+def test_default_lowrank_router_rank_is_capped_by_a_quarter_of_the_hidden_size():
+    # a rank-128 router on a 64-wide model would cost more than the experts it routes (Phi, GPT-2, Falcon tiny
+    # models were refused at 0.5 active); an explicit --moe-router-rank is kept up to the hidden size
+    from converters.moe import router_rank
+    from patcher.recipe import MoEOptions
+
+    assert router_rank("lowrank", MoEOptions(), 64) == 16
+    assert router_rank("lowrank", MoEOptions(), 576) == 128  # SmolLM2: unchanged
+    assert router_rank("lowrank", MoEOptions(router_rank=48), 64) == 48
+    assert router_rank("gate", MoEOptions(), 64) == 64

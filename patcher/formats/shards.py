@@ -66,6 +66,13 @@ class LazyWeights:
         if missing:
             raise SourceError(f"索引列出的分片不存在：{', '.join(missing[:3])}（下载不完整？）")
         self._headers: dict[str, tuple[dict, int]] = {}
+        self.stored: dict[str, str] = {}  # model name -> the name in the files, where they differ
+
+    def rename(self, renames: dict[str, str]) -> None:
+        """Read each stored tensor under its model name (``{stored: model}``): names transformers renames on load."""
+        for old, new in renames.items():
+            self.weight_map[new] = self.weight_map.pop(old)
+            self.stored[new] = old
 
     def _entry(self, name: str) -> tuple[Path, dict, int]:
         if name not in self.weight_map:
@@ -74,9 +81,10 @@ class LazyWeights:
         if fname not in self._headers:
             self._headers[fname] = read_header(self.folder / fname)
         header, start = self._headers[fname]
-        if name not in header:
-            raise SourceError(f"{fname} 中没有索引所说的张量 {name}（索引与分片不符）")
-        return self.folder / fname, header[name], start
+        stored = self.stored.get(name, name)
+        if stored not in header:
+            raise SourceError(f"{fname} 中没有索引所说的张量 {stored}（索引与分片不符）")
+        return self.folder / fname, header[stored], start
 
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))

@@ -229,6 +229,21 @@ def _fingerprint(folder: Path, store: LazyWeights, recipe: Recipe) -> dict:
             "recipe": recipe.model_dump(mode="json", exclude={"output": {"overwrite", "streaming"}})}
 
 
+def loading_renames(model, names: list[str], wanted: set[str]) -> dict[str, str]:
+    """``{stored name: model name}`` for the ``names`` that transformers' own renaming rules for this model turn into
+    a ``wanted`` name (tensors it merges or splits are not renames and stay unmatched)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+    rules = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    out = {}
+    for name in names:
+        new = rename_source_key(name, rules, [])[0]
+        if new != name and new in wanted:
+            out[name] = new
+    return out
+
+
 def _pack(prefix: str, inputs: list) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{j}": h for j, (h, _) in enumerate(inputs)}
 
@@ -278,6 +293,12 @@ class StreamingBackend:
         lacking += sorted(f"{prefix}{i}.{k}" for i in range(n) for k in self.layer_keys[i]
                           if f"{prefix}{i}.{k}" not in store.weight_map)
         extra = [k for k in store.names() if k not in expected and not sources.extra_layer(k, self.config)]
+        renames = loading_renames(self.model, extra, set(lacking))
+        if renames:  # plain renames transformers applies on load (GPT-NeoX's embed_out -> lm_head)
+            store.rename(renames)
+            self.outer_names += [v for v in renames.values() if not v.startswith(prefix)]
+            lacking = [k for k in lacking if k not in renames.values()]
+            extra = [k for k in extra if k not in renames]
         if lacking and extra:  # both sides: names that transformers renames or fuses when it loads this family
             raise SourceError(f"{self.folder} 中张量的名字与模型的不一致（模型要 {', '.join(lacking[:2])}，文件里是 "
                               f"{', '.join(extra[:2])}）：这个家族的检查点在 transformers 加载时要改名或合并张量，流式转换"

@@ -206,3 +206,28 @@ def test_tied_embeddings_qwen2_biases_stream_like_in_memory(tmp_path, tokenizer)
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert streamed["fidelity"] == in_memory["fidelity"]
+
+
+def test_names_transformers_renames_on_load_stream_like_in_memory(tmp_path, tokenizer):
+    """GPT-NeoX stores its head as ``embed_out`` and transformers renames it to ``lm_head`` on load: streaming
+    reads it under the model's name (it used to refuse the checkpoint)."""
+    from conftest import zoo_model
+    from transformers import AutoModelForCausalLM
+
+    from patcher.jobs import convert
+    from patcher.runtime import modeling
+
+    zoo_model("gpt_neox").save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "src" / "model.safetensors", "pt") as f:
+        assert "embed_out.weight" in f.keys()  # the stored name really differs
+    recipe = {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "allocation": "uniform"}}
+    streamed = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "on"}}, tmp_path / "s")
+    in_memory = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "off"}}, tmp_path / "m")
+    modeling.register("gpt_neox")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert streamed["fidelity"] == in_memory["fidelity"]

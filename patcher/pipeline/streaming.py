@@ -285,6 +285,9 @@ class StreamingBackend:
         n, prefix, store = len(self.layers), f"{mm.layers_path}.", self.store
         self.prefix = prefix
         expected = set(self.model.state_dict())
+        # plain renames transformers applies on load (GPT-NeoX's embed_out -> lm_head): read under the model's names
+        store.rename(loading_renames(self.model, [k for k in store.names() if k not in expected],
+                                     expected - set(store.names())))
         self.layer_keys = [{k[len(f"{prefix}{i}."):] for k in expected if k.startswith(f"{prefix}{i}.")}
                            for i in range(n)]
         self.outer_names = [k for k in store.names() if not k.startswith(prefix) and k in expected]
@@ -293,12 +296,6 @@ class StreamingBackend:
         lacking += sorted(f"{prefix}{i}.{k}" for i in range(n) for k in self.layer_keys[i]
                           if f"{prefix}{i}.{k}" not in store.weight_map)
         extra = [k for k in store.names() if k not in expected and not sources.extra_layer(k, self.config)]
-        renames = loading_renames(self.model, extra, set(lacking))
-        if renames:  # plain renames transformers applies on load (GPT-NeoX's embed_out -> lm_head)
-            store.rename(renames)
-            self.outer_names += [v for v in renames.values() if not v.startswith(prefix)]
-            lacking = [k for k in lacking if k not in renames.values()]
-            extra = [k for k in extra if k not in renames]
         if lacking and extra:  # both sides: names that transformers renames or fuses when it loads this family
             raise SourceError(f"{self.folder} 中张量的名字与模型的不一致（模型要 {', '.join(lacking[:2])}，文件里是 "
                               f"{', '.join(extra[:2])}）：这个家族的检查点在 transformers 加载时要改名或合并张量，流式转换"

@@ -189,19 +189,22 @@ def test_tied_embeddings_qwen2_biases_stream_like_in_memory(tmp_path, tokenizer)
     """A family with q/k/v biases and a head tied to the embedding: the head is read from the embedding's tensor."""
     from conftest import tiny_model
 
-    from patcher.jobs import convert
-
-    model = tiny_model("qwen2", tie_word_embeddings=True)
-    model.save_pretrained(tmp_path / "src")
+    tiny_model("qwen2", tie_word_embeddings=True).save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
-    recipe = {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "allocation": "uniform"}, "mtp": {"heads": 1}}
-    streamed = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "on"}}, tmp_path / "s")
-    in_memory = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "off"}}, tmp_path / "m")
+    _assert_streams_like_in_memory(tmp_path, "qwen2", {"mtp": {"heads": 1}})
+
+
+def _assert_streams_like_in_memory(tmp_path, family: str, extra: dict) -> None:
+    """Convert ``tmp_path/src`` (MLA 0.5, uniform) streamed and in memory: equal weights and equal fidelity."""
     from transformers import AutoModelForCausalLM
 
+    from patcher.jobs import convert
     from patcher.runtime import modeling
 
-    modeling.register("qwen2")
+    recipe = {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "allocation": "uniform"}, **extra}
+    streamed = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "on"}}, tmp_path / "s")
+    in_memory = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "off"}}, tmp_path / "m")
+    modeling.register(family)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -212,22 +215,10 @@ def test_names_transformers_renames_on_load_stream_like_in_memory(tmp_path, toke
     """GPT-NeoX stores its head as ``embed_out`` and transformers renames it to ``lm_head`` on load: streaming
     reads it under the model's name (it used to refuse the checkpoint)."""
     from conftest import zoo_model
-    from transformers import AutoModelForCausalLM
-
-    from patcher.jobs import convert
-    from patcher.runtime import modeling
+    from safetensors import safe_open
 
     zoo_model("gpt_neox").save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
-    from safetensors import safe_open
-
     with safe_open(tmp_path / "src" / "model.safetensors", "pt") as f:
         assert "embed_out.weight" in f.keys()  # the stored name really differs
-    recipe = {**FAST_RECIPE, "mla": {"enabled": True, "kv_keep": 0.5, "allocation": "uniform"}}
-    streamed = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "on"}}, tmp_path / "s")
-    in_memory = convert(str(tmp_path / "src"), {**recipe, "output": {"streaming": "off"}}, tmp_path / "m")
-    modeling.register("gpt_neox")
-    a = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert streamed["fidelity"] == in_memory["fidelity"]
+    _assert_streams_like_in_memory(tmp_path, "gpt_neox", {})

@@ -277,26 +277,25 @@ def test_refit_down_recovers_part_of_the_dropped_output_on_unseen_tokens():
 
 
 def test_expert_widths_the_deepseek_layout_cannot_run_are_refused_up_front():
-    from converters.base import Target
+    from patcher.recipe import FORMATS
 
-    target = Target(unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True)
+    target = FORMATS["deepseek-v3"].target
     mm = locate(tiny_model("llama"))  # 96 neurons; at 0.5 active a quarter (24) is shared
     ok = parse_recipe({"moe": {"enabled": True, "active": 0.5, "router": "linear", "experts": 9}}).moe
     MoEConverter().check_target(mm, ok, target)  # experts of 8 neurons, shared = 3 experts
     bad = parse_recipe({"moe": {"enabled": True, "active": 0.5, "router": "linear", "experts": 12}}).moe
     with pytest.raises(PlanError, match=r"专家宽是 8 的倍数.*可用的 --moe-experts：.*\b9\b"):
         MoEConverter().check_target(mm, bad, target)  # experts of 6 neurons
-    MoEConverter().check_target(mm, bad, Target())  # the dsopt layout runs any width
+    MoEConverter().check_target(mm, bad, FORMATS["dsopt"].target)  # the dsopt layout runs any width
 
 
 def test_the_deepseek_format_defaults_to_experts_of_eight_neurons():
-    from converters.base import Target
+    from patcher.recipe import FORMATS
 
     recipe = parse_recipe({"mla": {"enabled": True}, "moe": {"enabled": True, "active": 0.75},
                            "output": {"format": "deepseek-v3"}})
     assert recipe.moe.expert_width == 8
-    target = Target(unit_expert_weights=False, expert_size_multiple=8, shared_whole_experts=True)
-    MoEConverter().check_target(locate(tiny_model("llama")), recipe.moe, target)  # the preset's sizing fits
+    MoEConverter().check_target(locate(tiny_model("llama")), recipe.moe, FORMATS["deepseek-v3"].target)  # it fits
 
 
 def test_default_lowrank_router_rank_is_capped_by_a_quarter_of_the_hidden_size():

@@ -7,6 +7,7 @@ Cholesky 因子 L（SVD-LLM 做法），使截断误差等于输出误差 ||ΔW�
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -191,6 +192,19 @@ def attention_extras(config, lm: LayerMap, rotary: nn.Module | None) -> dict:
     return extras
 
 
+def _head_ordered(norm: nn.Module, lm: LayerMap) -> nn.Module:
+    """The q/k norm for rows taken in ``rope_order`` (interleaved RoPE): a copy whose per-dim weights follow the
+    same order within each head; the statistics over a head's dims do not depend on their order."""
+    if lm.rope_order is None:
+        return norm
+    norm = copy.deepcopy(norm)
+    order = torch.tensor(lm.rope_order)
+    with torch.no_grad():
+        for p in norm.parameters(recurse=False):
+            p.copy_(p.reshape(-1, lm.head_dim)[:, order].reshape(p.shape))
+    return norm
+
+
 @dataclass
 class Analysis:
     """规划轮中一层的结果：白化（加权）谱；按敏感度分配时还有实测的 KL 与探测所用的秩；
@@ -231,7 +245,7 @@ class MLAConverter:
             if not lm.rotary_dim:
                 raise PlanError(f"{where} 没有 RoPE（missing role rotary），解耦 RoPE 无从谈起；请用 --mla-rope latent")
             if lm.q_norm or lm.k_norm:
-                raise PlanError(f"{where} 对每头的 q/k 做 RMSNorm（{lm.q_norm or lm.k_norm}），是非线性的，"
+                raise PlanError(f"{where} 对 q/k 做逐头归一化（{lm.q_norm or lm.k_norm}），是非线性的，"
                                 f"DeepSeek-V3 的解耦布局无法表达；请用 --mla-rope latent")
             if rope_dim(o, lm) > lm.rotary_dim:
                 raise PlanError(f"--rope-dim {o.rope_dim} 超过 {where} 的旋转维数 {lm.rotary_dim}")
@@ -315,9 +329,10 @@ class MLAConverter:
             "q_bias": bq is not None, "k_bias": bk is not None, "v_bias": bv is not None, "o_bias": bo is not None,
             "q_norm": lm.q_norm, "k_norm": lm.k_norm, **attention_extras(config, lm, rotary),
         }
-        norms = {r: (attn.get_submodule(spec[r]) if spec[r] else None) for r in ("q_norm", "k_norm")}
-        # OLMo 2 normalises the whole q (k) projection before the head split, Qwen 3 each head: the weight tells
-        spec["qk_norm_full"] = any(getattr(m, "weight", None) is not None and m.weight.numel() != lm.head_dim
+        norms = {r: _head_ordered(attn.get_submodule(spec[r]), lm) if spec[r] else None for r in ("q_norm", "k_norm")}
+        # OLMo 2 normalises the whole q (k) projection before the head split; Qwen 3 each head with one weight,
+        # Cohere each head with its own ((heads, head_dim)): the weight's last dimension tells
+        spec["qk_norm_full"] = any(getattr(m, "weight", None) is not None and m.weight.shape[-1] != lm.head_dim
                                    for m in norms.values() if m is not None)
         new = LatentAttention(spec, config, getattr(attn, "layer_idx", lm.index), **norms)
         dtype = wq.dtype

@@ -8,6 +8,8 @@ transformer 块复制自一个解码层（缺省最后一层，``--mtp-init-laye
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -47,8 +49,12 @@ class MTPTechnique:
         """Record the modules in ``config.dsopt`` and build them on ``model`` (a dsopt class instance).
 
         ``token_ids`` (calibration text) decide the draft vocabulary: its most frequent tokens."""
-        if mm.rotary_path is None:
-            raise LocateError("MTP 模块需要 RoPE 家族（找不到旋转位置编码模块，missing role rotary）")
+        src = self.check_model(mm, o)
+        layer = model.get_submodule(mm.layers_path)[src]
+        if mm.rotary_path is None and "position_embeddings" in inspect.signature(layer.forward).parameters:
+            # GPT-2 carries positions in its hidden states; a layer that asks for rotary tables needs the module
+            raise LocateError(f"MTP 模块复制的解码层（第 {src} 层）需要旋转位置编码（position_embeddings），"
+                              f"但找不到可用的旋转位置编码模块（missing role rotary；Llama 4 的复数形式 RoPE 尚不支持）")
         rec = self.record(mm, o, model.config.vocab_size, final_norm_path(model))
         model.config.dsopt = {**model.config.dsopt, "mtp": rec}
         apply_structure(model, model.config)

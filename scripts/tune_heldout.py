@@ -47,6 +47,11 @@ VARIANTS = {
     "decoupled-rope-48": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 48}},
     "decoupled-rope-32": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 32}},
     "decoupled-rope-16": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 16}},
+    # MoE split: layer allocation and the shared part, judged on domains the split and routers were not fitted on
+    "moe-0.75": {"moe": {"enabled": True, "mode": "split", "active": 0.75}},
+    "moe-0.75-allocation-uniform": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "allocation": "uniform"}},
+    "moe-0.75-lowrank": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "router": "lowrank"}},
+    "moe-0.75-no-refit": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "refit_down": False}},
 }
 
 

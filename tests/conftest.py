@@ -40,11 +40,13 @@ ZOO = {
                                                        "beta_slow": 1.0, "llama_4_scaling_beta": 0.5}},
     "qwen2": {}, "qwen3": {"head_dim": 16},
     "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "phi": {}, "phi3": {}, "gemma": {"head_dim": 16},
     "gemma2": {"head_dim": 16, "sliding_window": 16, "attn_logit_softcapping": 2.0},
     "gemma3_text": {"head_dim": 16, "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
     "gpt_neox": {"rotary_pct": 0.25}, "stablelm": {}, "starcoder2": {}, "granite": {}, "cohere": {},
+    "cohere_qk_norm": {"model_type": "cohere", "use_qk_norm": True},  # Command R+: per-head LayerNorm, (heads, hd)
     "olmo2": {}, "smollm3": {"no_rope_layers": [1, 0]}, "internlm3": {},
     "exaone4": {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}, "glm": {"head_dim": 16},
     "glm4": {"head_dim": 16}, "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
@@ -52,10 +54,12 @@ ZOO = {
 }
 
 
-def zoo_model(model_type: str, seed: int = 0):
+def zoo_model(name: str, seed: int = 0):
+    """The tiny model of a ZOO entry (a family's model type, or a variant naming its ``model_type``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(model_type, **{**ZOO_BASE, **ZOO[model_type]})
+    kw = dict(ZOO[name])
+    cfg = AutoConfig.for_model(kw.pop("model_type", name), **{**ZOO_BASE, **kw})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # biases and norm weights away from their defaults: they must be carried exactly

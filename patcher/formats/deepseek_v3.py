@@ -241,6 +241,9 @@ def deepseek_v3_layout(model: nn.Module, mm) -> tuple[dict, dict, dict]:
         norm = _plain_rms_weight(layer.get_submodule(lm.attn_norm), where + "输入归一化")
         lay.attention(lay.main, p, _attention(layer.get_submodule(lm.attention), where + "注意力"), norm, where)
         lay.main[p + "input_layernorm.weight"] = norm
+        if lm.mlp is None or lm.mlp_norm is None:
+            raise ExportError(f"{where} 的 MLP 没有定位到（缺少角色 {', '.join(lm.missing) or 'mlp'}）：源模型的 MLP 已是专家"
+                              f"（Mixtral、Qwen3-MoE 一类）或不是普通的 MLP，DeepSeek-V3 导出只能写稠密 MLP 或 dsopt 切出的 MoE")
         lay.main[p + "post_attention_layernorm.weight"] = _plain_rms_weight(layer.get_submodule(lm.mlp_norm),
                                                                             where + "MLP 前归一化")
         mlp = layer.get_submodule(lm.mlp)

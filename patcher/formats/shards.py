@@ -67,6 +67,8 @@ class LazyWeights:
             raise SourceError(f"索引列出的分片不存在：{', '.join(missing[:3])}（下载不完整？）")
         self._headers: dict[str, tuple[dict, int]] = {}
         self.stored: dict[str, str] = {}  # model name -> the name in the files, where they differ
+        self.merged: dict[str, tuple[list[list[str]], int, int | None]] = {}  # see ``merge``
+        self.parts: dict[str, str] = {}  # stored name of a merged tensor's part -> its file
 
     def rename(self, renames: dict[str, str]) -> None:
         """Read each stored tensor under its model name (``{stored: model}``): names transformers renames on load."""
@@ -74,10 +76,21 @@ class LazyWeights:
             self.weight_map[new] = self.weight_map.pop(old)
             self.stored[new] = old
 
+    def merge(self, merges: dict[str, tuple[list[list[str]], int, int | None]]) -> None:
+        """Read each model tensor that transformers builds from several stored ones on load (Qwen3-MoE's experts):
+        ``{model name: (groups, stack_dim, cat_dim)}``; each group's tensors (experts in order) are stacked along
+        ``stack_dim``, then the groups concatenated along ``cat_dim`` (``None``: one group)."""
+        for name, spec in merges.items():
+            for part in (p for group in spec[0] for p in group):
+                self.parts[part] = self.weight_map.pop(part)
+            self.weight_map[name] = self.parts[spec[0][0][0]]
+            self.stored[name] = spec[0][0][0]  # its first part stands for it in the headers (dtype, presence)
+            self.merged[name] = spec
+
     def _entry(self, name: str) -> tuple[Path, dict, int]:
-        if name not in self.weight_map:
+        fname = self.weight_map.get(name) or self.parts.get(name)
+        if fname is None:
             raise SourceError(f"检查点中没有张量 {name}")
-        fname = self.weight_map[name]
         if fname not in self._headers:
             self._headers[fname] = read_header(self.folder / fname)
         header, start = self._headers[fname]
@@ -87,12 +100,18 @@ class LazyWeights:
         return self.folder / fname, header[stored], start
 
     def nbytes(self) -> int:
-        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()))
+        return sum((self.folder / f).stat().st_size for f in set(self.weight_map.values()) | set(self.parts.values()))
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def shape(self, name: str) -> list[int]:
+        if name in self.merged:
+            groups, stack, cat = self.merged[name]
+            shapes = [self.shape(g[0])[:stack] + [len(g)] + self.shape(g[0])[stack:] for g in groups]
+            if cat is not None:
+                shapes[0][cat] = sum(sh[cat] for sh in shapes)
+            return shapes[0]
         return list(self._entry(name)[1]["shape"])
 
     def read(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -100,6 +119,10 @@ class LazyWeights:
         return {n: self.read_one(n, dtype) for n in names}
 
     def read_one(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name in self.merged:
+            groups, stack, cat = self.merged[name]
+            stacked = [torch.stack([self.read_one(p, dtype) for p in g], stack) for g in groups]
+            return stacked[0] if cat is None else torch.cat(stacked, cat)
         path, entry, start = self._entry(name)
         return read_tensor(path, name, entry, start, dtype)
 

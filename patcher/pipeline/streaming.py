@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -244,6 +245,43 @@ def loading_renames(model, names: list[str], wanted: set[str]) -> dict[str, str]
     return out
 
 
+def loading_merges(model, names: list[str], wanted: set[str]) -> dict[str, tuple[list[list[str]], int, int | None]]:
+    """``{model name: (groups of stored names, stack dim, cat dim)}`` for the ``wanted`` tensors transformers' own
+    rules for this model build by stacking per-expert tensors and concatenating the stacks (Qwen3-MoE's
+    ``gate_up_proj``, ``down_proj``); the format of ``LazyWeights.merge``. Other conversions stay unmatched."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        WeightConverter,
+        WeightRenaming,
+        rename_source_key,
+    )
+
+    rules = get_model_conversion_mapping(model)
+    renames = [r for r in rules if isinstance(r, WeightRenaming)]
+    named = {rename_source_key(n, renames, [])[0]: n for n in names}  # patterns apply after renaming (Mixtral)
+    out = {}
+    for rule in rules:
+        ops = getattr(rule, "operations", [])
+        if not (isinstance(rule, WeightConverter) and len(rule.target_patterns) == 1 and 1 <= len(ops) <= 2
+                and isinstance(ops[0], MergeModulelist) and all(isinstance(o, Concatenate) for o in ops[1:])
+                and (len(ops) == 2 or len(rule.source_patterns) == 1)):
+            continue
+        found: dict[str, list[dict[int, str]]] = {}  # prefix -> per source pattern: {expert index: stored name}
+        for j, pattern in enumerate(rule.source_patterns):
+            rx = re.compile("^(.*?)" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+            for name, stored in named.items():
+                if m := rx.match(name):
+                    found.setdefault(m.group(1), [{} for _ in rule.source_patterns])[j][int(m.group(2))] = stored
+        for prefix, per in found.items():
+            target = prefix + rule.target_patterns[0]
+            n = len(per[0])
+            if target in wanted and n and all(sorted(d) == list(range(n)) for d in per):
+                out[target] = ([[d[i] for i in range(n)] for d in per], ops[0].dim, ops[1].dim if len(ops) == 2 else None)
+    return out
+
+
 def _pack(prefix: str, inputs: list) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{j}": h for j, (h, _) in enumerate(inputs)}
 
@@ -288,6 +326,9 @@ class StreamingBackend:
         # plain renames transformers applies on load (GPT-NeoX's embed_out -> lm_head): read under the model's names
         store.rename(loading_renames(self.model, [k for k in store.names() if k not in expected],
                                      expected - set(store.names())))
+        # per-expert tensors that transformers stacks on load (Qwen3-MoE): read and stacked one layer at a time
+        store.merge(loading_merges(self.model, [k for k in store.names() if k not in expected],
+                                   expected - set(store.names())))
         self.layer_keys = [{k[len(f"{prefix}{i}."):] for k in expected if k.startswith(f"{prefix}{i}.")}
                            for i in range(n)]
         self.outer_names = [k for k in store.names() if not k.startswith(prefix) and k in expected]

@@ -70,13 +70,15 @@ class MTPModule(nn.Module):
         if mask is None:
             mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=cache,
                                       position_ids=pos)
-        rotary = model.get_submodule(model.config.dsopt["rotary_path"])
-        # Gemma 3's rotary differs by layer kind: the block's own kind (its attention knows it)
-        kind = getattr(getattr(self.block, "self_attn", None), "layer_type", None)
-        extra = {"layer_type": kind} if kind is not None and "layer_type" in \
-            inspect.signature(rotary.forward).parameters else {}
-        out = self.block(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None,
-                         position_embeddings=rotary(x, pos, **extra))
+        rotary_path = model.config.dsopt.get("rotary_path")
+        extra = {}
+        if rotary_path:  # families without RoPE (GPT-2) carry positions in the hidden state already
+            rotary = model.get_submodule(rotary_path)
+            # Gemma 3's rotary differs by layer kind: the block's own kind (its attention knows it)
+            kind = getattr(getattr(self.block, "self_attn", None), "layer_type", None)
+            takes = kind is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+            extra["position_embeddings"] = rotary(x, pos, **({"layer_type": kind} if takes else {}))
+        out = self.block(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None, **extra)
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -174,7 +174,7 @@ def test_layouts_decoupled_rope_cannot_express_are_refused(tokenizer):
 
 
 @pytest.mark.parametrize("family, why", [("glm4", "post_self_attn_layernorm"), ("ministral", "滑动窗口"),
-                                         ("phi", "RMSNorm")])
+                                         ("phi", "RMSNorm"), ("mixtral", "MLP 没有定位到")])
 def test_what_the_format_cannot_express_is_refused_before_the_model_is_read(family, why, monkeypatch, tmp_path):
     """GLM-4's post-norms, sliding windows and LayerNorm: refused by the preflight's miniature export, before the
     checkpoint's weights are loaded (they were caught only after the whole conversion)."""

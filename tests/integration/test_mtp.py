@@ -347,11 +347,25 @@ def test_mtp_checkpoint_round_trip(trained, tmp_path):
                        patched.generate(ids, do_sample=False, max_new_tokens=16, eos_token_id=None))
 
 
-def test_mtp_needs_rope(tokenizer):
-    from patcher.model.locate import LocateError
+def test_mtp_on_a_family_without_rope_is_lossless_and_learns(tokenizer, tmp_path):
+    """GPT-2 (learned absolute positions, no RoPE): the MTP block gets positions through the hidden state only;
+    training lowers its loss, and speculative greedy (tree drafts, lookup) equals plain greedy, also reloaded."""
+    from transformers import AutoModelForCausalLM
 
-    with pytest.raises(LocateError, match="rotary"):
-        patch_model(tiny_model("gpt2", seed=1), mtp_recipe(), tokenizer)
+    from patcher.formats.folder import write_checkpoint
+
+    patched, report = patch_model(tiny_model("gpt2", seed=1), mtp_recipe(train_tokens=4096), tokenizer)
+    m = report["mtp"]
+    assert len(patched.mtp) == 2 and m["training"]["steps"] == 16 and m["greedy_identical"] is True
+    assert 0 < m["head_acceptance_teacher_forced"][0] <= 1
+    write_checkpoint(patched, None, tmp_path / "out")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    for ids in (torch.tensor([[7, 8, 9, 10, 11, 7, 8, 9, 10, 11, 7, 8]]), torch.randint(4, 250, (1, 9))):
+        plain = again.generate(ids, use_mtp=False, do_sample=False, max_new_tokens=40, eos_token_id=None)
+        for lookup, branches in [(0, (3, 2)), (5, 2)]:
+            spec, stats = speculative_generate(again, ids, 40, (), lookup=lookup, branches=branches)
+            assert torch.equal(plain, spec), (lookup, branches)
+            assert stats["verify_steps"] < 40
 
 
 def test_training_on_the_bases_own_continuations(tokenizer, tmp_path):

@@ -222,3 +222,18 @@ def test_names_transformers_renames_on_load_stream_like_in_memory(tmp_path, toke
     with safe_open(tmp_path / "src" / "model.safetensors", "pt") as f:
         assert "embed_out.weight" in f.keys()  # the stored name really differs
     _assert_streams_like_in_memory(tmp_path, "gpt_neox", {})
+
+
+@pytest.mark.parametrize("family, stored", [("qwen3_moe", "model.layers.0.mlp.experts.3.up_proj.weight"),
+                                             ("mixtral", "model.layers.0.block_sparse_moe.experts.3.w3.weight")])
+def test_experts_transformers_stacks_on_load_stream_like_in_memory(tmp_path, tokenizer, family, stored):
+    """Qwen3-MoE and Mixtral store one tensor per expert and transformers stacks them (gate and up concatenated;
+    Mixtral's names renamed first) on load: streaming reads and stacks them layer by layer (it used to refuse)."""
+    from conftest import zoo_model
+    from safetensors import safe_open
+
+    zoo_model(family).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    with safe_open(tmp_path / "src" / "model.safetensors", "pt") as f:
+        assert stored in f.keys()  # really stored per expert
+    _assert_streams_like_in_memory(tmp_path, family, {})

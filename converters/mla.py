@@ -185,6 +185,9 @@ def attention_extras(config, lm: LayerMap, rotary: nn.Module | None) -> dict:
         # Ministral 3: queries scaled by 1 + β·log(1 + ⌊pos / original_max⌋), a function of the absolute position
         extras["query_scale"] = [float(rope_params["llama_4_scaling_beta"]),
                                  int(rope_params["original_max_position_embeddings"])]
+    if getattr(config, "attn_temperature_tuning", False) and not lm.rotary_dim:
+        # Llama 4's NoPE layers: queries scaled by 1 + β·log(1 + ⌊(pos + 1) / floor_scale⌋)
+        extras["query_scale"] = [float(config.attn_scale), int(config.floor_scale), 1]
     if lm.rope_order is not None:  # q/k rows were taken in rotate-half order; the tables may need the same
         columns = table_columns(rotary, lm.rotary_dim, extras.get("layer_type"))
         if columns is not None:

@@ -50,7 +50,8 @@ ZOO = {
     "olmo2": {}, "smollm3": {"no_rope_layers": [1, 0]}, "internlm3": {},
     "exaone4": {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}, "glm": {"head_dim": 16},
     "glm4": {"head_dim": 16}, "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2},
-    "llama4_text": {"head_dim": 16, "intermediate_size_mlp": 96, "num_local_experts": 2},
+    "llama4_text": {"head_dim": 16, "intermediate_size_mlp": 96, "num_local_experts": 2, "no_rope_layers": [1, 0],
+                    "attention_chunk_size": 16, "floor_scale": 4},  # a NoPE layer; chunks and the temperature bite
 }
 
 

@@ -36,6 +36,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("glm4", rope_layout="interleaved", notes="部分旋转、交错布局的 RoPE"),
     Family("gemma2", notes="注意力得分软截断（softcap）：潜在注意力同样截断；追踪时暂时去掉（sdpa 不支持）"),
     Family("gemma3_text", notes="局部/全局层的 RoPE 基数不同：每层按 layer_types 取自己的旋转表"),
+    Family("llama4_text", rope_layout="interleaved",
+           notes="复数形式的交错 RoPE（freqs_cis）、NoPE 层的查询温度缩放、分块注意力"),
 ]}
 
 

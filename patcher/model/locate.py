@@ -28,6 +28,7 @@ MOVEMENT = {
     aten.t.default, aten.narrow.default, operator.getitem,
 }
 MATMUL = {aten.matmul.default, aten.mm.default}
+TRIG = {aten.cos.default, aten.sin.default, aten.polar.default}  # ops only a rotary table is made of
 TRANSPOSE = {aten.numpy_T.default, aten.t.default, aten.permute.default, aten.transpose.int}
 NORM_OPS = {aten.rsqrt.default, aten.layer_norm.default, aten.native_layer_norm.default}
 ACT_OPS = {aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default,
@@ -248,7 +249,7 @@ def _locate_layer(model: nn.Module, layers_path: str, index: int) -> tuple[Layer
                 getattr(n.args[1].args[0], "name", None) in params:  # x @ W.T written out (Falcon's FalconLinear)
             linears[n] = (params[n.args[1].args[0].name].rsplit(".", 1)[0], False)
     layer_linears = {n: v for n, v in linears.items() if v[0].startswith(prefix0 + ".")}
-    trig = [n for n in graph.nodes if n.op == "call_function" and n.target in (aten.cos.default, aten.sin.default)]
+    trig = [n for n in graph.nodes if n.op == "call_function" and n.target in TRIG]
     # position-only tensors (cos/sin tables): derived from the trig ops but not from the token inputs
     inputs = [n for n in graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
     trig_derived = _forward_closure(trig) - _forward_closure(inputs)
@@ -274,8 +275,9 @@ def _locate_layer(model: nn.Module, layers_path: str, index: int) -> tuple[Layer
                     setattr(lm, f"{role}_norm", rel(_module_of(n))[len(lm.attention) + 1:])
                 if role == "k" and n.target == aten.mul.Tensor:
                     for a in n.all_input_nodes:
-                        if a in trig_derived:
-                            lm.rotary_dim = int(a.meta["val"].shape[-1])
+                        if a in trig_derived:  # a complex table (Llama 4) holds one entry per rotated pair
+                            val = a.meta["val"]
+                            lm.rotary_dim = int(val.shape[-1]) * (2 if val.is_complex() else 1)
         scale = attn.kwargs.get("scale")
         lm.scaling = float(scale) if scale is not None else (lm.head_dim ** -0.5 if lm.q else None)
         after = _forward_closure([attn])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..runtime.modeling import rotary_cos_sin
 from .locate import Projection
 
 
@@ -26,7 +27,7 @@ def rope_angles(rotary: nn.Module, rot: int, layer_type: str | None = None) -> t
     (tables in interleaved order are read in rotate-half order; ``layer_type`` for rotaries that depend on it)."""
     like = torch.zeros(1, 2, rot, dtype=torch.float32)
     extra = {"layer_type": layer_type} if layer_type is not None else {}
-    cos, sin = rotary(like, torch.arange(2)[None], **extra)
+    cos, sin = rotary_cos_sin(rotary, like, torch.arange(2)[None], **extra)
     columns = table_columns(rotary, rot, layer_type)
     if columns is not None:
         cos, sin = cos[..., columns], sin[..., columns]
@@ -41,7 +42,7 @@ def table_columns(rotary: nn.Module, rot: int, layer_type: str | None = None) ->
     half order, converting inside their own apply function (GLM)."""
     like = torch.zeros(1, 2, rot, dtype=torch.float32)
     extra = {"layer_type": layer_type} if layer_type is not None else {}
-    cos = rotary(like, torch.arange(2)[None], **extra)[0][0, 1]
+    cos = rotary_cos_sin(rotary, like, torch.arange(2)[None], **extra)[0][0, 1]
     if rot >= 4 and torch.allclose(cos[0::2], cos[1::2]) and not torch.allclose(cos[: rot // 2], cos[rot // 2:]):
         return list(range(0, rot, 2)) + list(range(1, rot, 2))
     return None

@@ -141,6 +141,8 @@ class _ZeroEmbedding(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
+        # families read the embedding's device from its weight (Llama 4): an empty one answers that
+        self.register_buffer("weight", torch.empty(0), persistent=False)
 
     def forward(self, ids):
         return torch.zeros(*ids.shape, self.hidden_size, dtype=COMPUTE_DTYPE)

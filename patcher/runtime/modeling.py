@@ -77,12 +77,21 @@ def rope_positions(kv_len: int, q_len: int, position_ids: torch.Tensor | None, d
     return torch.cat([pos[: kv_len - q_len], new - new[0] + (kv_len - q_len)])
 
 
+def rotary_cos_sin(rotary: nn.Module, like: torch.Tensor, position_ids: torch.Tensor, **extra):
+    """(cos, sin) of a family's rotary at ``position_ids`` (batch, len). A complex table (Llama 4's ``freqs_cis``,
+    one entry per rotated pair) is given as rotate-half cos/sin: θ_0..θ_{h-1} twice."""
+    out = rotary(like, position_ids, **extra)
+    if torch.is_tensor(out) and out.is_complex():
+        return torch.cat([out.real, out.real], -1), torch.cat([out.imag, out.imag], -1)
+    return out
+
+
 def rope_tables(rotary: nn.Module, positions: torch.Tensor, like: torch.Tensor, columns: list[int] | None = None,
                 layer_type: str | None = None):
     """cos/sin of the family's rotary at ``positions`` (1-D), shaped (1, 1, len, rot); ``columns`` picks dims.
     ``layer_type``: families whose rotary differs by layer kind (Gemma 3: local and global bases) take it."""
     extra = {"layer_type": layer_type} if layer_type is not None else {}
-    cos, sin = rotary(like, positions.unsqueeze(0), **extra)
+    cos, sin = rotary_cos_sin(rotary, like, positions.unsqueeze(0), **extra)
     if columns is not None:
         cols = torch.tensor(columns, device=cos.device)
         cos, sin = cos[..., cols], sin[..., cols]
@@ -128,7 +137,8 @@ class LatentAttention(nn.Module):
         self.softcap = spec.get("softcap")
         self.layer_type = spec.get("layer_type")
         self.rope_columns = spec.get("rope_columns")  # interleaved tables put in rotate-half order
-        self.query_scale = spec.get("query_scale")  # [β, original max positions]: Ministral 3's long-context scale
+        # [β, span(, offset)]: 1 + β·log(1 + ⌊(pos + offset) / span⌋), Ministral 3's long-context scale, Llama 4's NoPE one
+        self.query_scale = spec.get("query_scale")
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.is_causal = True
         hidden = spec["hidden_size"]
@@ -206,8 +216,8 @@ class LatentAttention(nn.Module):
             key = apply_rope(key, cos, sin)
             query = apply_rope(query, cos[:, :, kv_len - q_len:], sin[:, :, kv_len - q_len:])
         if self.query_scale:
-            beta, span = self.query_scale
-            pos = torch.arange(kv_len - q_len, kv_len, device=query.device, dtype=torch.float32)
+            beta, span, *offset = self.query_scale
+            pos = torch.arange(kv_len - q_len, kv_len, device=query.device, dtype=torch.float32) + sum(offset)
             query = query * (1 + beta * torch.log(1 + torch.floor(pos / span)))[:, None].to(query.dtype)
 
         if q_len <= self.ABSORB_MAX_QUERY and kv_len > q_len:

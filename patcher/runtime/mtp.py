@@ -82,6 +82,12 @@ class MTPModule(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+def body_of(model: nn.Module) -> nn.Module:
+    """The decoder stack without the head, whose output has ``last_hidden_state`` (``base_model`` is the whole
+    model where the family's prefix names no attribute: Llama 4)."""
+    return model.get_submodule(model.config.dsopt["layers_path"].rsplit(".", 1)[0])
+
+
 def _block_from(layer: nn.Module) -> nn.Module:
     """A copy of a decoder layer that caches as layer 0 of its own cache."""
     block = copy.deepcopy(layer)
@@ -164,10 +170,11 @@ def _keep_rows(cache, start: int, rows: list[int]) -> None:
 
 
 def tree_mask(parents: list[int], cached: int, dtype, device, positions: list[int] | None = None,
-              window: int | None = None) -> torch.Tensor:
+              window: int | None = None, chunk: int | None = None) -> torch.Tensor:
     """Additive attention mask of shape (1, 1, rows, cached + rows) for rows that form a forest: row r sees all
     ``cached`` positions, its ancestors (``parents[r]``, −1 for none; parents come first) and itself. ``window``
-    (with the rows' ``positions``): also drop keys ``window`` or more positions back, as sliding layers do."""
+    (with the rows' ``positions``): also drop keys ``window`` or more positions back, as sliding layers do;
+    ``chunk``: keep only keys in the row's own chunk of that many positions, as Llama 4's chunked layers do."""
     n = len(parents)
     seen = torch.eye(n, dtype=torch.bool)
     for r, p in enumerate(parents):
@@ -178,6 +185,10 @@ def tree_mask(parents: list[int], cached: int, dtype, device, positions: list[in
         rows = torch.tensor(positions)
         cols = torch.cat([torch.arange(cached), rows])
         seen &= rows[:, None] - cols[None, :] < window
+    if chunk is not None:
+        rows = torch.tensor(positions)
+        cols = torch.cat([torch.arange(cached), rows])
+        seen &= rows[:, None] // chunk == cols[None, :] // chunk
     mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
     return mask[None, None].to(device)
 
@@ -207,11 +218,13 @@ class DraftTree:
     def is_chain(self) -> bool:
         return all(p == j - 1 for j, p in enumerate(self.parents))
 
-    def attention_mask(self, context: int, dtype, device, window: int | None = None) -> torch.Tensor:
+    def attention_mask(self, context: int, dtype, device, window: int | None = None,
+                       chunk: int | None = None) -> torch.Tensor:
         """Additive mask of shape (1, 1, 1 + nodes, context + 1 + nodes). ``window``: a sliding-window layer's
-        reach, as transformers defines it (a query sees keys less than ``window`` positions back)."""
+        reach, as transformers defines it (a query sees keys less than ``window`` positions back); ``chunk``: a
+        chunked layer's chunk size."""
         return tree_mask([-1] + [p + 1 for p in self.parents], context, dtype, device,
-                         [context] + [context + d for d in self.depths], window)
+                         [context] + [context + d for d in self.depths], window, chunk)
 
     def attention_masks(self, config, context: int, dtype, device):
         """The verification mask as the base model takes it: None for a single path (the model's own causal
@@ -219,9 +232,10 @@ class DraftTree:
         if self.is_chain():
             return None
         window = getattr(config, "sliding_window", None)
+        chunk = getattr(config, "attention_chunk_size", None)
         types = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
-        masks = {t: self.attention_mask(context, dtype, device, window if t == "sliding_attention" else None)
-                 for t in types}
+        masks = {t: self.attention_mask(context, dtype, device, window if t == "sliding_attention" else None,
+                                        chunk if t == "chunked_attention" else None) for t in types}
         return masks.popitem()[1] if len(masks) == 1 else masks
 
     def walk(self, choice: list[int]) -> tuple[list[int], int]:
@@ -397,7 +411,7 @@ def speculative_generate(model, input_ids: torch.Tensor, max_new_tokens: int, eo
     mtp = list(model.mtp)[: heads or len(model.mtp)]
     k_max = len(mtp)
     widths = draft_widths(branches, k_max)
-    base, head = model.base_model, model.get_output_embeddings()
+    base, head = body_of(model), model.get_output_embeddings()
     dev = input_ids.device
     eos = set(eos_token_ids or ())
     greedy = temperature <= 0

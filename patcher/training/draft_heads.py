@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.text import read_text, token_windows
-from ..runtime.mtp import DraftHead, choose_draft_vocab
+from ..runtime.mtp import DraftHead, body_of, choose_draft_vocab
 from . import selfgen
 from .loop import autocast, past_budget, precision_label, reshuffled_epochs, save_state, start
 
@@ -81,7 +81,7 @@ class MTPObjective(nn.Module):
 @torch.no_grad()
 def base_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     """The frozen base's last hidden states (what MTP depth 1 reads and the teacher's logits come from)."""
-    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    return body_of(model)(input_ids=ids, use_cache=False).last_hidden_state
 
 
 class HiddenCache:
@@ -192,7 +192,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    model.mtp.to(next(model.base_model.parameters()).dtype)
+    model.mtp.to(next(body_of(model).parameters()).dtype)
     ran = done + len(history)
     return {"steps": ran, "planned_steps": steps, "resumed_from_step": done,
             "tokens": ran * batch_size * windows.shape[1],

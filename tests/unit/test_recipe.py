@@ -44,6 +44,9 @@ def test_every_option_has_one_flag_and_overrides_validate():
     for needed in ("--mla", "--kv-keep", "--kv-lora-rank", "--calib-data", "--calib-tokens", "--seed",
                    "--eval-data", "--overwrite"):
         assert any(f.split("/")[0] == needed for f in flags), needed
+    # a switch that is on by default must have a way off on the command line
+    on = [f.json_schema_extra["flag"] for _, _, f in flag_fields() if f.annotation is bool and f.default]
+    assert on and all("/--no-" in f for f in on), on
     r = with_overrides(load_recipe("mla-kv40"), {("mla", "kv_keep"): 0.5})
     assert r.mla.kv_keep == 0.5 and r.mla.enabled
     with pytest.raises(RecipeError):

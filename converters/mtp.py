@@ -54,7 +54,7 @@ class MTPTechnique:
         if mm.rotary_path is None and "position_embeddings" in inspect.signature(layer.forward).parameters:
             # GPT-2 carries positions in its hidden states; a layer that asks for rotary tables needs the module
             raise LocateError(f"MTP 模块复制的解码层（第 {src} 层）需要旋转位置编码（position_embeddings），"
-                              f"但找不到可用的旋转位置编码模块（missing role rotary；Llama 4 的复数形式 RoPE 尚不支持）")
+                              f"但定位器没有找到旋转位置编码模块（missing role rotary），无法给 MTP 块位置")
         rec = self.record(mm, o, model.config.vocab_size, final_norm_path(model))
         model.config.dsopt = {**model.config.dsopt, "mtp": rec}
         apply_structure(model, model.config)

@@ -362,6 +362,21 @@ def test_mtp_on_a_family_without_rope_is_lossless_and_learns(tokenizer, tmp_path
     _assert_trees_match_plain_greedy(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval())
 
 
+def test_mtp_is_refused_up_front_where_layers_need_rotary_tables_that_were_not_found(tokenizer, monkeypatch):
+    """A decoder layer that takes ``position_embeddings`` cannot run as an MTP block without the family's rotary:
+    refused, by the preflight's miniature, naming the missing role."""
+    import dataclasses
+
+    from converters.mtp import MTPTechnique
+    from patcher.errors import DsoptError
+
+    real = MTPTechnique.attach
+    monkeypatch.setattr(MTPTechnique, "attach", lambda self, model, mm, *a: real(
+        self, model, dataclasses.replace(mm, rotary_path=None), *a))
+    with pytest.raises(DsoptError, match="预检.*position_embeddings.*missing role rotary"):
+        patch_model(tiny_model("llama", seed=1), mtp_recipe(), tokenizer)
+
+
 def test_tree_verification_keeps_chunked_attention_exact(tokenizer):
     """Llama 4's chunked layers (chunks of 16 here) see only keys of their own chunk: a draft tree verified across
     a chunk boundary must be masked the same way, or speculative greedy drifts from plain greedy."""

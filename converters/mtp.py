@@ -49,13 +49,12 @@ class MTPTechnique:
         """Record the modules in ``config.dsopt`` and build them on ``model`` (a dsopt class instance).
 
         ``token_ids`` (calibration text) decide the draft vocabulary: its most frequent tokens."""
-        src = self.check_model(mm, o)
-        layer = model.get_submodule(mm.layers_path)[src]
+        rec = self.record(mm, o, model.config.vocab_size, final_norm_path(model))
+        layer = model.get_submodule(mm.layers_path)[rec["source_layer"]]
         if mm.rotary_path is None and "position_embeddings" in inspect.signature(layer.forward).parameters:
             # GPT-2 carries positions in its hidden states; a layer that asks for rotary tables needs the module
-            raise LocateError(f"MTP 模块复制的解码层（第 {src} 层）需要旋转位置编码（position_embeddings），"
+            raise LocateError(f"MTP 模块复制的解码层（第 {rec['source_layer']} 层）需要旋转位置编码（position_embeddings），"
                               f"但定位器没有找到旋转位置编码模块（missing role rotary），无法给 MTP 块位置")
-        rec = self.record(mm, o, model.config.vocab_size, final_norm_path(model))
         model.config.dsopt = {**model.config.dsopt, "mtp": rec}
         apply_structure(model, model.config)
         init_eh_proj(model.mtp, model.config.hidden_size)

@@ -108,7 +108,8 @@ class LazyWeights:
     def shape(self, name: str) -> list[int]:
         if name in self.merged:
             groups, stack, cat = self.merged[name]
-            shapes = [self.shape(g[0])[:stack] + [len(g)] + self.shape(g[0])[stack:] for g in groups]
+            parts = [(self.shape(g[0]), len(g)) for g in groups]
+            shapes = [part[:stack] + [n] + part[stack:] for part, n in parts]
             if cat is not None:
                 shapes[0][cat] = sum(sh[cat] for sh in shapes)
             return shapes[0]

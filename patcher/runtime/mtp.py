@@ -181,14 +181,13 @@ def tree_mask(parents: list[int], cached: int, dtype, device, positions: list[in
         if p >= 0:
             seen[r] |= seen[p]
     seen = torch.cat([torch.ones(n, cached, dtype=torch.bool), seen], 1)
-    if window is not None:
+    if window is not None or chunk is not None:
         rows = torch.tensor(positions)
         cols = torch.cat([torch.arange(cached), rows])
-        seen &= rows[:, None] - cols[None, :] < window
-    if chunk is not None:
-        rows = torch.tensor(positions)
-        cols = torch.cat([torch.arange(cached), rows])
-        seen &= rows[:, None] // chunk == cols[None, :] // chunk
+        if window is not None:
+            seen &= rows[:, None] - cols[None, :] < window
+        if chunk is not None:
+            seen &= rows[:, None] // chunk == cols[None, :] // chunk
     mask = torch.zeros(seen.shape, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
     return mask[None, None].to(device)
 

@@ -52,6 +52,11 @@ VARIANTS = {
     "moe-0.75-allocation-uniform": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "allocation": "uniform"}},
     "moe-0.75-lowrank": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "router": "lowrank"}},
     "moe-0.75-no-refit": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "refit_down": False}},
+    # at half the FFN active: allocation, router kind and expert granularity (neurons per expert)
+    "moe-0.5": {"moe": {"enabled": True, "mode": "split", "active": 0.5}},
+    "moe-0.5-allocation-uniform": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"}},
+    "moe-0.5-lowrank": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "router": "lowrank"}},
+    "moe-0.5-width-8": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "expert_width": 8}},
 }
 
 

@@ -7,7 +7,7 @@
 隐藏状态只算一次、留在内存里（基座冻结，它们不变），之后每一步只跑 MTP 模块，所以多轮训练比第一轮快得多；
 缓存放不下（超过 ``CACHE_BYTES``）时每步重算。
 ``generate_tokens``：基座先从训练文本的随机片段出发续写这么多 token，与原文一起训练（见 ``selfgen``）。
-``max_minutes`` 给训练设时间上限：到时停在当前步（余弦学习率按计划步数排，所以 token 预算最好按实测每步耗时选）。
+``max_minutes`` 给训练设时间上限：到时停在当前步；余弦学习率的终点按实测的每步耗时移到时间用完之前（``fit_to_budget``）。
 可续训：每 ``save_every`` 步把优化器、调度器、随机状态与步数写到 ``<OUT>/mtp-train/``，``--resume`` 从那里接着训。
 """
 
@@ -24,7 +24,7 @@ from torch import nn
 from ..data.text import read_text, token_windows
 from ..runtime.mtp import DraftHead, body_of, choose_draft_vocab
 from . import selfgen
-from .loop import autocast, past_budget, precision_label, reshuffled_epochs, save_state, start
+from .loop import autocast, factor, fit_to_budget, past_budget, precision_label, reshuffled_epochs, save_state, start
 
 STATE_DIR = "mtp-train"
 CACHE_BYTES = 4 << 30  # base hidden states kept for later epochs up to this size (fp32 bytes)
@@ -168,6 +168,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
     history = []
     if progress:
         progress.start("训练 MTP", steps, done)
+    loop_t0 = time.perf_counter()
     for step in range(done, steps):
         rows = order[step]
         batch = windows[rows].to(acc.device)
@@ -180,6 +181,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         schedule.step()
         optimizer.zero_grad()
         history.append({"step": step + 1, "loss": per_head.tolist(), "accuracy": accs.tolist()})
+        fit_to_budget(schedule, steps, len(history), loop_t0, t0, opts.max_minutes, step + 1)
         if progress:
             progress.update(step + 1, float(loss.detach()), accs.tolist())
         out_of_time = past_budget(t0, opts.max_minutes)
@@ -194,7 +196,7 @@ def train_mtp(model, windows: torch.Tensor, opts, state_dir: Path | None, resume
         p.requires_grad_(False)
     model.mtp.to(next(body_of(model).parameters()).dtype)
     ran = done + len(history)
-    return {"steps": ran, "planned_steps": steps, "resumed_from_step": done,
+    return {"steps": ran, "planned_steps": steps, "lr_horizon": factor(schedule).steps, "resumed_from_step": done,
             "tokens": ran * batch_size * windows.shape[1],
             "distinct_tokens": int(windows.numel()), "epochs": epochs, "hidden_cached": hidden.keep,
             "seconds": time.perf_counter() - t0, "target": opts.target, "generated": generated,

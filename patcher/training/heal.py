@@ -30,6 +30,8 @@ from .loop import (
     CONVERTED,
     autocast,
     converted_modules,
+    factor,
+    fit_to_budget,
     past_budget,
     precision_label,
     reshuffled_epochs,
@@ -44,7 +46,7 @@ class HealOptions(Section):
     teacher: str | None = Field(None, description="老师：源检查点（目录、.gguf 或内置别名）；缺省为转换时的来源")
     data: str | None = Field(None, description="训练文本（.txt/.jsonl）；缺省为转换时的校准文本")
     tokens: int = Field(65536, ge=64, description="训练 token 数（决定步数）；多于文本时按轮次重复整篇文本")
-    max_minutes: float = Field(0.0, ge=0.0, description="训练时间上限（分钟，0 表示不限）；到时停在当前步，保留最好的权重")
+    max_minutes: float = Field(0.0, ge=0.0, description="训练时间上限（分钟，0 表示不限）；学习率在时间用完前降到零，到时停在当前步，保留最好的权重")
     lr: float = Field(5e-5, gt=0.0, description="学习率")
     seq_len: int = Field(256, ge=16, description="序列长度")
     batch_size: int = Field(4, ge=1, description="批大小")
@@ -293,6 +295,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
     losses = []
     if progress:
         progress.start("修复：KL 蒸馏", steps, done)
+    loop_t0 = time.perf_counter()
     for step in range(done, steps):
         idx = order[step * opts.batch_size:(step + 1) * opts.batch_size]
         batch = windows[idx].to(acc.device)
@@ -311,6 +314,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         schedule.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
+        fit_to_budget(schedule, steps, len(losses), loop_t0, t0, opts.max_minutes, step + 1)
         if progress:
             progress.update(step + 1, losses[-1], [])
         out_of_time = past_budget(t0, opts.max_minutes)
@@ -339,7 +343,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, opts:
         merge_lora(student)
     ran = done + len(losses)
     visited = min(len(order), ran * opts.batch_size)  # windows trained on (the last batch may be short)
-    return {"steps": ran, "planned_steps": steps, "resumed_from_step": done,
+    return {"steps": ran, "planned_steps": steps, "lr_horizon": factor(schedule).steps, "resumed_from_step": done,
             "tokens": visited * windows.shape[1], "epochs": round(visited / len(windows), 3),
             "trainable_parameters": int(sum(p.numel() for p in params)), "seconds": time.perf_counter() - t0,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,

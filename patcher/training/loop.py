@@ -1,4 +1,5 @@
-"""训练循环共用的部件（MTP 训练与修复）：混合精度、带预热的余弦学习率，原子保存与精确恢复可续训状态。
+"""训练循环共用的部件（MTP 训练与修复）：混合精度、带预热的余弦学习率（有时间上限时在时间用完时降到零），
+原子保存与精确恢复可续训状态。
 
 混合精度（``precision``）：``auto`` 在 bfloat16 矩阵乘法有硬件支持时（支持 bf16 的 GPU；带 AVX512-BF16 或 AMX
 的 CPU）让前向在 bfloat16 autocast 下运行，权重、梯度与优化器状态仍是 fp32，损失在 fp32 中计算；``bf16``
@@ -47,11 +48,43 @@ def past_budget(t0: float, minutes: float) -> bool:
     return minutes > 0 and time.perf_counter() - t0 >= 60 * minutes
 
 
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up over the first 5 % of ``steps``, then cosine decay to zero at ``steps``.
+
+    An object, not a lambda: LambdaLR saves its attributes with the schedule, so a resumed run keeps the horizon
+    that ``fit_to_budget`` set."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __call__(self, s: int) -> float:
+        warm = max(1, self.steps // 20)
+        return min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, self.steps) / self.steps))
+
+
 def cosine_with_warmup(optimizer, steps: int):
-    """Linear warm-up over the first 5 % of the steps, then cosine decay to zero."""
-    warm = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(steps))
+
+
+BUDGET_PROBE_STEPS = 10  # steps timed before the first estimate (the first ones also pay for allocation)
+
+
+def fit_to_budget(schedule, planned: int, ran: int, loop_t0: float, t0: float, minutes: float, step: int) -> None:
+    """Under a time budget, let the cosine reach zero when the time runs out, not at the planned step count that
+    the budget cuts short (then the rate would never anneal). The horizon is re-estimated after every step from
+    the measured pace (``ran`` steps since ``loop_t0``, validation included) and never exceeds ``planned``.
+    Without a budget nothing changes, so runs stay reproducible step for step."""
+    if minutes <= 0 or ran < BUDGET_PROBE_STEPS:
+        return
+    now = time.perf_counter()
+    pace = (now - loop_t0) / ran
+    left = 60 * minutes - (now - t0)
+    factor(schedule).steps = min(planned, step + max(1, int(0.98 * left / pace)))
+
+
+def factor(schedule) -> WarmupCosine:
+    """The learning-rate factor inside a (possibly accelerate-wrapped) schedule."""
+    return getattr(schedule, "scheduler", schedule).lr_lambdas[0]
 
 
 def reshuffled_epochs(n_windows: int, visits: int, seed: int = 0) -> torch.Tensor:

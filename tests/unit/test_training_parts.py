@@ -1,10 +1,12 @@
-"""训练共用部件：混合精度的选择（auto 只在 bf16 有硬件支持时启用），autocast 只改变前向的计算精度。"""
+"""训练共用部件：混合精度的选择（auto 只在 bf16 有硬件支持时启用），autocast 只改变前向的计算精度；
+有时间上限时学习率在时间用完时降到零。"""
 
 import pytest
 import torch
 from torch import nn
 
-from patcher.training.loop import autocast, fast_bf16, uses_bf16
+from patcher.training import loop
+from patcher.training.loop import autocast, cosine_with_warmup, factor, fast_bf16, fit_to_budget, uses_bf16
 
 CPU = torch.device("cpu")
 
@@ -25,3 +27,32 @@ def test_autocast_runs_products_in_the_chosen_precision_and_keeps_fp32_weights(p
     y.float().sum().backward()
     assert layer.weight.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), layer(x), atol=0.05, rtol=0.02)  # bf16 keeps ~3 significant digits
+
+
+def _schedule(planned: int):
+    return cosine_with_warmup(torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1.0), planned)
+
+
+def test_a_time_budget_ends_the_cosine_when_the_time_runs_out(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock["now"])
+    schedule = _schedule(1000)
+    t0 = 0.0
+    clock["now"] = 60.0  # 20 steps in the first minute of a 10-minute budget: about 200 steps fit
+    fit_to_budget(schedule, 1000, 20, 0.0, t0, 10.0, 20)
+    horizon = factor(schedule).steps
+    assert 180 <= horizon <= 200  # a little before the deadline, so the last steps run at a near-zero rate
+    assert factor(schedule)(horizon) == 0.0 and factor(schedule)(horizon // 2) == pytest.approx(0.5, abs=0.02)
+    fit_to_budget(schedule, 150, 20, 0.0, t0, 10.0, 20)  # never beyond the planned steps
+    assert factor(schedule).steps == 150
+    again = _schedule(1000)
+    again.load_state_dict(schedule.state_dict())  # the horizon travels with the saved schedule (resume)
+    assert factor(again).steps == 150
+
+
+def test_without_a_budget_or_before_the_pace_is_known_the_schedule_is_left_alone(monkeypatch):
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: 60.0)
+    schedule = _schedule(1000)
+    fit_to_budget(schedule, 1000, 500, 0.0, 0.0, 0.0, 500)  # no budget: reproducible step for step
+    fit_to_budget(schedule, 1000, loop.BUDGET_PROBE_STEPS - 1, 0.0, 0.0, 10.0, 9)  # pace not measured yet
+    assert factor(schedule).steps == 1000

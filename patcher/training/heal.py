@@ -46,7 +46,8 @@ class HealOptions(Section):
     teacher: str | None = Field(None, description="老师：源检查点（目录、.gguf 或内置别名）；缺省为转换时的来源")
     data: str | None = Field(None, description="训练文本（.txt/.jsonl）；缺省为转换时的校准文本")
     tokens: int = Field(65536, ge=64, description="训练 token 数（决定步数）；多于文本时按轮次重复整篇文本")
-    max_minutes: float = Field(0.0, ge=0.0, description="训练时间上限（分钟，0 表示不限）；学习率在时间用完前降到零，到时停在当前步，保留最好的权重")
+    max_minutes: float = Field(0.0, ge=0.0, description="训练时间上限（分钟，0 表示不限）；学习率在时间用完前降到零，"
+                               "到时停在当前步，保留最好的权重")
     lr: float = Field(5e-5, gt=0.0, description="学习率")
     seq_len: int = Field(256, ge=16, description="序列长度")
     batch_size: int = Field(4, ge=1, description="批大小")

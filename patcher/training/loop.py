@@ -51,8 +51,7 @@ def past_budget(t0: float, minutes: float) -> bool:
 class WarmupCosine:
     """Learning-rate factor: linear warm-up over the first 5 % of ``steps``, then cosine decay to zero at ``steps``.
 
-    An object, not a lambda: LambdaLR saves its attributes with the schedule, so a resumed run keeps the horizon
-    that ``fit_to_budget`` set."""
+    An object, not a lambda, so that ``fit_to_budget`` can move the horizon while the schedule runs."""
 
     def __init__(self, steps: int):
         self.steps = steps
@@ -102,6 +101,9 @@ def start(acc, module, params: list, lr: float, steps: int, state_dir: Path | No
     schedule = cosine_with_warmup(optimizer, steps)
     module, optimizer, schedule = acc.prepare(module, optimizer, schedule)
     saved, done = load_state(state_dir, optimizer, schedule) if resume else ({}, 0)
+    # a resumed run goes on with the planned cosine, not with an earlier budget's (by then annealed) one; a budget
+    # of its own fits the horizon again
+    factor(schedule).steps = steps
     return module, optimizer, schedule, saved, done
 
 

@@ -245,9 +245,12 @@ def _heal_command():
         if local and local["layers"]:
             from .evaluation.render import mean_errors
 
-            before, after = mean_errors(local)
-            table.add_row("其中逐层重建：MoE 层数 / 相对误差 / 耗时",
-                          f"{len(local['layers'])} / {before:.4f} → {after:.4f} / {local['seconds']:.0f} s")
+            for kind, label in (("mlp", "MoE MLP"), ("attention", "注意力")):
+                rows = [l for l in local["layers"] if l.get("kind", "mlp") == kind]
+                if rows:
+                    before, after = mean_errors({"layers": rows})
+                    table.add_row(f"其中逐层重建：{label} 个数 / 相对误差", f"{len(rows)} / {before:.4f} → {after:.4f}")
+            table.add_row("逐层重建耗时", f"{local['seconds']:.0f} s")
         Console().print(table)
 
     heal.__signature__ = inspect.Signature(params)

@@ -51,11 +51,11 @@ def plots(folder: Path, report: dict) -> list[str]:
         x = torch.arange(len(rows)).numpy()
         ax.bar(x - 0.2, [r["error_before"] for r in rows], 0.4, label="converted", color="#bbbbbb")
         ax.bar(x + 0.2, [r["error_after"] for r in rows], 0.4, label="after reconstruction", color="#4477aa")
-        ax.set_xticks(x, [r["module"].split(".")[-2] if "." in r["module"] else r["module"] for r in rows],
-                      fontsize=7)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("relative error vs teacher MLP")
-        ax.set_title("Healing, stage 1: layer-wise reconstruction of the MoE MLPs (held rows)")
+        ax.set_xticks(x, [(r["module"].split(".")[-2] if "." in r["module"] else r["module"])
+                          + ("a" if r.get("kind") == "attention" else "") for r in rows], fontsize=6)
+        ax.set_xlabel("layer (a: attention)")
+        ax.set_ylabel("relative error vs teacher module")
+        ax.set_title("Healing, stage 1: layer-wise reconstruction of the converted modules (held-out tokens)")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(folder / "heal_local.png", dpi=110)
@@ -272,12 +272,15 @@ def _local_lines(local: dict | None) -> list[str]:
     """The report line on healing's layer-wise reconstruction stage (``reconstruct``), if it ran."""
     if not local or not local["layers"]:
         return []
-    n = len(local["layers"])
-    before, after = mean_errors(local)
-    return ["", f"KL 之前的逐层重建：{n} 个 MoE MLP 各 {local['steps_per_layer']} 步（{local['tokens']} 个 token，"
-                f"每步 {local['batch_rows']} 行），对老师稠密 MLP 输出的相对误差平均 {before:.4f} → {after:.4f}，"
-                f"用时 {local['seconds']:.0f} s（计入时间预算）"
-                + (f"；时间用完，{local['skipped_layers']} 层未做" if local["skipped_layers"] else "") + "。"]
+    parts = []
+    for kind, label in (("mlp", "MoE MLP（对老师稠密 MLP）"), ("attention", "注意力（对老师的注意力）")):
+        rows = [l for l in local["layers"] if l.get("kind", "mlp") == kind]
+        if rows:
+            before, after = mean_errors({"layers": rows})
+            parts.append(f"{len(rows)} 个{label}输出的相对误差平均 {before:.4f} → {after:.4f}")
+    return ["", f"KL 之前的逐层重建：每个模块 {local['steps_per_layer']} 步（{local['tokens']} 个 token，每步约 "
+                f"{local['batch_rows']} 个 token），" + "；".join(parts) + f"，用时 {local['seconds']:.0f} s（计入时间预算）"
+                + (f"；时间用完，{local['skipped_layers']} 个模块未做" if local["skipped_layers"] else "") + "。"]
 
 
 def _generated_lines(g: dict | None, writer: str) -> list[str]:

@@ -4,8 +4,8 @@
   ``all`` 训练除嵌入与输出头外的全部参数，``--lora R`` 改为在这些模块的线性层上加 LoRA、训练后合并回权重
   （检查点格式不变）。MTP 模块的目标是基座自己的预测，修复之后用 ``dsopt train-mtp`` 重新训练它们。
 - ``--generate-tokens N``：老师先从训练文本的随机片段出发续写 N 个 token，与原文一起训练（见 ``selfgen``）。
-- ``--local-steps S``：KL 蒸馏之前，每个 MoE MLP 先单独对齐老师同一层稠密 MLP 的输出 S 步（逐层重建，见
-  ``reconstruct``）；一层只算自己，比端到端的一步便宜得多。
+- ``--local-steps S``：KL 蒸馏之前，每个转换过的模块（MoE MLP 与注意力）先单独对齐老师同一位置模块的输出 S 步
+  （逐层重建，见 ``reconstruct``）；一个模块只算自己，比端到端的一步便宜得多。
 - 老师的 logits 在线计算，或（``--top-k K``）先算一遍每个位置的 top-K 对数概率存盘，之后每轮、续训都从
   磁盘读：KL 在 top-K 上精确计算，其余概率质量合并成一个"其他"类。
 - 建立在 accelerate 上（同一条命令在 CPU、单卡、多卡 ``accelerate launch`` 上运行）；每 ``save_every`` 步把
@@ -34,7 +34,9 @@ from .loop import (
     fit_to_budget,
     past_budget,
     precision_label,
+    rescale_latents,
     reshuffled_epochs,
+    restore_latents,
     save_file_atomic,
     save_state,
     start,
@@ -60,8 +62,10 @@ class HealOptions(Section):
         "生成时间计入 --max-minutes")
     generate_temperature: float = Field(1.0, ge=0.0, description="老师续写时的采样温度（0 为贪心）")
     local_steps: int = Field(
-        200, ge=0, description="KL 蒸馏之前，每个 MoE MLP 先单独对齐老师同一层稠密 MLP 的输出这么多步"
-        "（逐层重建，见 reconstruct；0 表示不做；没有 MoE 的模型与 --lora 时不做）；时间计入 --max-minutes")
+        200, ge=0, description="KL 蒸馏之前，每个转换过的模块（MoE MLP 与注意力，见 --local-attention-lr）先单独对齐"
+        "老师同一位置模块的输出这么多步（逐层重建，见 reconstruct；0 表示不做；--lora 时不做）；时间计入 --max-minutes")
+    local_attention_lr: float = Field(4e-4, ge=0.0, description="逐层重建中转换过的注意力（潜在 MLA、DeepSeek-V3 注意力）"
+                                      "的学习率（0 表示只对齐 MoE MLP）")
     local_tokens: int = Field(32768, ge=64, description="逐层重建用的 token 数（取自训练窗口，在老师的前向里记下各层输入）")
     local_lr: float = Field(2e-3, gt=0.0, description="逐层重建的学习率")
     local_batch: int = Field(1024, ge=1, description="逐层重建每步的 token 行数")
@@ -96,50 +100,6 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             self.base.weight += (self.lora_b @ self.lora_a).to(self.base.weight.dtype)
         return self.base
-
-
-class _RowScale(nn.Module):
-    """weight = stored · scale (per row): lets Adam step in the stored, unit-scale coordinates."""
-
-    def __init__(self, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("scale", scale)
-
-    def forward(self, stored):
-        return stored * self.scale[:, None].to(stored.dtype)
-
-    def right_inverse(self, weight):
-        return weight / self.scale[:, None].to(weight.dtype)
-
-
-def rescale_latents(model: nn.Module) -> list[nn.Module]:
-    """Give Adam unit-scale coordinates for latents kept in RMSNorm's linear regime.
-
-    A decoupled-RoPE latent is stored tiny (``kv_a_proj_with_mqa`` rows ≈ α·W, α ~ 10⁻⁴) with a large
-    ``kv_a_layernorm`` weight (see ``converters.rope_split.latent_scale``). Adam's step is about ``lr`` whatever a
-    weight's size, which would wipe those rows out; training them as ``α·V`` with V at the source's scale does not.
-    """
-    from torch.nn.utils import parametrize
-
-    done = []
-    for mod in model.modules():
-        norm, proj = getattr(mod, "kv_a_layernorm", None), getattr(mod, "kv_a_proj_with_mqa", None)
-        if norm is None or proj is None or float(norm.weight.detach().abs().mean()) < 10:
-            continue
-        rank = norm.weight.shape[0]
-        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
-        scale = torch.ones(proj.weight.shape[0], dtype=torch.float32)
-        scale[:rank] = math.sqrt(eps) / norm.weight.detach().float().abs().clamp_min(1e-12)
-        parametrize.register_parametrization(proj, "weight", _RowScale(scale))
-        done.append(proj)
-    return done
-
-
-def restore_latents(modules: list[nn.Module]) -> None:
-    from torch.nn.utils import parametrize
-
-    for proj in modules:
-        parametrize.remove_parametrizations(proj, "weight", leave_parametrized=True)
 
 
 def select_trainable(model: nn.Module, opts: HealOptions) -> list[nn.Parameter]:

@@ -146,6 +146,50 @@ def load_state(state_dir: Path | None, optimizer, schedule) -> tuple[dict, int]:
     return load_file(str(state_dir / "trainable.safetensors")), step
 
 
+class _RowScale(nn.Module):
+    """weight = stored · scale (per row): lets Adam step in the stored, unit-scale coordinates."""
+
+    def __init__(self, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, stored):
+        return stored * self.scale[:, None].to(stored.dtype)
+
+    def right_inverse(self, weight):
+        return weight / self.scale[:, None].to(weight.dtype)
+
+
+def rescale_latents(model: nn.Module) -> list[nn.Module]:
+    """Give Adam unit-scale coordinates for latents kept in RMSNorm's linear regime.
+
+    A decoupled-RoPE latent is stored tiny (``kv_a_proj_with_mqa`` rows ≈ α·W, α ~ 10⁻⁴) with a large
+    ``kv_a_layernorm`` weight (see ``converters.rope_split.latent_scale``). Adam's step is about ``lr`` whatever a
+    weight's size, which would wipe those rows out; training them as ``α·V`` with V at the source's scale does not.
+    """
+    from torch.nn.utils import parametrize
+
+    done = []
+    for mod in model.modules():
+        norm, proj = getattr(mod, "kv_a_layernorm", None), getattr(mod, "kv_a_proj_with_mqa", None)
+        if norm is None or proj is None or float(norm.weight.detach().abs().mean()) < 10:
+            continue
+        rank = norm.weight.shape[0]
+        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+        scale = torch.ones(proj.weight.shape[0], dtype=torch.float32)
+        scale[:rank] = math.sqrt(eps) / norm.weight.detach().float().abs().clamp_min(1e-12)
+        parametrize.register_parametrization(proj, "weight", _RowScale(scale))
+        done.append(proj)
+    return done
+
+
+def restore_latents(modules: list[nn.Module]) -> None:
+    from torch.nn.utils import parametrize
+
+    for proj in modules:
+        parametrize.remove_parametrizations(proj, "weight", leave_parametrized=True)
+
+
 # the module classes conversion puts in a model (dsopt's own, and their names in a native DeepSeek-V3 export),
 # with the parts conversion changed (None: all of it; the latent attention keeps the source's q and o projections)
 CONVERTED = {"LatentAttention": ("kv_a_proj", "k_b_proj", "v_b_proj"), "DecoupledLatentAttention": None,

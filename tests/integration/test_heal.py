@@ -105,8 +105,11 @@ def test_healing_a_deepseek_export_keeps_it_stock(source, tmp_path):
              "output": {"format": "deepseek-v3"}}
     out = tmp_path / "ds"
     convert(str(source), {**FAST_RECIPE, **extra}, out)
-    rec = heal_checkpoint(out, HealOptions(**FAST))
+    rec = heal_checkpoint(out, HealOptions(**FAST, local_steps=60, local_tokens=2048, local_batch=128, local_lr=3e-3))
     assert rec["after"]["kl_mean"] < rec["before"]["kl_mean"]
+    # the stock attentions are reconstructed too, their tiny-scale latents trained in unit-scale coordinates
+    attention = [l for l in rec["local"]["layers"] if l["kind"] == "attention"]
+    assert len(attention) == 2 and all(l["error_after"] < 0.9 * l["error_before"] for l in attention)
     stock = load_stock(out)
     ids = torch.arange(4, 30)[None]
     with torch.no_grad():
@@ -175,7 +178,8 @@ def test_healing_on_the_teachers_own_text_counts_it_and_resumes_on_the_same_text
     assert again["after"]["kl_mean"] < again["before"]["kl_mean"]
 
 
-def test_layerwise_reconstruction_brings_every_moe_mlp_closer_before_the_kl_stage(source, tmp_path, monkeypatch):
+def test_layerwise_reconstruction_brings_every_converted_module_closer_before_the_kl_stage(source, tmp_path,
+                                                                                          monkeypatch):
     import patcher.training.reconstruct as reconstruct
 
     out = converted(source, tmp_path, moe={"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"})
@@ -184,7 +188,9 @@ def test_layerwise_reconstruction_brings_every_moe_mlp_closer_before_the_kl_stag
     rec = heal_checkpoint(out, opts)
     local = rec["local"]
     layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
-    assert [l["module"] for l in local["layers"]] == [f"model.layers.{i}.mlp" for i in range(layers)]
+    assert [l["module"] for l in local["layers"]] == [f"model.layers.{i}.{part}" for i in range(layers)
+                                                      for part in ("self_attn", "mlp")]
+    assert [l["kind"] for l in local["layers"]] == ["attention", "mlp"] * layers
     assert local["skipped_layers"] == 0 and local["tokens"] == 4096
     assert all(l["error_after"] < 0.9 * l["error_before"] for l in local["layers"])
     assert rec["seconds"] >= local["seconds"]  # the stage counts in the healing time
@@ -205,7 +211,10 @@ def test_layerwise_reconstruction_stops_at_the_time_budget_and_refuses_lora(sour
     out = converted(source, tmp_path, moe={"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"})
     rec = heal_checkpoint(out, HealOptions(**{**FAST, "local_steps": 40, "max_minutes": 1e-6, "val_every": 1000}))
     layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
-    assert rec["local"]["layers"] == [] and rec["local"]["skipped_layers"] == layers and rec["steps"] == 1
+    assert rec["local"]["layers"] == [] and rec["local"]["skipped_layers"] == 2 * layers and rec["steps"] == 1
+    mlp_only = heal_checkpoint(out, HealOptions(**{**FAST, "local_steps": 40, "max_minutes": 1e-6, "val_every": 1000,
+                                                   "local_attention_lr": 0.0}))
+    assert mlp_only["local"]["skipped_layers"] == layers  # the attentions are left to the KL stage
     with pytest.raises(ValidationError, match="lora"):
         HealOptions(local_steps=10, lora=4)
     assert HealOptions(lora=4).local_steps  # the default stays; the stage is off under LoRA, not an error

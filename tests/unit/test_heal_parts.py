@@ -40,3 +40,23 @@ def test_layerwise_fit_gives_a_layer_its_weights_back_when_training_made_it_wors
     assert all(torch.equal(p, start[n]) for n, p in moe.named_parameters())
     before, after = fit_layer(moe, x, y, steps=50, lr=1e-2, batch=64, precision="fp32", seed=0)
     assert after < before  # a sensible step size still trains
+
+
+def test_an_attention_run_alone_gives_its_output_in_the_model_also_on_a_short_last_batch():
+    from conftest import tiny_model
+
+    from patcher.training.reconstruct import attention_apply, call_arguments, capture_inputs
+
+    model = tiny_model("llama", seed=3)
+    attn = model.model.layers[1].self_attn
+    windows = torch.randint(3, model.config.vocab_size, (5, 24))
+    (x, y), = capture_inputs(model, [attn], windows, 5, "fp32", [True])
+    assert x.shape == (5, 24, model.config.hidden_size) and y.shape == x.shape
+    kwargs, = call_arguments(model, [attn], windows[:2])  # rotary tables and mask for batches of 2 windows
+    with torch.no_grad():
+        alone = attention_apply(kwargs, 2)(attn, x.float())  # batches of 2, 2 and 1
+    assert alone.shape == y.shape
+    assert torch.allclose(alone, y.float(), atol=2e-2 * float(y.float().abs().max()))
+    with torch.no_grad():
+        shifted = attention_apply(kwargs, 2)(attn, x.float().roll(1, dims=1))
+    assert not torch.allclose(shifted, y.float(), atol=2e-2 * float(y.float().abs().max()))  # order matters

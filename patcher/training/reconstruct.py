@@ -127,7 +127,8 @@ def _rows_apply(mod, rows):
 
 
 def trained_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The parameters the conversion changed (``CONVERTED``): the latent attention keeps the source's q and o."""
+    """The parameters the conversion changed (``CONVERTED``): all of an MoE MLP; the latent attention keeps the
+    source's q and o projections."""
     parts = CONVERTED.get(type(module).__name__)
     roots = [module] if parts is None else [module.get_submodule(n) for n in parts]
     return [p for r in roots for p in r.parameters() if p.is_floating_point()]
@@ -155,8 +156,7 @@ def fit_layer(module: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, l
     with torch.no_grad():
         before = float(relative_error(run(held), target_held))
     rescaled = rescale_latents(module)  # tiny-scale latents: Adam steps in unit-scale coordinates
-    params = trained_parameters(module) if is_attention(module) else \
-        [p for p in module.parameters() if p.is_floating_point()]
+    params = trained_parameters(module)
     start = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -194,9 +194,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, o
     teacher.eval()
     seq = windows.shape[1]
     span = max(1, min(len(windows), opts.local_batch // seq))  # windows an attention step reads
-    kwargs = call_arguments(student, [s for _, s, _ in pairs if is_attention(s)], windows[:span])
-    kwargs = iter(kwargs)
-    arguments = [next(kwargs) if is_attention(s) else None for _, s, _ in pairs]
+    found = iter(call_arguments(student, [s for _, s, _ in pairs if is_attention(s)], windows[:span]))
+    arguments = [next(found) if is_attention(s) else None for _, s, _ in pairs]  # one per pair; None for an MLP
     d = student.config.hidden_size
     per_module = windows.numel() * d * 2 * 2  # inputs and outputs, bf16
     group = max(1, CAPTURE_BYTES // max(1, per_module))

@@ -243,13 +243,11 @@ def _heal_command():
         _generated_row(table, rec.get("generated"))
         local = rec.get("local")
         if local and local["layers"]:
-            from .evaluation.render import mean_errors
+            from .evaluation.render import errors_by_kind
 
-            for kind, label in (("mlp", "MoE MLP"), ("attention", "注意力")):
-                rows = [l for l in local["layers"] if l.get("kind", "mlp") == kind]
-                if rows:
-                    before, after = mean_errors({"layers": rows})
-                    table.add_row(f"其中逐层重建：{label} 个数 / 相对误差", f"{len(rows)} / {before:.4f} → {after:.4f}")
+            for kind, n, before, after in errors_by_kind(local):
+                label = "MoE MLP" if kind == "mlp" else "注意力"
+                table.add_row(f"其中逐层重建：{label} 个数 / 相对误差", f"{n} / {before:.4f} → {after:.4f}")
             table.add_row("逐层重建耗时", f"{local['seconds']:.0f} s")
         Console().print(table)
 

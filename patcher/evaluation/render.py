@@ -272,12 +272,9 @@ def _local_lines(local: dict | None) -> list[str]:
     """The report line on healing's layer-wise reconstruction stage (``reconstruct``), if it ran."""
     if not local or not local["layers"]:
         return []
-    parts = []
-    for kind, label in (("mlp", "MoE MLP（对老师稠密 MLP）"), ("attention", "注意力（对老师的注意力）")):
-        rows = [l for l in local["layers"] if l.get("kind", "mlp") == kind]
-        if rows:
-            before, after = mean_errors({"layers": rows})
-            parts.append(f"{len(rows)} 个{label}输出的相对误差平均 {before:.4f} → {after:.4f}")
+    labels = {"mlp": "MoE MLP（对老师稠密 MLP）", "attention": "注意力（对老师的注意力）"}
+    parts = [f"{n} 个{labels[kind]}输出的相对误差平均 {before:.4f} → {after:.4f}"
+             for kind, n, before, after in errors_by_kind(local)]
     return ["", f"KL 之前的逐层重建：每个模块 {local['steps_per_layer']} 步（{local['tokens']} 个 token，每步约 "
                 f"{local['batch_rows']} 个 token），" + "；".join(parts) + f"，用时 {local['seconds']:.0f} s（计入时间预算）"
                 + (f"；时间用完，{local['skipped_layers']} 个模块未做" if local["skipped_layers"] else "") + "。"]
@@ -291,6 +288,16 @@ def _generated_lines(g: dict | None, writer: str) -> list[str]:
     return [f"训练数据中{writer}自己写的文本：{g['windows']} 个窗口、{g['tokens']} 个 token（温度 {g['temperature']}"
             + (f"；其中对话 {talk['windows']} 个窗口、{talk['tokens']} 个 token" if talk else "")
             + f"），生成用时 {g['seconds']:.0f} s（计入时间预算）。"]
+
+
+def errors_by_kind(summary: dict) -> list[tuple[str, int, float, float]]:
+    """(kind, modules, mean error before, after) of a ``reconstruct`` summary, MLPs first, kinds that ran only."""
+    out = []
+    for kind in ("mlp", "attention"):
+        rows = [l for l in summary["layers"] if l.get("kind", "mlp") == kind]
+        if rows:
+            out.append((kind, len(rows), *mean_errors({"layers": rows})))
+    return out
 
 
 def mean_errors(summary: dict) -> tuple[float, float]:

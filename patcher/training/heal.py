@@ -27,9 +27,9 @@ from ..evaluation.metrics import compare, evaluate_base
 from ..recipe import Precision, Section
 from . import reconstruct, selfgen
 from .loop import (
-    CONVERTED,
     autocast,
     converted_modules,
+    converted_parts,
     factor,
     fit_to_budget,
     past_budget,
@@ -107,9 +107,7 @@ def select_trainable(model: nn.Module, opts: HealOptions) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(False)
     if opts.scope == "converted":
-        roots = [part for _, m in converted_modules(model)
-                 for part in ([m] if CONVERTED[type(m).__name__] is None
-                              else [m.get_submodule(n) for n in CONVERTED[type(m).__name__]])]
+        roots = [part for _, m in converted_modules(model) for part in converted_parts(m)]
         if not roots:
             raise ValueError("模型里没有转换过的模块（MLA 注意力或 MoE）：没有可修复的部分；用 --scope all 训练全部")
     else:

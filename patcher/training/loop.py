@@ -196,6 +196,12 @@ CONVERTED = {"LatentAttention": ("kv_a_proj", "k_b_proj", "v_b_proj"), "Decouple
              "MoEMLP": None, "DeepseekV3Attention": None, "DeepseekV3MoE": None}
 
 
+def converted_parts(module: nn.Module) -> list[nn.Module]:
+    """The submodules of a converted ``module`` that conversion changed (``CONVERTED``): all of it, or named parts."""
+    parts = CONVERTED[type(module).__name__]
+    return [module] if parts is None else [module.get_submodule(n) for n in parts]
+
+
 def converted_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m).__name__ in CONVERTED
             and not n.startswith("mtp") and ".mtp" not in n]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .loop import CONVERTED, autocast, converted_modules, past_budget, rescale_latents, restore_latents
+from .loop import autocast, converted_modules, converted_parts, past_budget, rescale_latents, restore_latents
 
 # inputs and outputs of at most this many bytes are held at once (bf16): the modules are captured in groups that fit
 CAPTURE_BYTES = 2 << 30
@@ -129,9 +129,7 @@ def _rows_apply(mod, rows):
 def trained_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters the conversion changed (``CONVERTED``): all of an MoE MLP; the latent attention keeps the
     source's q and o projections."""
-    parts = CONVERTED.get(type(module).__name__)
-    roots = [module] if parts is None else [module.get_submodule(n) for n in parts]
-    return [p for r in roots for p in r.parameters() if p.is_floating_point()]
+    return [p for r in converted_parts(module) for p in r.parameters() if p.is_floating_point()]
 
 
 def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -2,19 +2,16 @@
 
 内置校准文本只有约 11 万 token，30 分钟的修复会把它训练三轮以上（学生开始记文本）。这里在它之外加入：
 ../shared/data 的两本公有领域书（《傲慢与偏见》全书与莎士比亚），Python《语言参考》全文（pydoc_data.topics，PSF
-License 2.0），CPython 标准库的若干模块源码（PSF License 2.0），以及内置校准百科文本所出自的那本书的全书
-（《The Outline of Science》卷一，Project Gutenberg #20417，公有领域；未改动的原文件在 heal/，来源见 heal/SOURCES.md）。
-全部与内置评估文本按来源不相交（评估的百科取自 CIA World Factbook，代码取自 rich 与 PyTorch，技术文档取自 typer、
-accelerate、huggingface_hub 的 README；见 patcher/data/PROVENANCE.md）。对话只有内置校准那一份。
+License 2.0），以及 CPython 标准库的若干模块源码（PSF License 2.0）。全部与内置评估文本按来源不相交（评估的代码取自
+rich 与 PyTorch，技术文档取自 typer、accelerate、huggingface_hub 的 README；见 patcher/data/PROVENANCE.md）。
+对话与百科只有内置校准那一份。
 
 用法：python scripts/data/build_heal_data.py OUT_DIR，然后 dsopt heal EXPORT --data OUT_DIR ...
 """
 
 from __future__ import annotations
 
-import gzip
 import pydoc_data.topics
-import re
 import shutil
 import sys
 import sysconfig
@@ -26,25 +23,6 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["argparse.py", "json/*.py", "email/*.py", "http/*.py", "logging/*.py", "asyncio/*.py",
            "collections/*.py", "unittest/*.py", "csv.py", "dataclasses.py", "pathlib.py", "subprocess.py"]
 CODE_LIMIT = 900_000  # characters
-OUTLINE = Path(__file__).resolve().parent / "heal" / "pg20417.txt.gz"
-
-
-def gutenberg_prose(raw: str, first_heading: str) -> list[str]:
-    """Gutenberg 原文 → 正文段落（每段一行）：去掉页眉页脚、目录、插图说明、脚注、节号与书目。"""
-    body = raw.split("*** START OF", 1)[1].split("*** END OF", 1)[0]
-    body = body[body.index("\n" + first_heading + "\n"):]
-    body = re.sub(r"\[Illustration:.*?\]\s*\n", "\n", body, flags=re.S)
-    paragraphs, skipping = [], False
-    for block in re.split(r"\n\s*\n", body):
-        text = " ".join(block.split()).replace("_", "")
-        if text == "BIBLIOGRAPHY":
-            skipping = True  # the book lists run until the next chapter's roman numeral
-        elif re.fullmatch(r"[IVXL]+", text):
-            skipping = False
-        if skipping or text.startswith("[") or text.startswith("§") or len(text) < 60:
-            continue
-        paragraphs.append(re.sub(r"\[\d+\]", "", text))
-    return paragraphs
 
 
 def main() -> int:
@@ -53,11 +31,8 @@ def main() -> int:
         return 2
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "patcher" / "data" / "calibration" / "chat.txt", out / "chat.txt")
-    calibration = (ROOT / "patcher" / "data" / "calibration" / "encyclopedic.txt").read_text()
-    seen = set(calibration.splitlines())
-    book = gutenberg_prose(gzip.decompress(OUTLINE.read_bytes()).decode("utf-8"), "THE ROMANCE OF THE HEAVENS")
-    (out / "encyclopedic.txt").write_text(calibration.rstrip("\n") + "\n\n" + "\n\n".join(p for p in book if p not in seen) + "\n")
+    for name in ("chat", "encyclopedic"):
+        shutil.copy(ROOT / "patcher" / "data" / "calibration" / f"{name}.txt", out / f"{name}.txt")
     for src, name in (("pride-and-prejudice.txt", "narrative.txt"), ("tinyshakespeare.txt", "drama.txt")):
         if not (SHARED / src).exists():
             print(f"缺少 {SHARED / src}（两本书在 ../shared/data）", file=sys.stderr)

@@ -124,13 +124,18 @@ app.command("convert")(_build_convert_command())
 
 
 def _print_summary(report: dict, out: Path):
+    from .evaluation.render import interval
+
     f = report.get("fidelity") or {}
     kv = report["kv_cache"]
     table = Table(title=f"dsopt 转换完成 → {out}")
     table.add_column("指标")
     table.add_column("值", justify="right")
     if f:
-        table.add_row("困惑度 基座 → 转换后", f"{f['ppl_base']:.3f} → {f['ppl_patched']:.3f} ({f['ppl_increase_pct']:+.2f} %)")
+        where = f"，最差领域 {f['worst_domain']}" if f.get("worst_domain") else ""
+        table.add_row(f"困惑度 基座 → 转换后{where}",
+                      f"{f['ppl_base']:.3f} → {f['ppl_patched']:.3f} ({f['ppl_increase_pct']:+.2f} %)")
+        table.add_row("困惑度上升的 95 % 区间", interval(f))
         table.add_row("平均 KL", f"{f['kl_mean']:.5f}")
         table.add_row("top-1 一致率", f"{100 * f['top1_agreement']:.2f} %")
     table.add_row("每 token KV 字节", f"{kv['base']['kv_bytes_per_token']:.0f} → {kv['patched']['kv_bytes_per_token']:.0f}"
@@ -237,14 +242,15 @@ def _heal_command():
         table.add_column("指标")
         table.add_column("值", justify="right")
         b, a = rec["before"], rec["after"]
+        from .evaluation.render import errors_by_kind, interval
+
         table.add_row("困惑度上升 转换后 → 修复后", f"{b['ppl_increase_pct']:+.2f} % → {a['ppl_increase_pct']:+.2f} %")
+        table.add_row("修复后上升的 95 % 区间", interval(a))
         table.add_row("平均 KL", f"{b['kl_mean']:.5f} → {a['kl_mean']:.5f}")
         table.add_row("步数 / token / 耗时", f"{rec['steps']} / {rec['tokens']} / {rec['seconds']:.0f} s")
         _generated_row(table, rec.get("generated"))
         local = rec.get("local")
         if local and local["layers"]:
-            from .evaluation.render import errors_by_kind
-
             for kind, n, before, after in errors_by_kind(local):
                 label = "MoE MLP" if kind == "mlp" else "注意力"
                 table.add_row(f"其中逐层重建：{label} 个数 / 相对误差", f"{n} / {before:.4f} → {after:.4f}")

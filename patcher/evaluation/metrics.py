@@ -48,12 +48,31 @@ def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None, s
     return ev
 
 
+BLOCK = 128  # tokens per block for the sampling error: per-token log-ratios barely correlate beyond this
+
+
+def increase_interval(sums: torch.Tensor, counts: torch.Tensor, z: float = 1.96) -> tuple[float, list[float]] | None:
+    """困惑度上升（%）的抽样误差：输入是逐块的 log p_基座 − log p_转换后 之和与每块 token 数。
+
+    误差按块均值（比率估计）算：几千个评估 token 时，两个数字差多少才有意义由它决定。返回
+    (标准误 %, [下限 %, 上限 %])（约 95 % 区间）；不足两块时返回 None。"""
+    sums, counts = sums.double(), counts.double()
+    n, m = float(counts.sum()), len(sums)
+    mean = float(sums.sum()) / n
+    if m < 2:
+        return None
+    se = math.sqrt(m / (m - 1) * float(((sums - counts * mean) ** 2).sum())) / n
+    return 100.0 * se, [100.0 * (math.exp(mean - z * se) - 1.0), 100.0 * (math.exp(mean + z * se) - 1.0)]
+
+
 def _figures(rows: list) -> dict:
     n = sum(r[4] for r in rows)
     nll_b, nll_p, kl, agree = (sum(r[k] for r in rows) for k in range(4))
     ppl_b, ppl_p = math.exp(nll_b / n), math.exp(nll_p / n)
+    se, ci = increase_interval(torch.cat([r[5] for r in rows]), torch.cat([r[6] for r in rows])) or (None, None)
     return {"tokens": n, "ppl_base": ppl_b, "ppl_patched": ppl_p,
-            "ppl_increase_pct": 100.0 * (ppl_p / ppl_b - 1.0), "kl_mean": kl / n, "top1_agreement": agree / n}
+            "ppl_increase_pct": 100.0 * (ppl_p / ppl_b - 1.0), "ppl_increase_se_pct": se,
+            "ppl_increase_ci95_pct": ci, "kl_mean": kl / n, "top1_agreement": agree / n}
 
 
 def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
@@ -66,8 +85,11 @@ def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
     for i, (w, lp_b16, nb, top1) in enumerate(zip(base.windows, base.logprobs, base.nll, base.top1)):
         lp_p = _logprobs(logits, i, w)
         lp_b = lp_b16.float()
-        rows.append((float(nb.sum()), float(-lp_p.gather(1, w[1:, None]).sum()),
-                     float((lp_b.exp() * (lp_b - lp_p)).sum()), int((top1 == lp_p.argmax(-1)).sum()), w.numel() - 1))
+        nll_p = -lp_p.gather(1, w[1:, None])[:, 0]
+        blocks = (nll_p - nb).double().split(BLOCK)
+        rows.append((float(nb.sum()), float(nll_p.sum()),
+                     float((lp_b.exp() * (lp_b - lp_p)).sum()), int((top1 == lp_p.argmax(-1)).sum()), w.numel() - 1,
+                     torch.stack([b.sum() for b in blocks]), torch.tensor([b.numel() for b in blocks])))
     pooled = _figures(rows)
     if not base.spans:
         return pooled

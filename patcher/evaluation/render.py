@@ -109,7 +109,7 @@ def _summary(report: dict) -> list[str]:
         where = f"最差领域 {f['worst_domain']}，" if f.get("worst_domain") else ""
         lines += ["| 指标 | 基座 | 转换后 |", "|---|---|---|",
                   f"| 困惑度（{where}{f['tokens']} 个评估 token） | {f['ppl_base']:.4f} | {f['ppl_patched']:.4f} "
-                  f"（{f['ppl_increase_pct']:+.2f} %） |",
+                  f"（{f['ppl_increase_pct']:+.2f} %，95 % 区间 {interval(f)}） |",
                   f"| 平均 KL(基座‖转换后) | — | {f['kl_mean']:.5f} |",
                   f"| top-1 一致率 | — | {100 * f['top1_agreement']:.2f} % |"]
     if kv:
@@ -129,13 +129,20 @@ def _summary(report: dict) -> list[str]:
     return lines
 
 
+def interval(d: dict) -> str:
+    """困惑度上升的约 95 % 抽样区间（文字）；旧报告或只有一个块时为破折号。"""
+    ci = d.get("ppl_increase_ci95_pct")
+    return f"{ci[0]:+.2f} … {ci[1]:+.2f} %" if ci else "—"
+
+
 def _domain_rows(f: dict) -> list[str]:
     rows = [f"| {name}{' ⚠ 最差' if name == f.get('worst_domain') else ''} | {d['tokens']} | {d['ppl_base']:.3f} | "
-            f"{d['ppl_patched']:.3f} | {d['ppl_increase_pct']:+.2f} % | {d['kl_mean']:.5f} | "
+            f"{d['ppl_patched']:.3f} | {d['ppl_increase_pct']:+.2f} % | {interval(d)} | {d['kl_mean']:.5f} | "
             f"{100 * d['top1_agreement']:.2f} % |" for name, d in f["domains"].items()]
     p = f["pooled"]
     return rows + [f"| （全部合并） | {p['tokens']} | {p['ppl_base']:.3f} | {p['ppl_patched']:.3f} | "
-                   f"{p['ppl_increase_pct']:+.2f} % | {p['kl_mean']:.5f} | {100 * p['top1_agreement']:.2f} % |"]
+                   f"{p['ppl_increase_pct']:+.2f} % | {interval(p)} | {p['kl_mean']:.5f} | "
+                   f"{100 * p['top1_agreement']:.2f} % |"]
 
 
 def _domains(report: dict) -> list[str]:
@@ -143,8 +150,11 @@ def _domains(report: dict) -> list[str]:
     f = report.get("fidelity") or {}
     if not f.get("domains"):
         return []
-    return ["", "## 逐领域保真度", "", "摘要表取最差的领域（困惑度上升与 KL 取最大，top-1 取最小），不取平均。", "",
-            "| 领域 | token | 基座困惑度 | 转换后 | 上升 | KL | top-1 |", "|---|---|---|---|---|---|---|",
+    return ["", "## 逐领域保真度", "", "摘要表取最差的领域（困惑度上升与 KL 取最大，top-1 取最小），不取平均。",
+            "“95 % 区间”是评估文本有限带来的抽样误差（按 128 token 的块估计）：区间重叠的两个数字分不出高低；"
+            "要更窄的区间，加大 `--eval-tokens`。", "",
+            "| 领域 | token | 基座困惑度 | 转换后 | 上升 | 上升的 95 % 区间 | KL | top-1 |",
+            "|---|---|---|---|---|---|---|---|",
             *_domain_rows(f)]
 
 

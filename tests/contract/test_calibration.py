@@ -123,3 +123,9 @@ def test_report_per_domain_with_the_worst_as_headline(tokenizer, tmp_path):
     assert f["top1_agreement"] == min(d["top1_agreement"] for d in f["domains"].values())
     assert f["pooled"]["tokens"] == sum(d["tokens"] for d in f["domains"].values())
     assert [d["name"] for d in report["eval"]["domains"]] == ["plain", "odd"]
+    for d in (*f["domains"].values(), f["pooled"]):  # each figure carries its sampling interval
+        low, high = d["ppl_increase_ci95_pct"]
+        assert low <= d["ppl_increase_pct"] <= high and d["ppl_increase_se_pct"] >= 0
+    from patcher.evaluation.render import render_markdown
+
+    assert "上升的 95 % 区间" in render_markdown(report)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .metrics import BLOCK
+
 
 def plots(folder: Path, report: dict) -> list[str]:
     import matplotlib
@@ -151,7 +153,7 @@ def _domains(report: dict) -> list[str]:
     if not f.get("domains"):
         return []
     return ["", "## 逐领域保真度", "", "摘要表取最差的领域（困惑度上升与 KL 取最大，top-1 取最小），不取平均。",
-            "“95 % 区间”是评估文本有限带来的抽样误差（按 128 token 的块估计）：区间重叠的两个数字分不出高低；"
+            f"“95 % 区间”是评估文本有限带来的抽样误差（按 {BLOCK} token 的块估计）：区间重叠的两个数字分不出高低；"
             "要更窄的区间，加大 `--eval-tokens`。", "",
             "| 领域 | token | 基座困惑度 | 转换后 | 上升 | 上升的 95 % 区间 | KL | top-1 |",
             "|---|---|---|---|---|---|---|---|",

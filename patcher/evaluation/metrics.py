@@ -51,6 +51,12 @@ def evaluate_base(model: nn.Module | None, windows: torch.Tensor, logits=None, s
 BLOCK = 128  # tokens per block for the sampling error: per-token log-ratios barely correlate beyond this
 
 
+def block_sums(per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """逐 token 的差值按 ``BLOCK`` 个 token 分块：(每块之和, 每块 token 数)，供 ``increase_interval`` 使用。"""
+    blocks = per_token.double().split(BLOCK)
+    return torch.stack([b.sum() for b in blocks]), torch.tensor([b.numel() for b in blocks])
+
+
 def increase_interval(sums: torch.Tensor, counts: torch.Tensor, z: float = 1.96) -> tuple[float, list[float]] | None:
     """困惑度上升（%）的抽样误差：输入是逐块的 log p_基座 − log p_转换后 之和与每块 token 数。
 
@@ -86,10 +92,9 @@ def compare(model: nn.Module | None, base: BaseEval, logits=None) -> dict:
         lp_p = _logprobs(logits, i, w)
         lp_b = lp_b16.float()
         nll_p = -lp_p.gather(1, w[1:, None])[:, 0]
-        blocks = (nll_p - nb).double().split(BLOCK)
         rows.append((float(nb.sum()), float(nll_p.sum()),
                      float((lp_b.exp() * (lp_b - lp_p)).sum()), int((top1 == lp_p.argmax(-1)).sum()), w.numel() - 1,
-                     torch.stack([b.sum() for b in blocks]), torch.tensor([b.numel() for b in blocks])))
+                     *block_sums(nll_p - nb)))
     pooled = _figures(rows)
     if not base.spans:
         return pooled

@@ -2,17 +2,12 @@ import math
 
 import torch
 
-from patcher.evaluation.metrics import BLOCK, increase_interval
+from patcher.evaluation.metrics import BLOCK, block_sums, increase_interval
 from patcher.evaluation.render import interval
 
 
-def _blocks(per_token: torch.Tensor):
-    parts = per_token.double().split(BLOCK)
-    return torch.stack([p.sum() for p in parts]), torch.tensor([p.numel() for p in parts])
-
-
 def test_a_constant_difference_has_no_sampling_error():
-    se, (low, high) = increase_interval(*_blocks(torch.full((1000,), 0.02, dtype=torch.float64)))
+    se, (low, high) = increase_interval(*block_sums(torch.full((1000,), 0.02, dtype=torch.float64)))
     assert se < 1e-9
     assert math.isclose(low, 100 * (math.exp(0.02) - 1), rel_tol=1e-9) and math.isclose(low, high, rel_tol=1e-9)
 
@@ -21,7 +16,7 @@ def test_the_interval_covers_the_true_increase_about_95_percent_of_the_time():
     g = torch.Generator().manual_seed(0)
     sigma, n, mean, trials, covered, ses = 0.3, 2048, 0.02, 400, 0, []
     for _ in range(trials):
-        se, (low, high) = increase_interval(*_blocks(mean + sigma * torch.randn(n, generator=g, dtype=torch.float64)))
+        se, (low, high) = increase_interval(*block_sums(mean + sigma * torch.randn(n, generator=g, dtype=torch.float64)))
         covered += low <= 100 * (math.exp(mean) - 1) <= high
         ses.append(se)
     assert 0.90 <= covered / trials <= 0.99
@@ -30,6 +25,6 @@ def test_the_interval_covers_the_true_increase_about_95_percent_of_the_time():
 
 
 def test_a_single_block_gives_no_interval_and_the_report_shows_a_dash():
-    assert increase_interval(*_blocks(torch.randn(BLOCK))) is None
+    assert increase_interval(*block_sums(torch.randn(BLOCK))) is None
     assert interval({"ppl_increase_ci95_pct": None}) == "—" and interval({}) == "—"
     assert interval({"ppl_increase_ci95_pct": [1.234, 2.5]}) == "+1.23 … +2.50 %"

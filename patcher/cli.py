@@ -365,7 +365,9 @@ def check_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
               max_ppl_increase: Optional[float] = typer.Option(None, "--max-ppl-increase", help="困惑度上升上限（%）"),
               min_top1: Optional[float] = typer.Option(None, "--min-top1", help="top-1 一致率下限（0–1）"),
               max_kl: Optional[float] = typer.Option(None, "--max-kl", help="平均 KL 上限"),
-              max_kv_ratio: Optional[float] = typer.Option(None, "--max-kv-ratio", help="KV 缓存比例上限（0–1）")):
+              max_kv_ratio: Optional[float] = typer.Option(None, "--max-kv-ratio", help="KV 缓存比例上限（0–1）"),
+              sure: bool = typer.Option(False, "--sure", help="困惑度上升按每个领域 95 % 区间的上界判定：上界都不超过 "
+                                        "--max-ppl-increase 才通过（只看点估计时，贴着阈值的结果通过与否是运气）")):
     """CI 门禁：任一阈值不满足时以非零状态退出，并逐条说明原因。"""
     from .errors import DsoptError
     from .evaluation.gate import check
@@ -376,7 +378,7 @@ def check_cmd(out: Path = typer.Argument(..., help="dsopt 输出目录"),
     except (FileNotFoundError, DsoptError) as e:
         _fail(str(e))
     try:
-        failures = check(rep, max_ppl_increase, min_top1, max_kl, max_kv_ratio)
+        failures = check(rep, max_ppl_increase, min_top1, max_kl, max_kv_ratio, sure)
     except DsoptError as e:
         _fail(str(e))
     if failures:

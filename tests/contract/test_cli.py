@@ -38,6 +38,12 @@ def test_check_passes_and_fails_with_reasons(converted):
     bad = runner.invoke(app, ["check", str(converted), "--max-ppl-increase", "-100", "--min-top1", "1.01"])
     assert bad.exit_code == 1
     assert "困惑度上升" in bad.output and "top-1" in bad.output
+    # --sure: every domain's 95 % upper bound must be under the limit, so a limit just above the worst point fails
+    worst = json.loads((converted / "fidelity.json").read_text())["fidelity"]
+    limit = f"{worst['ppl_increase_pct'] + 1e-3:.4f}"
+    assert runner.invoke(app, ["check", str(converted), "--max-ppl-increase", limit]).exit_code == 0
+    unsure = runner.invoke(app, ["check", str(converted), "--max-ppl-increase", limit, "--sure"])
+    assert unsure.exit_code == 1 and "区间上界" in unsure.output
 
 
 def test_report_prints_the_summary(converted):

@@ -47,9 +47,6 @@ VARIANTS = {
     "decoupled-rope-48": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 48}},
     "decoupled-rope-32": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 32}},
     "decoupled-rope-16": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 16}},
-    # how the latent splits between K's no-position part and V (k_weight; the default 2 was chosen on the latent form)
-    "decoupled-k-weight-1": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 1.0}},
-    "decoupled-k-weight-4": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 4.0}},
     # MoE split: layer allocation and the shared part, judged on domains the split and routers were not fitted on
     "moe-0.75": {"moe": {"enabled": True, "mode": "split", "active": 0.75}},
     "moe-0.75-allocation-uniform": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "allocation": "uniform"}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import RecipeError
+from .render import interval
 
 
 def check(report: dict, max_ppl_increase: float | None = None, min_top1: float | None = None,
@@ -47,8 +48,7 @@ def _upper_bounds(f: dict, limit: float) -> list[str]:
     if unknown:
         return [f"报告中没有困惑度上升的区间（{'、'.join(unknown)}；旧版本的报告，或评估文本不足两块 "
                 f"128 个 token），--sure 无从判断：请用当前版本重新评估"]
-    over = [f"{name} {d['ppl_increase_pct']:+.2f} %（区间 {d['ppl_increase_ci95_pct'][0]:+.2f} … "
-            f"{d['ppl_increase_ci95_pct'][1]:+.2f} %）" for name, d in parts.items()
+    over = [f"{name} {d['ppl_increase_pct']:+.2f} %（区间 {interval(d)}）" for name, d in parts.items()
             if d["ppl_increase_ci95_pct"][1] > limit]
     if not over:
         return []

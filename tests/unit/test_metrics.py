@@ -28,4 +28,3 @@ def test_a_single_block_gives_no_interval_and_the_report_shows_a_dash():
     assert increase_interval(*block_sums(torch.randn(BLOCK))) is None
     assert interval({"ppl_increase_ci95_pct": None}) == "—" and interval({}) == "—"
     assert interval({"ppl_increase_ci95_pct": [1.234, 2.5]}) == "+1.23 … +2.50 %"
-

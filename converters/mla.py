@@ -30,11 +30,21 @@ def kv_width(lm: LayerMap) -> int:
     return len(lm.k.flat_rows) + len(lm.v.flat_rows)
 
 
-def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, o, theta: torch.Tensor | None = None
-                   ) -> BlockDiagonal | None:
+def output_weights(layer: nn.Module, lm: LayerMap, cov: torch.Tensor, o, theta: torch.Tensor | None = None,
+                   fit_cov: torch.Tensor | None = None) -> BlockDiagonal | None:
     """Output-side weighting of the joint [W_k; W_v] rows of a located layer (see ``weighting``)."""
     return weighting(weight_of(layer, lm.q)[0], weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0],
-                     weight_of(layer, lm.o, rows=False)[0], lm, cov, o.objective, theta=theta, k_weight=o.k_weight)
+                     weight_of(layer, lm.o, rows=False)[0], lm, cov, o.objective, theta=theta, k_weight=o.k_weight,
+                     fit_cov=fit_cov)
+
+
+def fit_covariance(stats: dict, lm: LayerMap, o) -> torch.Tensor | None:
+    """The input covariance the factorisation whitens with: tokens all alike (``--mla-token-weighting uniform``),
+    weighted by the attention they receive (``attention``), or the mean of the two (``mixed``)."""
+    cov, attended = stats.get((lm.k.module, "cov")), stats.get((lm.k.module, "cov_attended"))
+    if attended is None or o.token_weighting == "uniform":
+        return cov
+    return attended if o.token_weighting == "attention" else (cov + attended) / 2
 
 
 def layer_angles(config, lm: LayerMap, rotary: nn.Module | None) -> torch.Tensor | None:
@@ -81,7 +91,7 @@ ROPE_SPAN = 512  # relative distances the K weighting averages over: the calibra
 
 def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
               k_ref: torch.Tensor | None = None, theta: torch.Tensor | None = None,
-              k_weight: float = 1.0) -> BlockDiagonal | None:
+              k_weight: float = 1.0, fit_cov: torch.Tensor | None = None) -> BlockDiagonal | None:
     """Output-side weighting of the joint [W_k; W_v] rows for the SVD objective.
 
     ``kv``：不加权（K 与 V 输出误差的平方和）。``balanced``：K 块与 V 块各自归一到单位能量，
@@ -90,7 +100,8 @@ def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
     ``attention_cov``：K 按每个 KV 组的完整查询协方差加权，RoPE 的旋转对相对位置取平均（``theta``；
     低频维的相关性因此保留，高频维退化为 ``attention`` 的对内平均）；没有 ``theta`` 时不做旋转平均。
     ``k_ref``：K 块按这些行（源模型完整的 K）的能量归一——解耦 RoPE 时 no-position 部分可能很小，
-    不应被放大到与 V 同等重要。``k_weight``：归一后 K 误差相对 V 误差的权重。
+    不应被放大到与 V 同等重要。``k_weight``：归一后 K 误差相对 V 误差的权重。``fit_cov``：分解所用的输入协方差
+    （按 token 所受注意力加权时），K、V 的能量按它归一；查询协方差总是用 ``cov``（每个查询同等重要）。
     """
     if objective == "kv":
         return None
@@ -124,8 +135,9 @@ def weighting(wq, wk, wv, wo, lm: LayerMap, cov: torch.Tensor, objective: str,
             m = torch.einsum("ogd,oge->de", cols, cols)
             blocks.append(_sqrt_psd(m))
         gv = blocks
-    ek = quad_diag(BlockDiagonal(gk) @ k_ref.double(), c).sum()
-    ev = quad_diag(BlockDiagonal(gv) @ wv.double(), c).sum()
+    cf = fit_cov.double() if fit_cov is not None else c
+    ek = quad_diag(BlockDiagonal(gk) @ k_ref.double(), cf).sum()
+    ev = quad_diag(BlockDiagonal(gv) @ wv.double(), cf).sum()
     kw = k_weight ** 0.5 / ek.sqrt().clamp_min(1e-30)
     return BlockDiagonal([b * kw for b in gk] + [b / ev.sqrt() for b in gv])
 
@@ -255,6 +267,8 @@ class MLAConverter:
 
     def captures(self, lm: LayerMap, o) -> list[tuple[str, str]]:
         wants = [(lm.k.module, "cov")]  # k and v read the same input: one covariance serves both
+        if o.token_weighting != "uniform":  # the same, each token weighted by the attention it receives
+            wants.append((lm.k.module, "cov_attended", lm.attention))
         if decoupled(o):  # measured attention-score errors need whole sequences
             wants.append((lm.k.module, "sequences"))
         return wants
@@ -276,12 +290,12 @@ class MLAConverter:
             return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(job, layer, lm, stats)[2],
                                                              o.rope_residual))
         w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
-        cov = stats.get((lm.k.module, "cov"))
-        g = output_weights(layer, lm, cov, o, layer_angles(job.config, lm, job.rotary))
-        out = Analysis(factorize(w, cov, o.init, g)[1].float())
+        cov, fcov = stats.get((lm.k.module, "cov")), fit_covariance(stats, lm, o)
+        g = output_weights(layer, lm, cov, o, layer_angles(job.config, lm, job.rotary), fcov)
+        out = Analysis(factorize(w, fcov, o.init, g)[1].float())
         if probe is not None and self.planning(o).style == "global_probe":
             out.probe_rank = max(o.min_rank, min(len(out.spectrum), round(o.kv_keep * kv_width(lm))))
-            module, _, _ = self.build(job.config, layer, lm, cov, out.probe_rank, o, job.rotary)
+            module, _, _ = self.build(job.config, layer, lm, cov, out.probe_rank, o, job.rotary, fcov)
             out.kl = probe(lm.index, lm.attention, module)
         return out
 
@@ -309,19 +323,21 @@ class MLAConverter:
         return allocate(spectra, budget, caps, opts.min_rank, "energy", layer_weights=weights)
 
     def build(self, config, layer: nn.Module, lm: LayerMap, cov: torch.Tensor | None, rank: int, o,
-              rotary: nn.Module | None):
-        """The latent attention of one layer at ``rank``: (module, structure record, K/V errors)."""
+              rotary: nn.Module | None, fit_cov: torch.Tensor | None = None):
+        """The latent attention of one layer at ``rank``: (module, structure record, K/V errors, measured under
+        ``cov``; the factorisation whitens with ``fit_cov`` when given)."""
+        fit_cov = cov if fit_cov is None else fit_cov
         wk, bk = weight_of(layer, lm.k)
         wv, bv = weight_of(layer, lm.v)
         wq, bq = weight_of(layer, lm.q)
         wo, bo = weight_of(layer, lm.o, rows=False)
         w = torch.cat([wk, wv])
         if rank >= w.shape[1]:  # full rank is exact: no weighting, factorization or error to measure
-            up, down = low_rank(w, cov, rank)
+            up, down = low_rank(w, fit_cov, rank)
             errors = {"k_rel_error": 0.0, "v_rel_error": 0.0}
         else:
-            g = output_weights(layer, lm, cov, o, layer_angles(config, lm, rotary))
-            up, down = low_rank(w, cov, rank, o.init, g)
+            g = output_weights(layer, lm, cov, o, layer_angles(config, lm, rotary), fit_cov)
+            up, down = low_rank(w, fit_cov, rank, o.init, g)
             errors = _relative_errors(w, up @ down, cov, wk.shape[0])
         attn = layer.get_submodule(lm.attention)
         spec = {
@@ -405,8 +421,9 @@ class MLAConverter:
         heads, groups, per = lm.num_heads, lm.num_kv_heads, lm.num_heads // lm.num_kv_heads
         q_nope = q_rows.view(heads, hd + rope, -1)[:, :hd].reshape(-1, q_rows.shape[-1])
         w = torch.cat([k_nope, wv.double()])
-        g = weighting(q_nope, k_nope, wv, wo, lm, cov, o.objective, k_ref=wk, k_weight=o.k_weight)
-        up, down = low_rank(w, cov, rank, o.init, g)
+        fcov = fit_covariance(stats, lm, o)
+        g = weighting(q_nope, k_nope, wv, wo, lm, cov, o.objective, k_ref=wk, k_weight=o.k_weight, fit_cov=fcov)
+        up, down = low_rank(w, fcov, rank, o.init, g)
         errors = _relative_errors(w, up @ down, cov, k_nope.shape[0], k_ref=wk)
         eps = DecoupledLatentAttention.KV_NORM_EPS
         alpha = rope_split.latent_scale(down, cov, eps)
@@ -460,7 +477,7 @@ class MLAConverter:
             layer.set_submodule(lm.attention, new)
             return spec, {"rank": rank["rank"], "kv_width": kv_width(lm), **info}
         cov = stats.get((lm.k.module, "cov"))
-        new, spec, errors = self.build(job.config, layer, lm, cov, rank, o, job.rotary)
+        new, spec, errors = self.build(job.config, layer, lm, cov, rank, o, job.rotary, fit_covariance(stats, lm, o))
         layer.set_submodule(lm.attention, new)
         return spec, {"rank": rank, "kv_width": kv_width(lm), **errors}
 

@@ -47,6 +47,10 @@ class MLAOptions(Section):
         default="attention_cov")
     k_weight: float = _flag("--mla-k-weight", "SVD 目标中 K 误差相对 V 误差的权重（两者先各自归一；缺省 2，在校准侧留出领域上选定）",
                             default=2.0, gt=0.0)
+    token_weighting: Literal["uniform", "attention", "mixed"] = _flag(
+        "--mla-token-weighting", "SVD 输入侧的校准 token 权重：uniform（每个 token 同等）、attention（按源模型中该 token "
+        "作为键、值所受的注意力加权：注意力集中的位置，其 K、V 误差更要紧）或 mixed（两者的协方差各半；缺省，在校准侧"
+        "留出领域上选定）", default="mixed")
     allocation: Literal["sensitivity", "uniform", "energy", "log"] = _flag(
         "--rank-allocation", "秩分配：sensitivity（白化谱 × 实测每层敏感度）、uniform（每层同秩）、"
         "energy（按白化谱能量）、log（按白化谱残差的对数）", default="sensitivity")
@@ -109,7 +113,8 @@ class MoEOptions(Section):
     first_dense: int = _flag("--moe-first-dense", "前多少层保持稠密 MLP（DeepSeek-V3 的 first_k_dense_replace；"
                              "uniform 分配时生效）", default=0, ge=0)
     refit_down: bool = _flag("--moe-refit-down/--no-moe-refit-down", "split：按校准数据上真实的路由结果，用最小二乘重拟合 down 投影，"
-                             "让被选中的神经元补回落选神经元的部分输出（不训练；只在留出的校准行上误差更小的层保留）", default=True)
+                             "让被选中的神经元补回落选神经元的部分输出（不训练；只在留出的校准行上误差更小的层保留）。缺省关：在校准没见过的"
+                             "领域上，0.75 与 0.5 激活时关掉都更好", default=False)
     noise: float = _flag("--moe-noise", "copy：专家权重的相对噪声（0 时与稠密模型完全一致）", default=0.0, ge=0.0)
 
 

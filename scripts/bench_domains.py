@@ -32,6 +32,9 @@ CONFIGS = {
     "mla-0.6-books": {"mla": {"enabled": True, "kv_keep": 0.6}, "calibration": {"data": BOOK}},
     "mla-0.5": {"mla": {"enabled": True, "kv_keep": 0.5}},
     "deepseek-v3-0.6": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled"}},
+    # the budget the DeepSeek-V3 form needs without training (its latent must hold V and the unrotated K)
+    "deepseek-v3-0.7": {"mla": {"enabled": True, "kv_keep": 0.7, "rope": "decoupled"}},
+    "deepseek-v3-0.8": {"mla": {"enabled": True, "kv_keep": 0.8, "rope": "decoupled"}},
     "moe-split-0.75": {"moe": {"enabled": True, "mode": "split", "active": 0.75}},
     "moe-split-0.5": {"moe": {"enabled": True, "mode": "split", "active": 0.5}},
     "mla-0.5-books": {"mla": {"enabled": True, "kv_keep": 0.5}, "calibration": {"data": BOOK}},
@@ -65,6 +68,9 @@ def main() -> int:
                                                   "top1_agreement", "tokens")} for d, v in f["domains"].items()},
                "pooled": f["pooled"], "kv_ratio": (rep.get("kv_cache") or {}).get("ratio"),
                "active_ffn_fraction": rep["parameters"]["active_ffn_fraction_vs_dense"],
+               "mla_rel_error_mean": {k: sum(r[k] for r in rep["layers"]) / len(rep["layers"])
+                                      for k in ("k_rel_error", "v_rel_error")
+                                      if rep["layers"] and all(k in r for r in rep["layers"])},
                "book_to_book": compare(patched, book_base) if book_base is not None else None,
                "book_eval": str(book) if book_base is not None else None, "seconds": seconds,
                "threads": torch.get_num_threads()}

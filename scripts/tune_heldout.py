@@ -47,6 +47,16 @@ VARIANTS = {
     "decoupled-rope-48": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 48}},
     "decoupled-rope-32": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 32}},
     "decoupled-rope-16": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 16}},
+    # calibration tokens weighted by the attention they receive as keys and values (first: the latent form)
+    "token-weighting-attention": {"mla": {"enabled": True, "kv_keep": 0.6, "token_weighting": "attention"}},
+    "decoupled-token-weighting-attention": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
+                                                    "token_weighting": "attention"}},
+    "token-weighting-mixed": {"mla": {"enabled": True, "kv_keep": 0.6, "token_weighting": "mixed"}},
+    "decoupled-token-weighting-mixed": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
+                                                "token_weighting": "mixed"}},
+    # the latent cannot hold V and the unrotated K in full at 0.6: how to weigh K's error against V's there
+    "decoupled-k-weight-1": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 1.0}},
+    "decoupled-k-weight-4": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 4.0}},
     # MoE split: layer allocation and the shared part, judged on domains the split and routers were not fitted on
     "moe-0.75": {"moe": {"enabled": True, "mode": "split", "active": 0.75}},
     "moe-0.75-allocation-uniform": {"moe": {"enabled": True, "mode": "split", "active": 0.75, "allocation": "uniform"}},
@@ -57,6 +67,7 @@ VARIANTS = {
     "moe-0.5-allocation-uniform": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "allocation": "uniform"}},
     "moe-0.5-lowrank": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "router": "lowrank"}},
     "moe-0.5-width-8": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "expert_width": 8}},
+    "moe-0.5-no-refit": {"moe": {"enabled": True, "mode": "split", "active": 0.5, "refit_down": False}},
 }
 
 

@@ -48,17 +48,25 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
 
     ``(module, "cov")``：E[x xᵀ]（float64）；``(module, "inputs")``：输入本身（float32，最多 ``max_rows`` 行，
     均匀抽取），供需要逐 token 数据的转换器（例如 MoE 切分的共激活聚类）使用；``(module, "sequences")``：
-    前几个完整序列 (N, T, d)（最多 ``max_rows`` 个 token），供需要 token 间关系（注意力）的转换器使用。
+    前几个完整序列 (N, T, d)（最多 ``max_rows`` 个 token），供需要 token 间关系（注意力）的转换器使用；
+    ``(module, "cov_attended", attention)``：同 ``cov``，但每个 token 按它在 ``attention`` 模块里作为键所受的注意力
+    （源模型的注意力概率对头与查询求和）加权；为此这一层用 eager 注意力运行（同样的数，另外给出概率）。
     """
     sums: dict = {}
     counts: dict = {}
     rows: dict = {}
     handles = []
-    for name, kind in dict.fromkeys(wants):
+    attended = {}  # attention module -> the (module, kind) keys whose inputs its probabilities weight
+    for name, kind, *where in dict.fromkeys(wants):
+        if kind == "cov_attended":
+            attended.setdefault(where[0], []).append((name, kind))
+
         def hook(_m, args, name=name, kind=kind):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             key = (name, kind)
-            if kind == "cov":
+            if kind == "cov_attended":  # weighted once the attention module has its probabilities
+                rows[key] = args[0].detach().float()
+            elif kind == "cov":
                 sums[key] = sums.get(key, 0) + (x.T @ x).double()  # float32 per batch, float64 across batches
                 counts[key] = counts.get(key, 0) + x.shape[0]
             elif kind == "sequences":
@@ -68,10 +76,22 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
             else:
                 rows.setdefault(key, []).append(x.clone())
         handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+    for where, keys in attended.items():
+        def weigh(m, _args, output, where=where, keys=keys):
+            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if probs is None or probs.dim() != 4:
+                raise RuntimeError(f"{where} 在 eager 模式下没有返回注意力概率，无法按所受注意力加权")
+            received = probs.detach().float().sum((1, 2)) / probs.shape[1]  # (batch, keys): mean over heads
+            for key in keys:
+                x = rows.pop(key)
+                xw = (x * received[..., None]).reshape(-1, x.shape[-1])
+                sums[key] = sums.get(key, 0) + (xw.T @ x.reshape(-1, x.shape[-1])).double()
+                counts[key] = counts.get(key, 0) + float(received.sum())
+        handles.append(layer.get_submodule(where).register_forward_hook(weigh))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _eager(layer, attended):
             for hidden, kwargs in inputs:
-                call_layer(layer, hidden, kwargs)
+                call_layer(layer, hidden, _causal(kwargs, hidden) if attended else kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -82,6 +102,36 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
             x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
         out[k] = x
     return out
+
+
+class _eager:
+    """Run the named attention modules with eager attention, which returns the probabilities (sdpa does not)."""
+
+    def __init__(self, layer: nn.Module, where):
+        self.configs = [layer.get_submodule(w).config for w in where]
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [c._attn_implementation_internal for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation_internal = "eager"
+
+    def __exit__(self, *exc):
+        for c, v in zip(self.configs, self.saved):
+            c._attn_implementation_internal = v
+
+
+def _causal(kwargs: dict, hidden: torch.Tensor) -> dict:
+    """sdpa may leave the mask out (it is told "causal" instead); eager needs it written out."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None:
+        if mask.dtype == torch.bool:  # True = may attend; eager adds the mask to the scores
+            mask = torch.zeros((), dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+            return {**kwargs, "attention_mask": mask}
+        return kwargs
+    t = hidden.shape[1]
+    mask = torch.full((t, t), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device).triu(1)
+    return {**kwargs, "attention_mask": mask[None, None].expand(hidden.shape[0], 1, t, t)}
 
 
 def stream(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int,

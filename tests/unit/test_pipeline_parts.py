@@ -90,3 +90,33 @@ def test_query_lora_path_and_interleaved_rows_are_exact():
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert torch.allclose(y @ q_b.T, x @ wq.T, atol=1e-4)
     assert interleave_rows(6).tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_attended_covariance_weights_each_token_by_the_attention_it_receives():
+    """``cov_attended`` = Σ_j a_j x_j x_jᵀ / Σ_j a_j, a_j = the source's attention probabilities on key j summed
+    over queries, averaged over heads; the layer's sdpa setting is restored afterwards."""
+    from patcher.pipeline.calibrate import capture_layer_inputs, collect
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    model.config._attn_implementation = "sdpa"
+    ids = torch.randint(4, 200, (2, 24))
+    inputs = capture_layer_inputs(model, model.model.layers, ids, 2)
+    layer = model.model.layers[0]
+    stats = collect(layer, [("self_attn.k_proj", "cov"), ("self_attn.k_proj", "cov_attended", "self_attn")], inputs)
+    assert model.config._attn_implementation == "sdpa"
+
+    seen = {}
+    layer.self_attn.k_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True)
+    a = out.attentions[0].sum((1, 2)) / out.attentions[0].shape[1]  # (batch, keys)
+    x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
+    w = a.reshape(-1).double()
+    expected = (x * w[:, None]).T @ x / w.sum()
+    assert torch.allclose(stats[("self_attn.k_proj", "cov_attended")], expected, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(stats[("self_attn.k_proj", "cov")], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(stats[("self_attn.k_proj", "cov_attended")], stats[("self_attn.k_proj", "cov")],
+                              rtol=1e-2)
+    assert float(w.sum()) == pytest.approx(ids.numel(), rel=1e-5)  # every query's probabilities sum to one

@@ -287,7 +287,7 @@ class MLAConverter:
         sensitivity allocation, the KL the model pays when only this layer runs at the uniform rank.
         Decoupled RoPE: the measured gain of keeping each frequency's position (the model picks one set)."""
         if decoupled(o):
-            return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(job, layer, lm, stats)[2],
+            return Analysis(None, rope_gain=rope_split.gains(self._rope_parts(job, layer, lm, stats, o)[2],
                                                              o.rope_residual))
         w = torch.cat([weight_of(layer, lm.k)[0], weight_of(layer, lm.v)[0]])
         cov, fcov = stats.get((lm.k.module, "cov")), fit_covariance(stats, lm, o)
@@ -383,7 +383,7 @@ class MLAConverter:
         gain = [float(total[i]) for i in range(half)]
         return [{"rank": rank, "pairs": pairs, "gain": gain} for _ in mm.layers]
 
-    def _rope_parts(self, job, layer: nn.Module, lm: LayerMap, stats: dict):
+    def _rope_parts(self, job, layer: nn.Module, lm: LayerMap, stats: dict, o):
         """Source weights (q bias folded), shared keys and per-frequency costs of one layer."""
         cov = stats[(lm.k.module, "cov")]
         seqs = stats[(lm.k.module, "sequences")]
@@ -403,14 +403,14 @@ class MLAConverter:
         kc = rope_split.complex_rows(wk, lm.num_kv_heads, lm.head_dim, half)
         bkc = torch.complex(bk.double().view(lm.num_kv_heads, -1)[:, :half],
                             bk.double().view(lm.num_kv_heads, -1)[:, half:rot]) if bk is not None else None
-        sk = rope_split.shared_keys(qc, kc, bkc, cov)
+        sk = rope_split.shared_keys(qc, kc, bkc, cov, fit_covariance(stats, lm, o))
         costs = rope_split.frequency_costs(seqs, wq, None, wk, bk, sk, theta, lm, rot)
         return (wq, wk, bk, scale, q_bias_kept), sk, costs
 
     def build_decoupled(self, job, layer: nn.Module, lm: LayerMap, stats: dict, plan: dict, o):
         """The decoupled-RoPE latent attention of one layer: (module, structure record, errors)."""
         cov = stats[(lm.k.module, "cov")]
-        (wq, wk, bk, scale, q_bias_kept), sk, costs = self._rope_parts(job, layer, lm, stats)
+        (wq, wk, bk, scale, q_bias_kept), sk, costs = self._rope_parts(job, layer, lm, stats, o)
         wv, bv = weight_of(layer, lm.v)
         wo, bo = weight_of(layer, lm.o, rows=False)
         pairs, rank, hd = plan["pairs"], plan["rank"], lm.head_dim

@@ -43,14 +43,19 @@ class SharedKeys:
     captured: torch.Tensor  # (half,) share of the (query-weighted) key energy the shared key carries
 
 
-def shared_keys(qc: torch.Tensor, kc: torch.Tensor, bkc: torch.Tensor | None, cov: torch.Tensor) -> SharedKeys:
-    """Query-energy-weighted rank-1 (complex) PCA across KV groups, one frequency at a time."""
+def shared_keys(qc: torch.Tensor, kc: torch.Tensor, bkc: torch.Tensor | None, cov: torch.Tensor,
+                key_cov: torch.Tensor | None = None) -> SharedKeys:
+    """Query-energy-weighted rank-1 (complex) PCA across KV groups, one frequency at a time.
+
+    ``cov`` weighs the queries (each alike); ``key_cov`` (default ``cov``) the keys, for example by the attention
+    each token receives."""
     heads, half, _ = qc.shape
     groups = kc.shape[0]
     c = cov.to(torch.complex128)
+    ck = c if key_cov is None else key_cov.to(torch.complex128)
     q_energy = torch.einsum("hid,de,hie->hi", qc, c, qc.conj()).real
     w = q_energy.view(groups, heads // groups, half).sum(1).clamp_min(1e-20)  # (G, half)
-    m = torch.einsum("gid,de,kie->igk", kc, c, kc.conj())  # (half, G, G): E[k_g conj(k_k)]
+    m = torch.einsum("gid,de,kie->igk", kc, ck, kc.conj())  # (half, G, G): E[k_g conj(k_k)]
     root = w.T.sqrt()  # (half, G)
     weighted = root[:, :, None] * m * root[:, None, :]
     evals, evecs = torch.linalg.eigh(weighted)

@@ -54,6 +54,9 @@ VARIANTS = {
     "token-weighting-mixed": {"mla": {"enabled": True, "kv_keep": 0.6, "token_weighting": "mixed"}},
     "decoupled-token-weighting-mixed": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
                                                 "token_weighting": "mixed"}},
+    # the same recipe, after the shared rotary key's PCA also weighs keys by the attention they receive (session 33)
+    "decoupled-token-weighting-mixed-shared-key": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
+                                                           "token_weighting": "mixed"}},
     # the latent cannot hold V and the unrotated K in full at 0.6: how to weigh K's error against V's there
     "decoupled-k-weight-1": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 1.0}},
     "decoupled-k-weight-4": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 4.0}},

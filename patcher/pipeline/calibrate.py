@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import PlanError
+
 
 class _Stop(Exception):
     pass
@@ -79,8 +81,9 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
     for where, keys in attended.items():
         def weigh(m, _args, output, where=where, keys=keys):
             probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if probs is None or probs.dim() != 4:
-                raise RuntimeError(f"{where} 在 eager 模式下没有返回注意力概率，无法按所受注意力加权")
+            if probs is None or probs.dim() != 4 or probs.shape[-1] != rows[keys[0]].shape[1]:
+                raise PlanError(f"注意力模块 {where}（{type(m).__name__}）在 eager 模式下没有给出每个键的注意力概率，"
+                                f"无法按所受注意力给校准 token 加权；请用 --mla-token-weighting uniform")
             received = probs.detach().float().sum((1, 2)) / probs.shape[1]  # (batch, keys): mean over heads
             for key in keys:
                 x = rows.pop(key)
@@ -108,7 +111,7 @@ class _eager:
     """Run the named attention modules with eager attention, which returns the probabilities (sdpa does not)."""
 
     def __init__(self, layer: nn.Module, where):
-        self.configs = [layer.get_submodule(w).config for w in where]
+        self.configs = [c for c in (getattr(layer.get_submodule(w), "config", None) for w in where) if c is not None]
         self.saved = []
 
     def __enter__(self):

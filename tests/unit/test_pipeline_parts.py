@@ -120,3 +120,17 @@ def test_attended_covariance_weights_each_token_by_the_attention_it_receives():
     assert not torch.allclose(stats[("self_attn.k_proj", "cov_attended")], stats[("self_attn.k_proj", "cov")],
                               rtol=1e-2)
     assert float(w.sum()) == pytest.approx(ids.numel(), rel=1e-5)  # every query's probabilities sum to one
+
+
+def test_attention_without_probabilities_is_a_clear_error_naming_the_way_out():
+    from patcher.errors import PlanError
+    from patcher.pipeline.calibrate import capture_layer_inputs, collect
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    inputs = capture_layer_inputs(model, model.model.layers, torch.randint(4, 200, (1, 16)), 1)
+    attn = model.model.layers[0].self_attn
+    forward = attn.forward
+    attn.forward = lambda *a, **k: (forward(*a, **k)[0], None)  # an attention that never gives its probabilities
+    with pytest.raises(PlanError, match="--mla-token-weighting uniform"):
+        collect(model.model.layers[0], [("self_attn.k_proj", "cov_attended", "self_attn")], inputs)

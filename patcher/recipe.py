@@ -113,8 +113,8 @@ class MoEOptions(Section):
     first_dense: int = _flag("--moe-first-dense", "前多少层保持稠密 MLP（DeepSeek-V3 的 first_k_dense_replace；"
                              "uniform 分配时生效）", default=0, ge=0)
     refit_down: bool = _flag("--moe-refit-down/--no-moe-refit-down", "split：按校准数据上真实的路由结果，用最小二乘重拟合 down 投影，"
-                             "让被选中的神经元补回落选神经元的部分输出（不训练；只在留出的校准行上误差更小的层保留）。缺省关：在校准没见过的"
-                             "领域上，0.75 与 0.5 激活时关掉都更好", default=False)
+                             "让被选中的神经元补回落选神经元的部分输出（不训练；只在留出的校准行上误差更小的层保留）。缺省开；"
+                             "0.5 激活时关掉在没见过的领域上更好，但缺省不变的原因见 docs/moe.md", default=True)
     noise: float = _flag("--moe-noise", "copy：专家权重的相对噪声（0 时与稠密模型完全一致）", default=0.0, ge=0.0)
 
 

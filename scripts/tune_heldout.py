@@ -52,11 +52,10 @@ VARIANTS = {
     "decoupled-token-weighting-attention": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
                                                     "token_weighting": "attention"}},
     "token-weighting-mixed": {"mla": {"enabled": True, "kv_keep": 0.6, "token_weighting": "mixed"}},
+    # the results file has two rows of this recipe: before the shared rotary key's PCA also weighed keys by the
+    # attention they receive, and after (that row is named "decoupled-token-weighting-mixed-shared-key")
     "decoupled-token-weighting-mixed": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
                                                 "token_weighting": "mixed"}},
-    # the same recipe, after the shared rotary key's PCA also weighs keys by the attention they receive (session 33)
-    "decoupled-token-weighting-mixed-shared-key": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
-                                                           "token_weighting": "mixed"}},
     # the latent cannot hold V and the unrotated K in full at 0.6: how to weigh K's error against V's there
     "decoupled-k-weight-1": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 1.0}},
     "decoupled-k-weight-4": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "k_weight": 4.0}},

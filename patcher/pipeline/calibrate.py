@@ -115,13 +115,13 @@ class _eager:
         self.saved = []
 
     def __enter__(self):
-        self.saved = [c._attn_implementation_internal for c in self.configs]
+        self.saved = [c._attn_implementation for c in self.configs]
         for c in self.configs:
-            c._attn_implementation_internal = "eager"
+            c._attn_implementation = "eager"
 
     def __exit__(self, *exc):
         for c, v in zip(self.configs, self.saved):
-            c._attn_implementation_internal = v
+            c._attn_implementation = v
 
 
 def _causal(kwargs: dict, hidden: torch.Tensor) -> dict:
@@ -129,7 +129,8 @@ def _causal(kwargs: dict, hidden: torch.Tensor) -> dict:
     mask = kwargs.get("attention_mask")
     if mask is not None:
         if mask.dtype == torch.bool:  # True = may attend; eager adds the mask to the scores
-            mask = torch.zeros((), dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(hidden.dtype).min)
             return {**kwargs, "attention_mask": mask}
         return kwargs
     t = hidden.shape[1]

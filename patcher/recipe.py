@@ -49,8 +49,8 @@ class MLAOptions(Section):
                             default=2.0, gt=0.0)
     token_weighting: Literal["uniform", "attention", "mixed"] = _flag(
         "--mla-token-weighting", "SVD 输入侧的校准 token 权重：uniform（每个 token 同等）、attention（按源模型中该 token "
-        "作为键、值所受的注意力加权：注意力集中的位置，其 K、V 误差更要紧）或 mixed（两者的协方差各半）。缺省 uniform："
-        "mixed 在留出领域上更好，但用聊天模板提问时答案变差（见 docs/mla.md）", default="uniform")
+        "作为键、值所受的注意力加权：注意力集中的位置，其 K、V 误差更要紧；窗口第一个 token 即注意力汇按平均 token 计）"
+        "或 mixed（两者的协方差各半；缺省，在校准侧留出领域上选定）", default="mixed")
     allocation: Literal["sensitivity", "uniform", "energy", "log"] = _flag(
         "--rank-allocation", "秩分配：sensitivity（白化谱 × 实测每层敏感度）、uniform（每层同秩）、"
         "energy（按白化谱能量）、log（按白化谱残差的对数）", default="sensitivity")

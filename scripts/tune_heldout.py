@@ -47,7 +47,12 @@ VARIANTS = {
     "decoupled-rope-48": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 48}},
     "decoupled-rope-32": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 32}},
     "decoupled-rope-16": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled", "rope_dim": 16}},
-    # calibration tokens weighted by the attention they receive as keys and values (first: the latent form)
+    # calibration tokens weighted by the attention they receive as keys and values (first: the latent form).
+    # Rows measured before session 34 weighted each window's first token (the attention sink) by its attention
+    # too; since then it counts as an average token, and those rows carry the suffix "-sink-as-average"
+    "token-weighting-uniform": {"mla": {"enabled": True, "kv_keep": 0.6, "token_weighting": "uniform"}},
+    "decoupled-token-weighting-uniform": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
+                                                  "token_weighting": "uniform"}},
     "token-weighting-attention": {"mla": {"enabled": True, "kv_keep": 0.6, "token_weighting": "attention"}},
     "decoupled-token-weighting-attention": {"mla": {"enabled": True, "kv_keep": 0.6, "rope": "decoupled",
                                                     "token_weighting": "attention"}},

@@ -52,7 +52,8 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
     均匀抽取），供需要逐 token 数据的转换器（例如 MoE 切分的共激活聚类）使用；``(module, "sequences")``：
     前几个完整序列 (N, T, d)（最多 ``max_rows`` 个 token），供需要 token 间关系（注意力）的转换器使用；
     ``(module, "cov_attended", attention)``：同 ``cov``，但每个 token 按它在 ``attention`` 模块里作为键所受的注意力
-    （源模型的注意力概率对头与查询求和）加权；为此这一层用 eager 注意力运行（同样的数，另外给出概率）。
+    （源模型的注意力概率对头与查询求和）加权，窗口第一个 token（注意力汇）按平均 token 计；为此这一层用 eager
+    注意力运行（同样的数，另外给出概率）。
     """
     sums: dict = {}
     counts: dict = {}
@@ -85,6 +86,11 @@ def collect(layer: nn.Module, wants: list[tuple[str, str]], inputs, max_rows: in
                 raise PlanError(f"注意力模块 {where}（{type(m).__name__}）在 eager 模式下没有给出每个键的注意力概率，"
                                 f"无法按所受注意力给校准 token 加权；请用 --mla-token-weighting uniform")
             received = probs.detach().float().sum((1, 2)) / probs.shape[1]  # (batch, keys): mean over heads
+            # The window's first token is the attention sink only because the window was cut there; in use it is
+            # one fixed token (BOS, the chat template's). Weighted by its attention, its handful of samples bent the
+            # factorisation towards them and answers to templated prompts got worse, so it counts as an average
+            # token: weight 1, the mean of a window's weights (each query's probabilities sum to one).
+            received[:, 0] = 1.0
             for key in keys:
                 x = rows.pop(key)
                 xw = (x * received[..., None]).reshape(-1, x.shape[-1])

@@ -94,7 +94,8 @@ def test_query_lora_path_and_interleaved_rows_are_exact():
 
 def test_attended_covariance_weights_each_token_by_the_attention_it_receives():
     """``cov_attended`` = Σ_j a_j x_j x_jᵀ / Σ_j a_j, a_j = the source's attention probabilities on key j summed
-    over queries, averaged over heads; the layer's sdpa setting is restored afterwards."""
+    over queries, averaged over heads, except the window's first token (the attention sink), which counts as an
+    average token (a_0 = 1); the layer's sdpa setting is restored afterwards."""
     from patcher.pipeline.calibrate import capture_layer_inputs, collect
     from tests.conftest import tiny_model
 
@@ -112,6 +113,9 @@ def test_attended_covariance_weights_each_token_by_the_attention_it_receives():
     with torch.no_grad():
         out = model(input_ids=ids, output_attentions=True)
     a = out.attentions[0].sum((1, 2)) / out.attentions[0].shape[1]  # (batch, keys)
+    assert float(a.sum()) == pytest.approx(ids.numel(), rel=1e-5)  # every query's probabilities sum to one
+    assert (a[:, 0] > 3).all()  # the sink: far more than an average token's 1
+    a[:, 0] = 1.0
     x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
     w = a.reshape(-1).double()
     expected = (x * w[:, None]).T @ x / w.sum()
@@ -119,7 +123,6 @@ def test_attended_covariance_weights_each_token_by_the_attention_it_receives():
     assert torch.allclose(stats[("self_attn.k_proj", "cov")], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(stats[("self_attn.k_proj", "cov_attended")], stats[("self_attn.k_proj", "cov")],
                               rtol=1e-2)
-    assert float(w.sum()) == pytest.approx(ids.numel(), rel=1e-5)  # every query's probabilities sum to one
 
 
 def test_attention_without_probabilities_is_a_clear_error_naming_the_way_out():

@@ -114,7 +114,7 @@ def test_attended_covariance_weights_each_token_by_the_attention_it_receives():
         out = model(input_ids=ids, output_attentions=True)
     a = out.attentions[0].sum((1, 2)) / out.attentions[0].shape[1]  # (batch, keys)
     assert float(a.sum()) == pytest.approx(ids.numel(), rel=1e-5)  # every query's probabilities sum to one
-    assert (a[:, 0] > 3).all()  # the sink: far more than an average token's 1
+    assert (a[:, 0] > 3).all()  # the first key, seen by every query, gets far more than the average 1
     a[:, 0] = 1.0
     x = seen["x"].reshape(-1, seen["x"].shape[-1]).double()
     w = a.reshape(-1).double()

@@ -50,8 +50,8 @@ class MLAOptions(Section):
     token_weighting: Literal["uniform", "attention", "mixed"] = _flag(
         "--mla-token-weighting", "SVD 输入侧的校准 token 权重：uniform（每个 token 同等）、attention（按源模型中该 token "
         "作为键、值所受的注意力加权：注意力集中的位置，其 K、V 误差更要紧；窗口第一个 token 即注意力汇按平均 token 计）"
-        "或 mixed（两者的协方差各半；在校准侧留出领域上更好）。缺省 uniform：改用 mixed 时 MLA+MoE 导出在 llama.cpp 中的"
-        "困惑度与 transformers 相差 1.2 %（路由近乎平局，见 docs/mla.md）", default="uniform")
+        "或 mixed（两者的协方差各半；在校准侧留出领域上更好）。缺省 uniform：改用 mixed 时 MLA+MoE 导出与 llama.cpp 的"
+        "一致性测试没有通过（路由近乎平局，见 docs/mla.md）", default="uniform")
     allocation: Literal["sensitivity", "uniform", "energy", "log"] = _flag(
         "--rank-allocation", "秩分配：sensitivity（白化谱 × 实测每层敏感度）、uniform（每层同秩）、"
         "energy（按白化谱能量）、log（按白化谱残差的对数）", default="sensitivity")

@@ -1,6 +1,6 @@
 """聊天模板下的保真度检查（SmolLM2-135M）：五领域评估的窗口从任意文本 token 开始，看不到真实对话的样子——
 提示从位置 0 的模板特殊 token 开始。这里把对话文本按分词器的聊天模板渲染，每段对话从位置 0 起（最多 512 token），
-比较源模型与各个转换后的文件夹：困惑度上升、KL、top-1，以及几个固定问题上贪心回答与源模型一致的 token 数。
+比较源模型与各个转换后的文件夹：困惑度上升、KL、top-1（与转换报告同一套指标），以及几个固定问题上贪心回答与源模型一致的 token 数。
 
 每个文件夹一行 JSON，追加到 --out。用法：
 python scripts/chat_template_check.py OUT_DIR [OUT_DIR ...] --label NAME [--label NAME ...]
@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import patcher  # noqa: E402,F401  (registers the converted classes)
+from patcher.evaluation.metrics import compare, evaluate_base  # noqa: E402
 from patcher.model import sources  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "What is the capital of Germany?",
@@ -63,22 +63,11 @@ def main() -> int:
     base, tok, _ = sources.load("smollm2-135m")
     seqs = [tok.apply_chat_template(c, return_tensors="pt", return_dict=True)["input_ids"][0][:512]
             for c in conversations(Path(args.text), args.conversations)]
-    with torch.no_grad():
-        base_lp = [F.log_softmax(base(s[None]).logits[0].float(), -1) for s in seqs]
+    base_eval = evaluate_base(base, seqs)  # windows of different lengths: one conversation each
     base_ans = {q: answer(base, tok, q) for q in QUESTIONS}
-    nll_base = float(sum(-lp[:-1].gather(1, s[1:, None]).sum() for lp, s in zip(base_lp, seqs)))
-    ntok = sum(len(s) - 1 for s in seqs)
     for label, d in zip(labels, args.dirs):
         model = AutoModelForCausalLM.from_pretrained(d).eval()
-        kl = nll = top = kl_first8 = 0.0
-        with torch.no_grad():
-            for lp, s in zip(base_lp, seqs):
-                mlp = F.log_softmax(model(s[None]).logits[0].float(), -1)
-                k = (lp.exp() * (lp - mlp)).sum(-1)
-                kl += float(k[:-1].sum())
-                kl_first8 += float(k[:8].mean())
-                nll += float(-mlp[:-1].gather(1, s[1:, None]).sum())
-                top += float((lp[:-1].argmax(-1) == mlp[:-1].argmax(-1)).sum())
+        f = compare(model, base_eval)
         agree, answers = [], {}
         for q in QUESTIONS:
             o, b = answer(model, tok, q), base_ans[q]
@@ -87,9 +76,9 @@ def main() -> int:
                 n += 1
             agree.append(n)
             answers[q] = tok.decode(o, skip_special_tokens=True)
-        row = {"label": label, "dir": d, "text": args.text, "conversations": len(seqs), "tokens": ntok,
-               "ppl_increase_pct": 100 * (float(torch.exp(torch.tensor((nll - nll_base) / ntok))) - 1),
-               "kl_mean": kl / ntok, "kl_first8": kl_first8 / len(seqs), "top1": top / ntok,
+        row = {"label": label, "dir": d, "text": args.text, "conversations": len(seqs), "tokens": f["tokens"],
+               "ppl_increase_pct": f["ppl_increase_pct"], "ppl_increase_ci95_pct": f["ppl_increase_ci95_pct"],
+               "kl_mean": f["kl_mean"], "top1": f["top1_agreement"],
                "greedy_agree_mean": sum(agree) / len(agree), "greedy_agree": agree,
                "paris": "Paris" in answers[QUESTIONS[0]], "answers": answers}
         with open(args.out, "a", encoding="utf-8") as fh:
